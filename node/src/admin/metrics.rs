@@ -1,0 +1,124 @@
+//! `/metrics`: a prometheus-client collector that reads the node's atomics at scrape time, so
+//! the request path only ever increments counters (no metric-family lookups per request).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::Node;
+use crate::lifecycle::MemberState;
+use crate::pool::now_ms;
+
+pub fn registry(node: Arc<Node>) -> Registry {
+    let mut r = Registry::with_prefix("shoal");
+    r.register_collector(Box::new(NodeCollector(node)));
+    r
+}
+
+#[derive(Debug)]
+struct NodeCollector(Arc<Node>);
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.id()).finish()
+    }
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    ConstCounter::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let node = &self.0;
+        let s = &node.proxy.stats;
+        // nginx stub_status totals.
+        gauge(&mut enc, "connections_active", "Client connections open now", s.active.load(Relaxed) as i64)?;
+        counter(&mut enc, "connections_accepted", "Client connections accepted", s.accepts.load(Relaxed))?;
+        counter(&mut enc, "connections_handled", "Client connections handled", s.handled.load(Relaxed))?;
+        counter(&mut enc, "requests", "Client requests", s.requests.load(Relaxed))?;
+        counter(&mut enc, "retries", "Requests retried on another backend", s.retries.load(Relaxed))?;
+        counter(&mut enc, "retries_refused", "Retries refused by the retry budget", s.retries_refused.load(Relaxed))?;
+        {
+            let mut m = enc.encode_descriptor("proxy_errors", "Requests answered by the proxy itself, by cause", None, MetricType::Counter)?;
+            for (cause, v) in [
+                ("no_backend", &s.no_backend),
+                ("bad_gateway", &s.bad_gateway),
+                ("timeout", &s.timeouts),
+                ("rate_limited", &s.rate_limited),
+            ] {
+                ConstCounter::new(v.load(Relaxed)).encode(m.encode_family(&[("cause", cause)])?)?;
+            }
+        }
+
+        let pool = node.pool.full();
+        let now = now_ms();
+        macro_rules! per_backend {
+            ($name:expr, $help:expr, $ty:expr, $value:expr) => {{
+                let mut m = enc.encode_descriptor($name, $help, None, $ty)?;
+                for b in &pool.backends {
+                    let labels = [("backend", &*b.state.addr_text)];
+                    let v = $value(b);
+                    if $ty == MetricType::Counter {
+                        ConstCounter::new(v as u64).encode(m.encode_family(&labels)?)?;
+                    } else {
+                        ConstGauge::new(v as i64).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }};
+        }
+        per_backend!("backend_requests", "Requests sent to the backend", MetricType::Counter, |b: &crate::pool::Backend| b.state.requests.load(Relaxed));
+        per_backend!("backend_failures", "Connect errors, timeouts and retryable statuses", MetricType::Counter, |b: &crate::pool::Backend| b.state.failures.load(Relaxed));
+        per_backend!("backend_retries", "Retries that went to the backend", MetricType::Counter, |b: &crate::pool::Backend| b.state.retries.load(Relaxed));
+        per_backend!("backend_in_flight", "Requests in flight from this node", MetricType::Gauge, |b: &crate::pool::Backend| b.state.in_flight.load(Relaxed));
+        per_backend!("backend_cluster_in_flight", "Requests in flight from all live nodes (local exact + peers' reports)", MetricType::Gauge, |b: &crate::pool::Backend| b.state.load());
+        per_backend!("backend_up", "1 when the backend takes new requests", MetricType::Gauge, |b: &crate::pool::Backend| b.accepts(now) as u8);
+        {
+            let mut m = enc.encode_descriptor("backend_responses", "Responses by status class", None, MetricType::Counter)?;
+            for b in &pool.backends {
+                for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+                    let labels = [("backend", &*b.state.addr_text), ("class", class)];
+                    ConstCounter::new(b.state.responses[i].load(Relaxed)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor("backend_response_seconds", "Time to the backend's response headers", None, MetricType::Histogram)?;
+            for b in &pool.backends {
+                let (sum, count, buckets) = b.state.latency.snapshot();
+                let labels = [("backend", &*b.state.addr_text)];
+                m.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
+            }
+        }
+
+        if let Some(c) = node.cluster.get() {
+            let view = c.view.load();
+            let mut m = enc.encode_descriptor("members", "Members by state, as this node sees them", None, MetricType::Gauge)?;
+            for state in [MemberState::Alive, MemberState::Draining, MemberState::Left, MemberState::Dead] {
+                let n = view.members.iter().filter(|x| x.state == state).count();
+                ConstGauge::new(n as i64).encode(m.encode_family(&[("state", state.name())])?)?;
+            }
+            drop(m);
+            let g = &c.counters;
+            counter(&mut enc, "gossip_rounds", "Cluster view rebuilds (one per gossip interval)", c.rounds.load(Relaxed))?;
+            counter(&mut enc, "gossip_sent_bytes", "Gossip bytes sent (authenticated transport)", g.sent_bytes.load(Relaxed))?;
+            counter(&mut enc, "gossip_received_bytes", "Gossip bytes received (authenticated transport)", g.received_bytes.load(Relaxed))?;
+            counter(&mut enc, "gossip_rejected_datagrams", "Gossip datagrams dropped: wrong key, forged or stale", g.rejected.load(Relaxed))?;
+            counter(&mut enc, "control_rejected_calls", "Control-plane calls refused for a missing or wrong secret", c.rejected_rpcs.load(Relaxed))?;
+        }
+        if let Some(l) = &node.proxy.runtime.load().limiter {
+            gauge(&mut enc, "rate_limit_share_permille", "This node's share of the cluster-wide rate limit", (l.share() * 1000.0) as i64)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,160 @@
+//! The admin listener: `/live` (process up), `/ready` (alive and accepting: fails at once when
+//! the node starts to leave), `/metrics` (Prometheus text), `/status` (JSON view of this node,
+//! its members and backends) and the dashboard at `/`.
+
+mod dashboard;
+mod metrics;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Node;
+use crate::lifecycle::MemberState;
+use crate::pool::now_ms;
+
+/// Serves the admin endpoints until `stop` fires.
+pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationToken) {
+    let registry = Arc::new(metrics::registry(node.clone()));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (node, registry) = (node.clone(), registry.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| route(node.clone(), registry.clone(), req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r
+}
+
+async fn route(node: Arc<Node>, registry: Arc<prometheus_client::registry::Registry>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    Ok(match req.uri().path() {
+        "/live" => reply(StatusCode::OK, TEXT, "live\n"),
+        "/ready" => match node.lifecycle.get() {
+            MemberState::Alive => reply(StatusCode::OK, TEXT, "ready\n"),
+            s => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready: {}\n", s.name())),
+        },
+        "/metrics" => {
+            let mut out = String::new();
+            match prometheus_client::encoding::text::encode(&mut out, &registry) {
+                Ok(()) => reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", out),
+                Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, TEXT, "metrics encoding failed\n"),
+            }
+        }
+        "/status" => reply(StatusCode::OK, "application/json", status_json(&node).to_string()),
+        "/" | "/index.html" => reply(StatusCode::OK, "text/html; charset=utf-8", dashboard::PAGE),
+        _ => reply(StatusCode::NOT_FOUND, TEXT, "not found: try /, /status, /metrics, /live, /ready\n"),
+    })
+}
+
+/// This node's view as JSON: stub_status totals, members and backends.
+pub fn status_json(node: &Node) -> serde_json::Value {
+    use serde_json::json;
+    let config = node.config.load();
+    let s = &node.proxy.stats;
+    let now = now_ms();
+    let view = node.cluster.get().map(|c| c.view.load_full());
+    let backends: Vec<_> = node
+        .pool
+        .full()
+        .backends
+        .iter()
+        .map(|b| {
+            let st = &b.state;
+            json!({
+                "addr": st.addr_text.as_ref(),
+                "weight": b.spec.weight,
+                "max_conns": b.spec.max_conns,
+                "backup": b.spec.backup,
+                "state": st.state_name(now),
+                "own_verdict": if st.own_verdict_down(now) { "down" } else { "up" },
+                "down_on": view.as_ref().and_then(|v| v.down_on.get(&b.spec.addr).cloned()).unwrap_or_default(),
+                "in_flight": st.in_flight.load(Relaxed),
+                "cluster_in_flight": st.load(),
+                "requests": st.requests.load(Relaxed),
+                "failures": st.failures.load(Relaxed),
+                "retries": st.retries.load(Relaxed),
+                "responses": {
+                    "1xx": st.responses[0].load(Relaxed), "2xx": st.responses[1].load(Relaxed),
+                    "3xx": st.responses[2].load(Relaxed), "4xx": st.responses[3].load(Relaxed),
+                    "5xx": st.responses[4].load(Relaxed),
+                },
+                "idle_connections": st.idle.len(),
+            })
+        })
+        .collect();
+    let members: Vec<_> = view
+        .as_ref()
+        .map(|v| {
+            v.members
+                .iter()
+                .map(|m| {
+                    json!({
+                        "id": m.node_id,
+                        "generation": m.generation,
+                        "state": if m.is_self { node.lifecycle.get().name() } else { m.state.name() },
+                        "gossip": m.gossip_addr.to_string(),
+                        "proxy": m.proxy_addr.map(|a| a.to_string()),
+                        "admin": m.admin_addr.map(|a| a.to_string()),
+                        "control": m.control_addr.map(|a| a.to_string()),
+                        "in_flight": if m.is_self { node.in_flight() } else { m.in_flight },
+                        "rps": m.rps,
+                        "self": m.is_self,
+                        "age_secs": v.first_seen.get(&m.node_id).map_or(0, |t| t.elapsed().as_secs()),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "node": config.node.id,
+        "cluster": config.cluster.id,
+        "state": node.lifecycle.get().name(),
+        "algorithm": config.upstream.algorithm.name(),
+        "uptime_secs": node.started.elapsed().as_secs(),
+        "connections": {
+            "active": s.active.load(Relaxed),
+            "accepts": s.accepts.load(Relaxed),
+            "handled": s.handled.load(Relaxed),
+            "requests": s.requests.load(Relaxed),
+        },
+        "errors": {
+            "no_backend": s.no_backend.load(Relaxed),
+            "bad_gateway": s.bad_gateway.load(Relaxed),
+            "timeout": s.timeouts.load(Relaxed),
+            "rate_limited": s.rate_limited.load(Relaxed),
+        },
+        "retries": s.retries.load(Relaxed),
+        "members": members,
+        "backends": backends,
+    })
+}

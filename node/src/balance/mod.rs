@@ -1,0 +1,266 @@
+//! Pickers: which backend gets the next request. One trait, one named type per algorithm.
+//!
+//! Every picker reads load through [`BackendState::load`](crate::pool::BackendState::load):
+//! this node's exact in-flight count plus the latest reports of the other live nodes, so the
+//! same code balances on the cluster-wide view (PRODUCT.md §5.2). Eligibility (health, tier,
+//! `max_conns`, already-tried backends) is decided by the caller and passed in as a predicate.
+
+use std::hash::Hasher;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use crate::config::Algorithm;
+use crate::pool::{Backend, PoolSnapshot};
+
+/// What a picker may look at besides the pool.
+pub struct PickRequest<'a> {
+    pub client_ip: IpAddr,
+    /// The sticky cookie's value, when the request carried one.
+    pub sticky: Option<&'a str>,
+}
+
+/// A balancing policy.
+pub trait Picker: Send + Sync {
+    /// Index into `pool.backends` of the backend for this request, among those `eligible`.
+    fn pick(&self, pool: &PoolSnapshot, eligible: &dyn Fn(usize) -> bool, req: &PickRequest) -> Option<usize>;
+}
+
+/// Builds the picker for an algorithm.
+pub fn picker_for(algorithm: Algorithm) -> Box<dyn Picker> {
+    match algorithm {
+        Algorithm::LeastConn => Box::new(LeastConn),
+        Algorithm::RoundRobin => Box::new(RoundRobin::default()),
+        Algorithm::RandomTwo => Box::new(RandomTwo),
+        Algorithm::IpHash => Box::new(IpHash),
+        Algorithm::Cookie => Box::new(Cookie),
+    }
+}
+
+/// `a` is less loaded than `b` relative to weight: load_a / w_a < load_b / w_b.
+#[inline]
+fn lighter(a: &Backend, b: &Backend) -> bool {
+    (a.state.load() as u64) * (b.spec.weight as u64) < (b.state.load() as u64) * (a.spec.weight as u64)
+}
+
+/// Weighted least-connections over the cluster-wide load; ties broken from a random start so
+/// equal backends share evenly.
+pub struct LeastConn;
+
+impl Picker for LeastConn {
+    fn pick(&self, pool: &PoolSnapshot, eligible: &dyn Fn(usize) -> bool, _req: &PickRequest) -> Option<usize> {
+        let n = pool.backends.len();
+        if n == 0 {
+            return None;
+        }
+        let start = fastrand::usize(..n);
+        let mut best: Option<usize> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if !eligible(i) {
+                continue;
+            }
+            match best {
+                Some(b) if !lighter(&pool.backends[i], &pool.backends[b]) => {}
+                _ => best = Some(i),
+            }
+        }
+        best
+    }
+}
+
+/// Smooth weighted round-robin (nginx's), lock-free: a shared counter walks the precomputed
+/// schedule; ineligible entries are skipped.
+#[derive(Default)]
+pub struct RoundRobin {
+    next: AtomicUsize,
+}
+
+impl Picker for RoundRobin {
+    fn pick(&self, pool: &PoolSnapshot, eligible: &dyn Fn(usize) -> bool, _req: &PickRequest) -> Option<usize> {
+        let schedule = &pool.rr_schedule;
+        if schedule.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Relaxed);
+        (0..schedule.len()).map(|k| schedule[(start + k) % schedule.len()] as usize).find(|&i| eligible(i))
+    }
+}
+
+/// Power of two choices: two random eligible backends, the lighter one wins.
+pub struct RandomTwo;
+
+impl Picker for RandomTwo {
+    fn pick(&self, pool: &PoolSnapshot, eligible: &dyn Fn(usize) -> bool, _req: &PickRequest) -> Option<usize> {
+        let n = pool.backends.len();
+        if n == 0 {
+            return None;
+        }
+        // Random starting points, scanning forward to the next eligible one.
+        let first_eligible = |start: usize, skip: Option<usize>| {
+            (0..n).map(|k| (start + k) % n).find(|&i| Some(i) != skip && eligible(i))
+        };
+        let a = first_eligible(fastrand::usize(..n), None)?;
+        let Some(b) = first_eligible(fastrand::usize(..n), Some(a)) else { return Some(a) };
+        Some(if lighter(&pool.backends[b], &pool.backends[a]) { b } else { a })
+    }
+}
+
+/// Weighted rendezvous (highest random weight) score of `key` on `backend`: every node with the
+/// same backend set ranks backends identically, and removing one moves only its own keys.
+fn rendezvous_score(key: &[u8], backend: &Backend) -> f64 {
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x5348_4f41_4c, 0x7268_7768);
+    h.write(key);
+    h.write(backend.state.addr_text.as_bytes());
+    // Uniform in (0, 1); score = -w / ln(u) gives each backend a share proportional to w.
+    let u = ((h.finish() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -(backend.spec.weight as f64) / u.ln()
+}
+
+fn rendezvous(pool: &PoolSnapshot, eligible: &dyn Fn(usize) -> bool, key: &[u8]) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, b) in pool.backends.iter().enumerate() {
+        if !eligible(i) {
+            continue;
+        }
+        let s = rendezvous_score(key, b);
+        if best.is_none_or(|(_, bs)| s > bs) {
+            best = Some((i, s));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Client-IP affinity by rendezvous hashing (like nginx `ip_hash`, but over the full address
+/// and stable across nodes and backend changes).
+pub struct IpHash;
+
+impl Picker for IpHash {
+    fn pick(&self, pool: &PoolSnapshot, eligible: &dyn Fn(usize) -> bool, req: &PickRequest) -> Option<usize> {
+        match req.client_ip {
+            IpAddr::V4(v4) => rendezvous(pool, eligible, &v4.octets()),
+            IpAddr::V6(v6) => rendezvous(pool, eligible, &v6.octets()),
+        }
+    }
+}
+
+/// Sticky cookie: the backend whose keyed id matches the cookie, else least-conn (the caller
+/// then sets the cookie).
+pub struct Cookie;
+
+impl Picker for Cookie {
+    fn pick(&self, pool: &PoolSnapshot, eligible: &dyn Fn(usize) -> bool, req: &PickRequest) -> Option<usize> {
+        if let Some(value) = req.sticky {
+            if let Some(i) = pool.backends.iter().position(|b| &*b.sticky_id == value) {
+                if eligible(i) {
+                    return Some(i);
+                }
+            }
+        }
+        LeastConn.pick(pool, eligible, req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendSpec;
+    use crate::pool::Pool;
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+
+    fn pool(weights: &[u32]) -> std::sync::Arc<PoolSnapshot> {
+        let specs: Vec<BackendSpec> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let mut s = BackendSpec::new(SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)));
+                s.weight = w;
+                s
+            })
+            .collect();
+        Pool::new(1, [1; 16]).replace(&specs, &[])
+    }
+
+    fn req(ip: [u8; 4]) -> PickRequest<'static> {
+        PickRequest { client_ip: IpAddr::from(ip), sticky: None }
+    }
+
+    #[test]
+    fn least_conn_prefers_lighter_relative_to_weight() {
+        let p = pool(&[1, 1, 2]);
+        p.backends[0].state.in_flight.store(3, Relaxed);
+        p.backends[1].state.in_flight.store(1, Relaxed);
+        p.backends[2].state.in_flight.store(3, Relaxed); // 3/2 = 1.5 > 1
+        assert_eq!(LeastConn.pick(&p, &|_| true, &req([1, 1, 1, 1])), Some(1));
+        // remote reports count too
+        p.backends[1].state.remote_in_flight.store(10, Relaxed);
+        assert_eq!(LeastConn.pick(&p, &|_| true, &req([1, 1, 1, 1])), Some(2));
+        assert_eq!(LeastConn.pick(&p, &|i| i == 0, &req([1, 1, 1, 1])), Some(0));
+        assert_eq!(LeastConn.pick(&p, &|_| false, &req([1, 1, 1, 1])), None);
+    }
+
+    #[test]
+    fn round_robin_follows_weights() {
+        let p = pool(&[3, 1]);
+        let rr = RoundRobin::default();
+        let mut counts = [0; 2];
+        for _ in 0..400 {
+            counts[rr.pick(&p, &|_| true, &req([1, 1, 1, 1])).unwrap()] += 1;
+        }
+        assert_eq!(counts, [300, 100]);
+        // an ineligible backend is skipped, not stalled on
+        for _ in 0..10 {
+            assert_eq!(rr.pick(&p, &|i| i == 1, &req([1, 1, 1, 1])), Some(1));
+        }
+    }
+
+    #[test]
+    fn random_two_never_picks_the_heaviest_of_three() {
+        let p = pool(&[1, 1, 1]);
+        p.backends[2].state.in_flight.store(50, Relaxed);
+        for _ in 0..200 {
+            assert_ne!(RandomTwo.pick(&p, &|_| true, &req([1, 1, 1, 1])), Some(2));
+        }
+    }
+
+    #[test]
+    fn ip_hash_is_stable_and_spreads_by_weight() {
+        let p = pool(&[1, 1, 2]);
+        let mut counts: HashMap<usize, u32> = HashMap::new();
+        for a in 0..=255u8 {
+            for b in 0..40u8 {
+                let r = req([10, 0, b, a]);
+                let i = IpHash.pick(&p, &|_| true, &r).unwrap();
+                assert_eq!(IpHash.pick(&p, &|_| true, &r), Some(i));
+                *counts.entry(i).or_default() += 1;
+            }
+        }
+        let total = 256.0 * 40.0;
+        let share2 = counts[&2] as f64 / total;
+        assert!((share2 - 0.5).abs() < 0.03, "weight-2 backend share {share2}");
+        // removing a backend only moves its own clients
+        let moved = (0..=255u8)
+            .filter(|&a| {
+                let r = req([10, 9, 9, a]);
+                let before = IpHash.pick(&p, &|_| true, &r).unwrap();
+                let after = IpHash.pick(&p, &|i| i != 0, &r).unwrap();
+                before != 0 && before != after
+            })
+            .count();
+        assert_eq!(moved, 0);
+    }
+
+    #[test]
+    fn cookie_honours_known_value_and_falls_back() {
+        let p = pool(&[1, 1, 1]);
+        let id = p.backends[2].sticky_id.clone();
+        let r = PickRequest { client_ip: IpAddr::from([1, 2, 3, 4]), sticky: Some(&id) };
+        for _ in 0..20 {
+            assert_eq!(Cookie.pick(&p, &|_| true, &r), Some(2));
+        }
+        // its backend is not eligible: another one
+        assert_ne!(Cookie.pick(&p, &|i| i != 2, &r), Some(2));
+        let forged = PickRequest { client_ip: IpAddr::from([1, 2, 3, 4]), sticky: Some("deadbeef") };
+        assert!(Cookie.pick(&p, &|_| true, &forged).is_some());
+    }
+}

@@ -1,0 +1,451 @@
+//! The cluster: chitchat membership, what this node publishes, and the view it builds of the
+//! others.
+//!
+//! - `keys`: gossip key names and typed values;
+//! - `change`: membership events from a pure diff;
+//! - `registry`: the run-time backend registry (LWW on a hybrid logical clock, persisted);
+//! - `transport`: the authenticated, encrypted gossip transport.
+//!
+//! Two tasks run per node. The *publish* task writes this node's per-backend in-flight counts,
+//! own health verdicts, request rate and registry into its gossip state every gossip interval
+//! (chitchat sends only what changed). The *view* task reads every member's state once per
+//! interval, outside the request path, and turns it into: the [`ClusterView`] snapshot
+//! (`ArcSwap`, for status, DNS and the control plane), each backend's `remote_in_flight`
+//! (atomic, read by the pickers) and `cluster_down` flag (shared health), and registry merges.
+
+pub mod change;
+pub mod keys;
+pub mod registry;
+pub mod transport;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use chitchat::transport::UdpTransport;
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion, spawn_chitchat};
+use tokio::task::JoinSet;
+
+use crate::Node;
+use crate::lifecycle::MemberState;
+use crate::pool::now_ms;
+use registry::{RegEntry, Registry};
+use transport::{GossipCounters, SealedTransport};
+
+/// One member as this node sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub node_id: String,
+    pub generation: u64,
+    pub gossip_addr: SocketAddr,
+    pub state: MemberState,
+    pub proxy_addr: Option<SocketAddr>,
+    pub control_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    /// Sum of the member's reported in-flight requests.
+    pub in_flight: u64,
+    pub rps: f64,
+    pub is_self: bool,
+    /// Backends this member's own verdict says are down.
+    pub down: Vec<SocketAddr>,
+}
+
+impl Default for Member {
+    fn default() -> Self {
+        Member {
+            node_id: String::new(),
+            generation: 0,
+            gossip_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            state: MemberState::Alive,
+            proxy_addr: None,
+            control_addr: None,
+            admin_addr: None,
+            in_flight: 0,
+            rps: 0.0,
+            is_self: false,
+            down: Vec::new(),
+        }
+    }
+}
+
+/// The immutable cluster view published by the view task.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    pub members: Vec<Member>,
+    /// First time each node id was seen by this node (for ages).
+    pub first_seen: HashMap<String, Instant>,
+    /// Per backend: the members whose own verdict is down.
+    pub down_on: HashMap<SocketAddr, Vec<String>>,
+    /// Per backend: the sum of other live members' in-flight reports.
+    pub remote_in_flight: HashMap<SocketAddr, u32>,
+}
+
+/// This node's cluster membership.
+pub struct Cluster {
+    pub handle: tokio::sync::Mutex<Option<ChitchatHandle>>,
+    pub chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    pub self_id: ChitchatId,
+    pub cluster_id: String,
+    pub view: ArcSwap<ClusterView>,
+    pub registry: Registry,
+    pub counters: Arc<GossipCounters>,
+    /// Gossip rounds observed (view task ticks) — for `/metrics`.
+    pub rounds: std::sync::atomic::AtomicU64,
+    pub rejected_rpcs: std::sync::atomic::AtomicU64,
+    node: Weak<Node>,
+    tasks: std::sync::Mutex<JoinSet<()>>,
+    interval: Duration,
+}
+
+fn generation_now() -> u64 {
+    // A new generation on every start: peers must treat a restarted node as a fresh one.
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+}
+
+impl Cluster {
+    /// Starts gossip, the publish task and the view task.
+    pub async fn start(node: Arc<Node>) -> anyhow::Result<Arc<Cluster>> {
+        let config = node.config.load_full();
+        let persisted = match &config.node.data_dir {
+            Some(dir) => crate::store::load(dir)?,
+            None => crate::store::Persisted::default(),
+        };
+        let registry = Registry::from_entries(persisted.registry.clone());
+        let generation = generation_now().max(persisted.generation + 1);
+        if let Some(dir) = &config.node.data_dir {
+            let mut p = persisted.clone();
+            p.generation = generation;
+            crate::store::save(dir, &p)?;
+        }
+        let advertise_gossip = SocketAddr::new(config.node.advertise, config.node.gossip.port());
+        let self_id = ChitchatId::new(config.node.id.clone(), generation, advertise_gossip);
+        let seeds: Vec<String> = config
+            .cluster
+            .seeds
+            .iter()
+            .filter(|s| s.parse::<SocketAddr>().map_or(true, |a| a != advertise_gossip && a != config.node.gossip))
+            .cloned()
+            .collect();
+        let interval = config.cluster.gossip_interval;
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: self_id.clone(),
+            cluster_id: config.cluster.id.clone(),
+            gossip_interval: interval,
+            listen_addr: config.node.gossip,
+            seed_nodes: seeds,
+            failure_detector_config: FailureDetectorConfig {
+                // phi 8 with a prior equal to the gossip interval: a killed node is dead on
+                // peers after about 1 s at 150 ms gossip (measured in chitchat.md: 0.3-0.5 s at
+                // 100 ms, 1.0 s at 250 ms); the default 5 s prior would make it 20 s.
+                phi_threshold: 8.0,
+                sampling_window_size: 1000,
+                max_interval: Duration::from_secs(10),
+                initial_interval: interval,
+                // Long enough to show `dead`/`left` members, short enough that restarts do not
+                // pile up incarnations in every digest.
+                dead_node_grace_period: Duration::from_secs(15 * 60),
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(15 * 60),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V0,
+        };
+        let initial = vec![
+            (keys::STATE.to_string(), MemberState::Alive.name().to_string()),
+            (keys::ADDR_PROXY.to_string(), advertised(config.node.listen, config.node.advertise).to_string()),
+            (keys::ADDR_CONTROL.to_string(), advertised(config.node.control, config.node.advertise).to_string()),
+            (keys::ADDR_ADMIN.to_string(), advertised(config.node.admin, config.node.advertise).to_string()),
+        ];
+        let counters = Arc::new(GossipCounters::default());
+        let handle = match &config.cluster.secret {
+            Some(secret) => spawn_chitchat(chitchat_config, initial, &SealedTransport::new(secret, counters.clone())).await?,
+            None => {
+                tracing::warn!(gossip = %config.node.gossip, control = %config.node.control,
+                    "no cluster secret configured: gossip and control plane are unauthenticated; bind them to loopback or set cluster.secret_file");
+                spawn_chitchat(chitchat_config, initial, &UdpTransport).await?
+            }
+        };
+        let chitchat = handle.chitchat();
+        let termination = handle.termination_watcher();
+        let cluster = Arc::new(Cluster {
+            handle: tokio::sync::Mutex::new(Some(handle)),
+            chitchat,
+            self_id,
+            cluster_id: config.cluster.id.clone(),
+            view: ArcSwap::from_pointee(ClusterView::default()),
+            registry,
+            counters,
+            rounds: 0.into(),
+            rejected_rpcs: 0.into(),
+            node: Arc::downgrade(&node),
+            tasks: std::sync::Mutex::new(JoinSet::new()),
+            interval,
+        });
+        {
+            let mut tasks = cluster.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            tasks.spawn(publish_loop(cluster.clone()));
+            tasks.spawn(view_loop(cluster.clone()));
+            let leave = node.leave.clone();
+            tasks.spawn(async move {
+                if let Err(e) = termination.await {
+                    tracing::error!(error = %e, "gossip stopped unexpectedly; leaving");
+                    leave.cancel();
+                }
+            });
+        }
+        Ok(cluster)
+    }
+
+    /// Announces a state change at once (does not wait for the publish tick).
+    pub async fn publish_state(&self, state: MemberState) {
+        self.chitchat.lock().await.self_node_state().set(keys::STATE, state.name());
+    }
+
+    /// Announces `left`, waits for a few gossip rounds so peers hear it, then stops gossip.
+    pub async fn leave(&self) {
+        {
+            let mut cc = self.chitchat.lock().await;
+            let me = cc.self_node_state();
+            me.set(keys::STATE, MemberState::Left.name());
+            // Our in-flight reports no longer mean anything.
+            let loads: Vec<String> = me.iter_prefix(keys::LOAD_PREFIX).map(|(k, _)| k.to_string()).collect();
+            for k in loads {
+                me.set(&k, "0");
+            }
+        }
+        tokio::time::sleep(self.interval * 4).await;
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner()).abort_all();
+        if let Some(h) = self.handle.lock().await.take() {
+            let _ = h.shutdown().await;
+        }
+    }
+
+    /// Gossips with `addr` now (used by `Join` to reach a seed without waiting for a round).
+    pub async fn gossip_with(&self, addr: SocketAddr) {
+        if let Some(h) = self.handle.lock().await.as_ref() {
+            let _ = h.gossip(addr);
+        }
+    }
+
+    /// Records a registry change made on this node, applies it and persists it.
+    pub fn change_registry(&self, entry_fn: impl FnOnce(&Registry) -> RegEntry) -> RegEntry {
+        let entry = entry_fn(&self.registry);
+        if let Some(node) = self.node.upgrade() {
+            node.apply_backends();
+            self.persist(&node);
+        }
+        entry
+    }
+
+    fn persist(&self, node: &Node) {
+        let config = node.config.load();
+        if let Some(dir) = &config.node.data_dir {
+            let state = crate::store::Persisted { format: 0, generation: self.self_id.generation_id, registry: self.registry.entries() };
+            if let Err(e) = crate::store::save(dir, &state) {
+                tracing::error!(error = %e, "cannot persist the backend registry");
+            }
+        }
+    }
+
+    /// Members in the current view.
+    pub fn members(&self) -> Vec<Member> {
+        self.view.load().members.clone()
+    }
+}
+
+/// The address others should use for a listener bound on `bound` (the advertise IP when the
+/// listener is bound on 0.0.0.0).
+fn advertised(bound: SocketAddr, advertise: std::net::IpAddr) -> SocketAddr {
+    if bound.ip().is_unspecified() { SocketAddr::new(advertise, bound.port()) } else { bound }
+}
+
+/// Writes this node's load, verdicts, rate and registry into its gossip state.
+async fn publish_loop(cluster: Arc<Cluster>) {
+    let mut tick = tokio::time::interval(cluster.interval);
+    let mut last_requests = 0u64;
+    let mut last_at = Instant::now();
+    let mut rps = 0.0f64;
+    loop {
+        tick.tick().await;
+        let Some(node) = cluster.node.upgrade() else { return };
+        let pool = node.pool.full();
+        let now = now_ms();
+        let requests = node.proxy.stats.requests.load(Relaxed);
+        let elapsed = last_at.elapsed().as_secs_f64();
+        if elapsed >= 1.0 {
+            rps = (requests - last_requests) as f64 / elapsed;
+            last_requests = requests;
+            last_at = Instant::now();
+        }
+        let registry = cluster.registry.entries();
+        let mut cc = cluster.chitchat.lock().await;
+        let me = cc.self_node_state();
+        for b in &pool.backends {
+            me.set(keys::load_key(b.spec.addr), b.state.in_flight.load(Relaxed).to_string());
+            let down_key = keys::down_key(b.spec.addr);
+            if b.state.own_verdict_down(now) {
+                me.set(down_key, "1");
+            } else if me.get(&down_key).is_some() {
+                me.delete(&down_key);
+            }
+        }
+        // Keys of backends that left the pool.
+        let stale: Vec<String> = me
+            .iter_prefix(keys::LOAD_PREFIX)
+            .chain(me.iter_prefix(keys::DOWN_PREFIX))
+            .filter(|(k, _)| {
+                let addr = keys::backend_of(k, keys::LOAD_PREFIX).or_else(|| keys::backend_of(k, keys::DOWN_PREFIX));
+                addr.is_none_or(|a| pool.find(a).is_none())
+            })
+            .map(|(k, _)| k.to_string())
+            .collect();
+        for k in stale {
+            me.delete(&k);
+        }
+        me.set(keys::RPS, format!("{rps:.1}"));
+        for e in &registry {
+            me.set(keys::reg_key(e.addr), keys::format_reg(e));
+        }
+    }
+}
+
+/// What the view task reads from one member's gossip state.
+fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) -> (Member, Vec<(SocketAddr, u32)>, Vec<RegEntry>) {
+    let announced = state.get(keys::STATE).and_then(MemberState::parse).unwrap_or(MemberState::Alive);
+    let member_state = match (live, announced) {
+        (_, MemberState::Left) => MemberState::Left,
+        (true, s) => s,
+        (false, _) => MemberState::Dead,
+    };
+    let addr = |k| state.get(k).and_then(|v| v.parse().ok());
+    let loads: Vec<(SocketAddr, u32)> = state
+        .iter_prefix(keys::LOAD_PREFIX)
+        .filter_map(|(k, v)| Some((keys::backend_of(k, keys::LOAD_PREFIX)?, keys::parse_load(&v.value)?)))
+        .collect();
+    let down = state.iter_prefix(keys::DOWN_PREFIX).filter_map(|(k, _)| keys::backend_of(k, keys::DOWN_PREFIX)).collect();
+    let registry = state
+        .iter_prefix(keys::REG_PREFIX)
+        .filter_map(|(k, v)| keys::parse_reg(keys::backend_of(k, keys::REG_PREFIX)?, &v.value))
+        .collect();
+    let member = Member {
+        node_id: id.node_id.to_string(),
+        generation: id.generation_id,
+        gossip_addr: id.gossip_advertise_addr,
+        state: member_state,
+        proxy_addr: addr(keys::ADDR_PROXY),
+        control_addr: addr(keys::ADDR_CONTROL),
+        admin_addr: addr(keys::ADDR_ADMIN),
+        in_flight: loads.iter().map(|(_, n)| *n as u64).sum(),
+        rps: state.get(keys::RPS).and_then(|v| v.parse().ok()).unwrap_or(0.0),
+        is_self,
+        down,
+    };
+    (member, loads, registry)
+}
+
+/// Builds the cluster view from gossip, once per interval.
+async fn view_loop(cluster: Arc<Cluster>) {
+    let mut tick = tokio::time::interval(cluster.interval);
+    let mut peers_said_down: HashMap<SocketAddr, bool> = HashMap::new();
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tick.tick().await;
+        let Some(node) = cluster.node.upgrade() else { return };
+        cluster.rounds.fetch_add(1, Relaxed);
+        // Read everything under the lock, process after releasing it.
+        let raw: Vec<(Member, Vec<(SocketAddr, u32)>, Vec<RegEntry>)> = {
+            let cc = cluster.chitchat.lock().await;
+            let live: Vec<ChitchatId> = cc.live_nodes().cloned().collect();
+            let dead: Vec<ChitchatId> = cc.dead_nodes().cloned().collect();
+            live.iter()
+                .map(|id| (id, true))
+                .chain(dead.iter().map(|id| (id, false)))
+                .filter_map(|(id, is_live)| cc.node_state(id).map(|s| read_member(id, s, is_live, *id == cluster.self_id)))
+                .collect()
+        };
+        // One entry per node id: a live incarnation wins, then the newest generation.
+        let mut members: Vec<Member> = Vec::new();
+        let mut loads_by_node: HashMap<String, Vec<(SocketAddr, u32)>> = HashMap::new();
+        let mut seen_registry = Vec::new();
+        for (m, loads, reg) in raw {
+            seen_registry.extend(reg);
+            let rank = |x: &Member| (x.state != MemberState::Dead && x.state != MemberState::Left, x.generation);
+            match members.iter_mut().find(|o| o.node_id == m.node_id) {
+                Some(o) if rank(o) >= rank(&m) => {}
+                Some(o) => {
+                    loads_by_node.insert(m.node_id.clone(), loads);
+                    *o = m;
+                }
+                None => {
+                    loads_by_node.insert(m.node_id.clone(), loads);
+                    members.push(m);
+                }
+            }
+        }
+        members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+
+        // Remote load: only live peers count; a dead or left node's reports stop at once.
+        let mut remote: HashMap<SocketAddr, u32> = HashMap::new();
+        let mut down_on: HashMap<SocketAddr, Vec<String>> = HashMap::new();
+        for m in &members {
+            let counts = matches!(m.state, MemberState::Alive | MemberState::Draining) && !m.is_self;
+            if !counts {
+                continue;
+            }
+            for (addr, n) in loads_by_node.get(&m.node_id).into_iter().flatten() {
+                *remote.entry(*addr).or_default() += n;
+            }
+            for addr in &m.down {
+                down_on.entry(*addr).or_default().push(m.node_id.clone());
+            }
+        }
+        let pool = node.pool.full();
+        for b in &pool.backends {
+            let addr = b.spec.addr;
+            b.state.remote_in_flight.store(remote.get(&addr).copied().unwrap_or(0), Relaxed);
+            // Shared health: a new "down" report from any peer takes the backend out here too;
+            // it stays out until the peers take it back or our own checks see `rise` good ones.
+            let now_down = down_on.contains_key(&addr);
+            let before = peers_said_down.insert(addr, now_down).unwrap_or(false);
+            if now_down && !before {
+                b.state.health.cluster_down.store(true, Relaxed);
+                if !b.state.own_verdict_down(now_ms()) {
+                    tracing::warn!(backend = %addr, reported_by = ?down_on[&addr], "peer reports backend down; out of rotation here too");
+                }
+            } else if !now_down && before {
+                b.state.health.cluster_down.store(false, Relaxed);
+                tracing::info!(backend = %addr, "no peer reports backend down any more");
+            }
+        }
+        peers_said_down.retain(|a, _| pool.find(*a).is_some());
+
+        if cluster.registry.merge(seen_registry) {
+            tracing::info!("backend registry changed through gossip");
+            node.apply_backends();
+            cluster.persist(&node);
+        }
+
+        // Cluster-scope rate limit: this node's share of the cluster's request rate.
+        if let Some(limiter) = &node.proxy.runtime.load().limiter {
+            if limiter.settings().scope == crate::config::LimitScope::Cluster {
+                let total: f64 = members.iter().filter(|m| m.state == MemberState::Alive || m.is_self).map(|m| m.rps).sum();
+                let own = members.iter().find(|m| m.is_self).map_or(0.0, |m| m.rps);
+                let alive = members.iter().filter(|m| m.state == MemberState::Alive).count().max(1) as f64;
+                let share = if total > 1.0 { own / total } else { 1.0 / alive };
+                limiter.set_share(share);
+            }
+        }
+
+        let old = cluster.view.load();
+        for e in change::diff(&old.members, &members) {
+            tracing::info!(event = ?e, "membership");
+        }
+        for m in &members {
+            first_seen.entry(m.node_id.clone()).or_insert_with(Instant::now);
+        }
+        cluster.view.store(Arc::new(ClusterView { members, first_seen: first_seen.clone(), down_on, remote_in_flight: remote }));
+    }
+}

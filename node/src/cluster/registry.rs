@@ -1,0 +1,208 @@
+//! The backend registry: backends added, removed or drained at run time (`shoal backend ...`),
+//! on top of the config file's. Entries merge by last writer wins on a hybrid logical clock
+//! (ties broken by origin node id); a removal is a tombstone entry, so it cannot be undone by a
+//! stale add. Every node re-publishes the merged registry, so a change survives the node that
+//! made it, and persists it in `data_dir`, so it survives a full-cluster restart.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::BackendSpec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RegOp {
+    Add,
+    Remove,
+    Drain,
+}
+
+impl RegOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            RegOp::Add => "add",
+            RegOp::Remove => "remove",
+            RegOp::Drain => "drain",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "add" => RegOp::Add,
+            "remove" => RegOp::Remove,
+            "drain" => RegOp::Drain,
+            _ => return None,
+        })
+    }
+}
+
+/// One registry change for one backend address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegEntry {
+    pub addr: SocketAddr,
+    /// Hybrid logical clock: wall-clock milliseconds << 16 | logical counter.
+    pub hlc: u64,
+    pub op: RegOp,
+    pub weight: u32,
+    pub max_conns: u32,
+    pub backup: bool,
+    /// The node that made the change.
+    pub origin: String,
+}
+
+impl RegEntry {
+    /// Whether `self` wins over `other` (last writer wins; origin breaks ties).
+    pub fn newer_than(&self, other: &RegEntry) -> bool {
+        (self.hlc, &self.origin) > (other.hlc, &other.origin)
+    }
+}
+
+/// A hybrid logical clock: never goes backwards, and moves past every clock it has seen.
+#[derive(Debug, Default)]
+pub struct Hlc(AtomicU64);
+
+impl Hlc {
+    pub fn now(&self) -> u64 {
+        let wall = (SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)) << 16;
+        let mut cur = self.0.load(SeqCst);
+        loop {
+            let next = wall.max(cur + 1);
+            match self.0.compare_exchange(cur, next, SeqCst, SeqCst) {
+                Ok(_) => return next,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    pub fn observe(&self, seen: u64) {
+        self.0.fetch_max(seen, SeqCst);
+    }
+}
+
+/// The merged registry of this node.
+#[derive(Debug, Default)]
+pub struct Registry {
+    entries: Mutex<BTreeMap<SocketAddr, RegEntry>>,
+    pub clock: Hlc,
+}
+
+impl Registry {
+    pub fn from_entries(entries: Vec<RegEntry>) -> Self {
+        let r = Registry::default();
+        r.merge(entries);
+        r
+    }
+
+    pub fn entries(&self) -> Vec<RegEntry> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    /// Merges entries seen elsewhere. Returns true if anything changed.
+    pub fn merge(&self, incoming: impl IntoIterator<Item = RegEntry>) -> bool {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = false;
+        for e in incoming {
+            self.clock.observe(e.hlc);
+            match entries.get(&e.addr) {
+                Some(cur) if !e.newer_than(cur) => {}
+                _ => {
+                    entries.insert(e.addr, e);
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Records a local change with a fresh clock value.
+    pub fn record(&self, addr: SocketAddr, op: RegOp, weight: u32, max_conns: u32, backup: bool, origin: &str) -> RegEntry {
+        let e = RegEntry { addr, hlc: self.clock.now(), op, weight, max_conns, backup, origin: origin.to_string() };
+        self.merge([e.clone()]);
+        e
+    }
+
+    pub fn get(&self, addr: SocketAddr) -> Option<RegEntry> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(&addr).cloned()
+    }
+
+    /// The backend set: config backends, overridden by registry entries (add replaces the
+    /// spec, remove deletes, drain keeps it but takes no new requests). Returns
+    /// (specs, draining addresses).
+    pub fn effective(&self, config: &[BackendSpec]) -> (Vec<BackendSpec>, Vec<SocketAddr>) {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut specs: Vec<BackendSpec> = config.to_vec();
+        let mut draining = Vec::new();
+        for e in entries.values() {
+            let pos = specs.iter().position(|s| s.addr == e.addr);
+            match e.op {
+                RegOp::Remove => {
+                    if let Some(i) = pos {
+                        specs.remove(i);
+                    }
+                }
+                RegOp::Add | RegOp::Drain => {
+                    let mut spec = pos.map(|i| specs[i].clone()).unwrap_or_else(|| BackendSpec::new(e.addr));
+                    if e.op == RegOp::Add || pos.is_none() {
+                        spec.weight = e.weight;
+                        spec.max_conns = e.max_conns;
+                        spec.backup = e.backup;
+                    }
+                    match pos {
+                        Some(i) => specs[i] = spec,
+                        None => specs.push(spec),
+                    }
+                    if e.op == RegOp::Drain {
+                        draining.push(e.addr);
+                    }
+                }
+            }
+        }
+        (specs, draining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(addr: &str, hlc: u64, op: RegOp, origin: &str) -> RegEntry {
+        RegEntry { addr: addr.parse().unwrap(), hlc, op, weight: 1, max_conns: 0, backup: false, origin: origin.into() }
+    }
+
+    #[test]
+    fn last_writer_wins_and_tombstones_hold() {
+        let r = Registry::default();
+        assert!(r.merge([entry("10.0.0.1:80", 10, RegOp::Add, "a")]));
+        assert!(r.merge([entry("10.0.0.1:80", 20, RegOp::Remove, "b")]));
+        // a stale add (delivered late) does not resurrect it
+        assert!(!r.merge([entry("10.0.0.1:80", 15, RegOp::Add, "c")]));
+        assert_eq!(r.get("10.0.0.1:80".parse().unwrap()).unwrap().op, RegOp::Remove);
+        // same clock: origin breaks the tie the same way on every node
+        let r2 = Registry::default();
+        r2.merge([entry("10.0.0.2:80", 5, RegOp::Drain, "b"), entry("10.0.0.2:80", 5, RegOp::Add, "a")]);
+        let r3 = Registry::default();
+        r3.merge([entry("10.0.0.2:80", 5, RegOp::Add, "a"), entry("10.0.0.2:80", 5, RegOp::Drain, "b")]);
+        assert_eq!(r2.entries(), r3.entries());
+        // local writes move past everything seen
+        assert!(r.record("10.0.0.3:80".parse().unwrap(), RegOp::Add, 1, 0, false, "me").hlc > 20);
+    }
+
+    #[test]
+    fn effective_overlays_config() {
+        let r = Registry::default();
+        let cfg = vec![BackendSpec::new("10.0.0.1:80".parse().unwrap()), BackendSpec::new("10.0.0.2:80".parse().unwrap())];
+        r.merge([
+            entry("10.0.0.1:80", 1, RegOp::Remove, "a"),
+            entry("10.0.0.2:80", 1, RegOp::Drain, "a"),
+            entry("10.0.0.3:80", 1, RegOp::Add, "a"),
+        ]);
+        let (specs, draining) = r.effective(&cfg);
+        let addrs: Vec<String> = specs.iter().map(|s| s.addr.to_string()).collect();
+        assert_eq!(addrs, vec!["10.0.0.2:80", "10.0.0.3:80"]);
+        assert_eq!(draining, vec!["10.0.0.2:80".parse::<SocketAddr>().unwrap()]);
+    }
+}

@@ -1,0 +1,425 @@
+//! Configuration: file (`file.rs`, serde with `deny_unknown_fields`) -> flags override
+//! (`flags.rs`) -> `validate` -> the immutable [`Config`] every other module reads.
+//! Nothing here binds a port, so `shoald check` and a SIGHUP reload run it safely.
+
+pub mod file;
+pub mod flags;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use file::{AllDown, Algorithm, CheckKind, LimitScope, StatusClass};
+use file::FileConfig;
+
+/// What went wrong while loading a config, with the file and line when there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{where_}: {message}")]
+    Invalid { where_: String, message: String },
+}
+
+/// One backend as configured (file, flag or the run-time registry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    /// Relative share of traffic (1..=1000).
+    pub weight: u32,
+    /// Failures within `fail_timeout` that eject the backend (0 = never eject passively).
+    pub max_fails: u32,
+    /// Window for counting failures, and how long a passive ejection lasts.
+    pub fail_timeout: Duration,
+    /// Cluster-wide cap on in-flight requests (0 = unlimited).
+    pub max_conns: u32,
+    /// Used only when no primary backend is usable.
+    pub backup: bool,
+}
+
+impl BackendSpec {
+    pub fn new(addr: SocketAddr) -> Self {
+        BackendSpec { addr, weight: 1, max_fails: 1, fail_timeout: Duration::from_secs(10), max_conns: 0, backup: false }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub id: String,
+    pub listen: SocketAddr,
+    pub control: SocketAddr,
+    pub gossip: SocketAddr,
+    pub admin: SocketAddr,
+    /// Address peers and DNS use for this node.
+    pub advertise: IpAddr,
+    pub data_dir: Option<PathBuf>,
+    pub workers: usize,
+    pub drain_timeout: Duration,
+    pub leave_grace: Duration,
+    pub client_header_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub id: String,
+    pub seeds: Vec<String>,
+    /// The shared secret (file contents, trimmed); `None` = unauthenticated, loopback only.
+    pub secret: Option<Vec<u8>>,
+    pub gossip_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub algorithm: Algorithm,
+    pub keepalive: usize,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub retries: u32,
+    pub retry_on: Vec<u16>,
+    pub retry_budget: f64,
+    pub when_all_down: AllDown,
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    pub interval: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub timeout: Duration,
+    pub kind: CheckKind,
+    pub path: String,
+    pub expect: Vec<StatusClass>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StickySettings {
+    pub cookie: String,
+    pub expires: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitSettings {
+    pub per_second: f64,
+    pub burst: u32,
+    pub nodelay: bool,
+    pub scope: LimitScope,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    pub listen: SocketAddr,
+    pub name: String,
+    pub ttl: Duration,
+}
+
+/// The validated configuration of one node. Immutable; a reload builds a new one.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: NodeSettings,
+    pub cluster: ClusterSettings,
+    pub upstream: UpstreamSettings,
+    pub health: Option<HealthSettings>,
+    pub sticky: Option<StickySettings>,
+    pub rate_limit: Option<RateLimitSettings>,
+    pub dns: Option<DnsSettings>,
+    pub access_log: Option<PathBuf>,
+    /// The file this came from (reloaded on SIGHUP).
+    pub path: Option<PathBuf>,
+}
+
+/// Default ports (PRODUCT.md §2).
+pub const DEFAULT_LISTEN: u16 = 8080;
+pub const DEFAULT_CONTROL: u16 = 7400;
+pub const DEFAULT_GOSSIP: u16 = 7946;
+pub const DEFAULT_ADMIN: u16 = 9901;
+
+/// 1-based line of byte offset `at` in `src`.
+fn line_of(src: &str, at: usize) -> usize {
+    src[..at.min(src.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// Reads and parses a config file (no validation yet).
+pub fn read_file(path: &Path) -> Result<(FileConfig, String), ConfigError> {
+    let shown = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+    let file = parse_str(&src).map_err(|message| ConfigError::Parse { path: shown, message })?;
+    Ok((file, src))
+}
+
+/// Parses config text; the error names the line, column and key.
+pub fn parse_str(src: &str) -> Result<FileConfig, String> {
+    toml::from_str::<FileConfig>(src).map_err(|e| {
+        let at = e.span().map(|s| format!("line {}: ", line_of(src, s.start))).unwrap_or_default();
+        format!("{at}{}", e.message())
+    })
+}
+
+/// Loads the file (if any), applies flags over it and validates the result.
+pub fn load(path: Option<&Path>, flags: &flags::RunFlags) -> Result<Config, ConfigError> {
+    let (file, src) = match path {
+        Some(p) => read_file(p)?,
+        None => (FileConfig::default(), String::new()),
+    };
+    let shown = path.map(|p| p.display().to_string()).unwrap_or_else(|| "flags".to_string());
+    let mut config = validate(file, &src, &shown, flags)?;
+    config.path = path.map(Path::to_path_buf);
+    Ok(config)
+}
+
+fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "shoal".to_string())
+}
+
+/// Merges flags over the file and checks what serde alone cannot (duplicates, cross-field rules).
+pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlags) -> Result<Config, ConfigError> {
+    let invalid = |line: Option<usize>, message: String| ConfigError::Invalid {
+        where_: match line {
+            Some(l) => format!("{shown}: line {l}"),
+            None => shown.to_string(),
+        },
+        message,
+    };
+    let any = Ipv4Addr::UNSPECIFIED;
+    let n = file.node;
+    let node_id = flags.node_id.clone().or(n.id).unwrap_or_else(default_node_id);
+    if node_id.is_empty() || node_id.len() > 64 || !node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        return Err(invalid(None, format!("node id {node_id:?} must be 1-64 characters of [A-Za-z0-9-_.]")));
+    }
+    let c = file.cluster;
+    let secret = match flags.secret_file.clone().or(c.secret_file) {
+        Some(p) => {
+            let raw = std::fs::read(&p).map_err(|e| invalid(None, format!("secret_file {}: {e}", p.display())))?;
+            let trimmed = raw.trim_ascii().to_vec();
+            if trimmed.len() < 16 {
+                return Err(invalid(None, format!("secret_file {}: the secret must be at least 16 bytes", p.display())));
+            }
+            Some(trimmed)
+        }
+        None => None,
+    };
+    // Without a secret nobody outside this host may reach gossip or control (PRODUCT.md §5.4).
+    let private_default = if secret.is_some() { IpAddr::V4(any) } else { IpAddr::V4(Ipv4Addr::LOCALHOST) };
+    let listen = flags.listen.or(n.listen).unwrap_or(SocketAddr::new(IpAddr::V4(any), DEFAULT_LISTEN));
+    let control = flags.control.or(n.control).unwrap_or(SocketAddr::new(private_default, DEFAULT_CONTROL));
+    let gossip = flags.gossip.or(n.gossip).unwrap_or(SocketAddr::new(private_default, DEFAULT_GOSSIP));
+    let admin = flags.admin.or(n.admin).unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_ADMIN));
+    let advertise = match flags.advertise.or(n.advertise) {
+        Some(a) => a,
+        None if !gossip.ip().is_unspecified() => gossip.ip(),
+        None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    };
+    let node = NodeSettings {
+        id: node_id,
+        listen,
+        control,
+        gossip,
+        admin,
+        advertise,
+        data_dir: flags.data_dir.clone().or(n.data_dir),
+        workers: n.workers.unwrap_or(0),
+        drain_timeout: n.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
+        leave_grace: n.leave_grace.map_or(Duration::from_secs(1), |d| d.0),
+        client_header_timeout: n.client_header_timeout.map_or(Duration::from_secs(10), |d| d.0),
+        max_header_bytes: n.max_header_bytes.unwrap_or(16 * 1024),
+    };
+    if node.max_header_bytes < 1024 {
+        return Err(invalid(None, "node.max_header_bytes must be at least 1024".into()));
+    }
+    let gossip_interval = c.gossip_interval.map_or(Duration::from_millis(150), |d| d.0);
+    if gossip_interval < Duration::from_millis(20) || gossip_interval > Duration::from_secs(5) {
+        return Err(invalid(None, "cluster.gossip_interval must be between 20ms and 5s".into()));
+    }
+    let mut seeds = c.seeds;
+    seeds.extend(flags.seeds.iter().cloned());
+    let cluster = ClusterSettings {
+        id: flags.cluster_id.clone().or(c.id).unwrap_or_else(|| "shoal".to_string()),
+        seeds,
+        secret,
+        gossip_interval,
+    };
+
+    let u = file.upstream;
+    let mut backends = Vec::new();
+    if flags.backends.is_empty() {
+        for spanned in &u.backend {
+            let line = Some(line_of(src, spanned.span().start));
+            let b = spanned.get_ref();
+            let spec = BackendSpec {
+                addr: b.addr,
+                weight: b.weight.map_or(1, |w| w.0),
+                max_fails: b.max_fails.unwrap_or(1),
+                fail_timeout: b.fail_timeout.map_or(Duration::from_secs(10), |d| d.0),
+                max_conns: b.max_conns.unwrap_or(0),
+                backup: b.backup,
+            };
+            if backends.iter().any(|o: &BackendSpec| o.addr == spec.addr) {
+                return Err(invalid(line, format!("backend {} is listed twice", spec.addr)));
+            }
+            backends.push(spec);
+        }
+    } else {
+        for spec in &flags.backends {
+            if backends.iter().any(|o: &BackendSpec| o.addr == spec.addr) {
+                return Err(invalid(None, format!("--backend {} is given twice", spec.addr)));
+            }
+            backends.push(spec.clone());
+        }
+    }
+    let algorithm = flags.algorithm.or(u.algorithm).unwrap_or_default();
+    let retry_budget = u.retry_budget.unwrap_or(0.2);
+    if !(0.0..=1.0).contains(&retry_budget) {
+        return Err(invalid(None, format!("upstream.retry_budget {retry_budget} must be between 0 and 1")));
+    }
+    let upstream = UpstreamSettings {
+        algorithm,
+        keepalive: u.keepalive.unwrap_or(32),
+        connect_timeout: u.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
+        read_timeout: u.read_timeout.map_or(Duration::from_secs(60), |d| d.0),
+        retries: u.retries.unwrap_or(2),
+        retry_on: u.retry_on.unwrap_or_default().into_iter().map(|r| r.0).collect(),
+        retry_budget,
+        when_all_down: u.when_all_down.unwrap_or_default(),
+        backends,
+    };
+    if upstream.connect_timeout.is_zero() || upstream.read_timeout.is_zero() {
+        return Err(invalid(None, "upstream timeouts must be greater than zero".into()));
+    }
+
+    let health = file.health.map(|h| HealthSettings {
+        interval: h.interval.map_or(Duration::from_secs(3), |d| d.0),
+        rise: h.rise.map_or(2, |c| c.0),
+        fall: h.fall.map_or(3, |c| c.0),
+        timeout: h.timeout.map_or(Duration::from_secs(1), |d| d.0),
+        kind: h.kind.unwrap_or_default(),
+        path: h.path.map_or_else(|| "/".to_string(), |p| p.0),
+        expect: h.expect.unwrap_or_else(|| vec![StatusClass::Class(2), StatusClass::Class(3)]),
+    });
+    if let Some(h) = &health {
+        if h.interval < Duration::from_millis(50) {
+            return Err(invalid(None, "health.interval must be at least 50ms".into()));
+        }
+        if h.timeout.is_zero() {
+            return Err(invalid(None, "health.timeout must be greater than zero".into()));
+        }
+    }
+    let sticky = match (file.sticky, algorithm) {
+        (Some(s), _) => Some(StickySettings { cookie: s.cookie.0, expires: s.expires.map(|d| d.0) }),
+        (None, Algorithm::Cookie) => Some(StickySettings { cookie: "shoal_backend".into(), expires: None }),
+        (None, _) => None,
+    };
+    let rate_limit = file.rate_limit.map(|r| RateLimitSettings {
+        per_second: r.rate.per_second,
+        burst: r.burst.unwrap_or(0),
+        nodelay: r.nodelay,
+        scope: r.scope.unwrap_or_default(),
+    });
+    let dns = match (file.dns, &flags.dns_listen) {
+        (_, Some(listen)) => Some(DnsSettings {
+            listen: *listen,
+            name: flags.dns_name.clone().unwrap_or_else(|| "lb.shoal.internal".into()),
+            ttl: Duration::from_secs(5),
+        }),
+        (Some(d), None) => Some(DnsSettings { listen: d.listen, name: d.name, ttl: d.ttl.map_or(Duration::from_secs(5), |t| t.0) }),
+        (None, None) => None,
+    };
+    Ok(Config {
+        node,
+        cluster,
+        upstream,
+        health,
+        sticky,
+        rate_limit,
+        dns,
+        access_log: file.access_log.map(|a| a.path),
+        path: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(src: &str) -> Result<Config, String> {
+        let file = parse_str(src)?;
+        validate(file, src, "t.toml", &flags::RunFlags::default()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = check(
+            r#"
+[node]
+id = "lb-1"
+listen = "0.0.0.0:8080"
+[cluster]
+id = "prod"
+seeds = ["10.0.0.2:7946"]
+[upstream]
+algorithm = "round-robin"
+keepalive = 16
+connect_timeout = "2s"
+retries = 1
+retry_on = ["502", "503"]
+[[upstream.backend]]
+addr = "10.132.2.31:8000"
+weight = 3
+max_fails = 3
+fail_timeout = "30s"
+max_conns = 1000
+[[upstream.backend]]
+addr = "10.132.6.88:8000"
+backup = true
+[health]
+interval = "3s"
+rise = 2
+fall = 3
+type = "http"
+path = "/health"
+expect = ["2xx", "302"]
+[rate_limit]
+rate = "10r/s"
+burst = 20
+nodelay = true
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.node.id, "lb-1");
+        assert_eq!(c.upstream.algorithm, Algorithm::RoundRobin);
+        assert_eq!(c.upstream.backends.len(), 2);
+        assert_eq!(c.upstream.backends[0].weight, 3);
+        assert!(c.upstream.backends[1].backup);
+        assert_eq!(c.upstream.retry_on, vec![502, 503]);
+        assert_eq!(c.rate_limit.unwrap().per_second, 10.0);
+        // no secret: control and gossip default to loopback
+        assert!(c.node.control.ip().is_loopback());
+    }
+
+    #[test]
+    fn errors_name_the_line_and_key() {
+        let cases = [
+            ("[upstream]\nalgorithm = \"fastest\"\n", "line 2"),
+            ("[node]\nlisten = \"nowhere\"\n", "line 2"),
+            ("[upstream]\nconnect_timeout = \"5 parsecs\"\n", "bad duration"),
+            ("[[upstream.backend]]\naddr = \"127.0.0.1:1\"\nweight = 0\n", "weight 0 out of range"),
+            ("[upstream]\nkeeplive = 3\n", "unknown field `keeplive`"),
+            ("[health]\nrise = 0\n", "line 2"),
+            ("[rate_limit]\nrate = \"10 per second\"\n", "bad rate"),
+            ("[[upstream.backend]]\naddr = \"127.0.0.1:1\"\n[[upstream.backend]]\naddr = \"127.0.0.1:1\"\n", "line 3: backend 127.0.0.1:1 is listed twice"),
+            ("[health]\nexpect = [\"7xx\"]\n", "bad status"),
+            ("[upstream]\nretry_on = [\"404\"]\n", "retry_on takes"),
+            ("[node\n", "line 1"),
+        ];
+        for (src, want) in cases {
+            let err = check(src).expect_err(src);
+            assert!(err.contains(want), "config {src:?}: error {err:?} should contain {want:?}");
+        }
+    }
+}

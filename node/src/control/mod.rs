@@ -1,0 +1,305 @@
+//! The gRPC control plane (tonic): what `shoal` and joining nodes call. Every mutation goes
+//! through the backend registry, the same path gossip uses. With a cluster secret, a call
+//! without the right `x-shoal-auth` token is refused (`Unauthenticated`) and counted.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use shoal_proto as pb;
+use shoal_proto::control_server::{Control, ControlServer};
+use tokio::net::TcpListener;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::Node;
+use crate::cluster::registry::RegOp;
+use crate::lifecycle::MemberState;
+use crate::pool::now_ms;
+
+/// Serves the control plane on `listener` until `stop` fires.
+pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationToken) {
+    let token = node.config.load().cluster.secret.as_deref().map(shoal_proto::control_token);
+    let auth_node = node.clone();
+    let check = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let Some(expected) = &token else { return Ok(req) };
+        match req.metadata().get(shoal_proto::AUTH_HEADER).and_then(|v| v.to_str().ok()) {
+            Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(req),
+            other => {
+                if let Some(c) = auth_node.cluster.get() {
+                    c.rejected_rpcs.fetch_add(1, Relaxed);
+                }
+                tracing::warn!(has_token = other.is_some(), "refused a control-plane call without the cluster secret");
+                Err(Status::unauthenticated("this cluster needs the cluster secret (shoal --secret-file FILE)"))
+            }
+        }
+    };
+    let service = ControlServer::with_interceptor(ControlService { node }, check);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    if let Err(e) = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "control plane stopped");
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+struct ControlService {
+    node: Arc<Node>,
+}
+
+/// Connects to another node's control plane (used by `Join`).
+pub async fn connect(
+    addr: &str,
+    secret: Option<&[u8]>,
+) -> Result<pb::control_client::ControlClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>>, Status> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10));
+    let channel = endpoint.connect().await.map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
+    let token = secret.map(shoal_proto::control_token);
+    Ok(pb::control_client::ControlClient::with_interceptor(channel, move |mut req: Request<()>| {
+        if let Some(t) = &token {
+            if let Ok(v) = t.parse() {
+                req.metadata_mut().insert(shoal_proto::AUTH_HEADER, v);
+            }
+        }
+        Ok(req)
+    }))
+}
+
+impl ControlService {
+    fn cluster(&self) -> Result<&Arc<crate::cluster::Cluster>, Status> {
+        self.node.cluster.get().ok_or_else(|| Status::unavailable("the node is still starting"))
+    }
+
+    fn members(&self) -> Vec<pb::Member> {
+        let Some(cluster) = self.node.cluster.get() else { return Vec::new() };
+        let view = cluster.view.load();
+        view.members
+            .iter()
+            .map(|m| pb::Member {
+                node_id: m.node_id.clone(),
+                generation: m.generation,
+                state: if m.is_self { self.node.lifecycle.get().name().into() } else { m.state.name().into() },
+                gossip_addr: m.gossip_addr.to_string(),
+                proxy_addr: m.proxy_addr.map(|a| a.to_string()).unwrap_or_default(),
+                control_addr: m.control_addr.map(|a| a.to_string()).unwrap_or_default(),
+                admin_addr: m.admin_addr.map(|a| a.to_string()).unwrap_or_default(),
+                in_flight: if m.is_self { self.node.in_flight() } else { m.in_flight },
+                req_per_sec: m.rps,
+                age_secs: view.first_seen.get(&m.node_id).map_or(0, |t| t.elapsed().as_secs()),
+                is_self: m.is_self,
+            })
+            .collect()
+    }
+
+    fn backends(&self) -> Vec<pb::Backend> {
+        let pool = self.node.pool.full();
+        let now = now_ms();
+        let config = self.node.config.load();
+        let (view, registry) = match self.node.cluster.get() {
+            Some(c) => (Some(c.view.load_full()), c.registry.entries()),
+            None => (None, Vec::new()),
+        };
+        pool.backends
+            .iter()
+            .map(|b| {
+                let s = &b.state;
+                let from_runtime = registry.iter().any(|e| e.addr == b.spec.addr) || !config.upstream.backends.iter().any(|c| c.addr == b.spec.addr);
+                pb::Backend {
+                    addr: b.spec.addr.to_string(),
+                    weight: b.spec.weight,
+                    max_conns: b.spec.max_conns,
+                    backup: b.spec.backup,
+                    state: s.state_name(now).into(),
+                    local_in_flight: s.in_flight.load(Relaxed) as u64,
+                    cluster_in_flight: s.load() as u64,
+                    requests: s.requests.load(Relaxed),
+                    failures: s.failures.load(Relaxed),
+                    source: if from_runtime { "runtime" } else { "config" }.into(),
+                    down_on: view.as_ref().and_then(|v| v.down_on.get(&b.spec.addr).cloned()).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    fn registry_change(&self, addr: &str, op: RegOp, weight: u32, max_conns: u32, backup: bool) -> Result<Response<pb::BackendReply>, Status> {
+        let addr: SocketAddr = addr.parse().map_err(|_| Status::invalid_argument(format!("{addr:?} is not an IP:PORT address")))?;
+        let cluster = self.cluster()?;
+        let pool = self.node.pool.full();
+        let existing = pool.find(addr);
+        if op != RegOp::Add && existing.is_none() {
+            return Err(Status::not_found(format!("unknown backend {addr}")));
+        }
+        if op == RegOp::Add && !(1..=1000).contains(&weight) {
+            return Err(Status::invalid_argument(format!("weight {weight} out of range 1..=1000")));
+        }
+        let (weight, max_conns, backup) = match (op, existing) {
+            (RegOp::Add, _) | (_, None) => (weight, max_conns, backup),
+            (_, Some(b)) => (b.spec.weight, b.spec.max_conns, b.spec.backup),
+        };
+        let origin = self.node.id();
+        let entry = cluster.change_registry(|r| r.record(addr, op, weight, max_conns, backup, &origin));
+        tracing::info!(backend = %addr, op = op.name(), hlc = entry.hlc, "backend registry changed here");
+        Ok(Response::new(pb::BackendReply { message: format!("backend {addr}: {}", op.name()), backends: self.backends() }))
+    }
+}
+
+type LeaveStream = Pin<Box<dyn Stream<Item = Result<pb::LeaveProgress, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let config = self.node.config.load();
+        Ok(Response::new(pb::StatusReply {
+            node_id: config.node.id.clone(),
+            cluster_id: config.cluster.id.clone(),
+            state: self.node.lifecycle.get().name().into(),
+            members: self.members(),
+            backends: self.backends(),
+            algorithm: config.upstream.algorithm.name().into(),
+        }))
+    }
+
+    async fn members(&self, _: Request<pb::MembersRequest>) -> Result<Response<pb::MembersReply>, Status> {
+        Ok(Response::new(pb::MembersReply { members: self.members() }))
+    }
+
+    async fn hello(&self, req: Request<pb::HelloRequest>) -> Result<Response<pb::HelloReply>, Status> {
+        let req = req.into_inner();
+        let cluster = self.cluster()?;
+        if !req.cluster_id.is_empty() && req.cluster_id != cluster.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "wrong cluster: this node is in cluster {:?}, the joiner is in {:?}",
+                cluster.cluster_id, req.cluster_id
+            )));
+        }
+        let mut seeds: Vec<String> = cluster
+            .members()
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Draining))
+            .map(|m| m.gossip_addr.to_string())
+            .collect();
+        seeds.sort();
+        seeds.dedup();
+        let registry = cluster
+            .registry
+            .entries()
+            .into_iter()
+            .map(|e| pb::RegistryEntry {
+                addr: e.addr.to_string(),
+                weight: e.weight,
+                max_conns: e.max_conns,
+                backup: e.backup,
+                op: e.op.name().into(),
+                hlc: e.hlc,
+                origin: e.origin,
+            })
+            .collect();
+        Ok(Response::new(pb::HelloReply { cluster_id: cluster.cluster_id.clone(), gossip_seeds: seeds, registry }))
+    }
+
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let seed = req.into_inner().seed;
+        let cluster = self.cluster()?.clone();
+        let config = self.node.config.load_full();
+        let mut client = connect(&seed, config.cluster.secret.as_deref()).await?;
+        let hello = client
+            .hello(pb::HelloRequest { node_id: config.node.id.clone(), cluster_id: cluster.cluster_id.clone() })
+            .await
+            .map_err(|s| Status::new(s.code(), format!("seed {seed}: {}", s.message())))?
+            .into_inner();
+        let entries = hello.registry.into_iter().filter_map(|e| {
+            Some(crate::cluster::registry::RegEntry {
+                addr: e.addr.parse().ok()?,
+                hlc: e.hlc,
+                op: RegOp::parse(&e.op)?,
+                weight: e.weight.clamp(1, 1000),
+                max_conns: e.max_conns,
+                backup: e.backup,
+                origin: e.origin,
+            })
+        });
+        if cluster.registry.merge(entries) {
+            self.node.apply_backends();
+        }
+        let seeds: Vec<SocketAddr> = hello.gossip_seeds.iter().filter_map(|s| s.parse().ok()).collect();
+        if seeds.is_empty() {
+            return Err(Status::failed_precondition(format!("seed {seed} reported no live members")));
+        }
+        // Gossip with the seeds until they show up as live here (bounded).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            for s in &seeds {
+                cluster.gossip_with(*s).await;
+            }
+            let live = cluster.members().iter().filter(|m| !m.is_self && m.state == MemberState::Alive).count();
+            if live > 0 || tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let members = cluster.members().iter().filter(|m| m.state == MemberState::Alive).count() as u32;
+        if members < 2 {
+            return Err(Status::deadline_exceeded(format!("gossip with {seed}'s members did not converge within 5s (is UDP to {:?} open?)", hello.gossip_seeds)));
+        }
+        tracing::info!(seed = %seed, members, "joined the cluster");
+        Ok(Response::new(pb::JoinReply { cluster_id: hello.cluster_id, members }))
+    }
+
+    type LeaveStream = LeaveStream;
+
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<LeaveStream>, Status> {
+        let timeout_ms = req.into_inner().drain_timeout_ms;
+        if timeout_ms > 0 {
+            self.node.proxy.set_drain_timeout(Duration::from_millis(timeout_ms));
+        }
+        tracing::info!(drain_timeout_ms = timeout_ms, "leave requested over the control plane");
+        self.node.leave.cancel();
+        let node = self.node.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let state = node.lifecycle.get();
+                let progress = pb::LeaveProgress {
+                    phase: state.name().into(),
+                    in_flight: node.in_flight(),
+                    message: String::new(),
+                };
+                if tx.send(Ok(progress)).await.is_err() || state == MemberState::Left {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn backend_list(&self, _: Request<pb::BackendListRequest>) -> Result<Response<pb::BackendListReply>, Status> {
+        Ok(Response::new(pb::BackendListReply { backends: self.backends() }))
+    }
+
+    async fn backend_add(&self, req: Request<pb::BackendAddRequest>) -> Result<Response<pb::BackendReply>, Status> {
+        let r = req.into_inner();
+        self.registry_change(&r.addr, RegOp::Add, if r.weight == 0 { 1 } else { r.weight }, r.max_conns, r.backup)
+    }
+
+    async fn backend_remove(&self, req: Request<pb::BackendAddrRequest>) -> Result<Response<pb::BackendReply>, Status> {
+        self.registry_change(&req.into_inner().addr, RegOp::Remove, 1, 0, false)
+    }
+
+    async fn backend_drain(&self, req: Request<pb::BackendAddrRequest>) -> Result<Response<pb::BackendReply>, Status> {
+        self.registry_change(&req.into_inner().addr, RegOp::Drain, 1, 0, false)
+    }
+}

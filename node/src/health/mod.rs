@@ -1,0 +1,227 @@
+//! Backend health: passive (request failures, like nginx `max_fails`/`fail_timeout`) and
+//! active checks (`[health]`, like nginx_upstream_check_module / HAProxy `check`).
+//!
+//! States of a backend's own verdict, with the transitions:
+//! ```text
+//!   up --(max_fails failures within fail_timeout)--> ejected --(fail_timeout passes)--> up
+//!   up --(fall bad checks in a row)--> down --(rise good checks in a row)--> up
+//! ```
+//! A peer's "down" report (shared health, `crate::view`) sets `cluster_down`; only this node's
+//! own `rise` good checks, or the peers taking their report back, clear it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BackendSpec, CheckKind, HealthSettings};
+use crate::pool::{BackendState, Pool, now_ms};
+
+/// Counts a failed request (connect error, timeout, retryable status). Ejects the backend for
+/// `fail_timeout` once `max_fails` failures fall within one `fail_timeout` window.
+pub fn record_failure(spec: &BackendSpec, state: &BackendState) {
+    state.failures.fetch_add(1, Relaxed);
+    if spec.max_fails == 0 {
+        return;
+    }
+    let now = now_ms();
+    let window = spec.fail_timeout.as_millis() as u64;
+    let h = &state.health;
+    let start = h.fail_window_start_ms.load(Relaxed);
+    let count = if now.saturating_sub(start) > window || start == 0 {
+        h.fail_window_start_ms.store(now.max(1), Relaxed);
+        h.fail_count.store(1, Relaxed);
+        1
+    } else {
+        h.fail_count.fetch_add(1, Relaxed) + 1
+    };
+    if count >= spec.max_fails {
+        let until = now + window;
+        if h.ejected_until_ms.swap(until, Relaxed) <= now {
+            tracing::warn!(backend = %state.addr, failures = count, for_ms = window, "backend ejected after failures");
+        }
+        h.fail_count.store(0, Relaxed);
+    }
+}
+
+/// Outcome of one active probe.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Probe {
+    Good,
+    Bad(String),
+}
+
+/// Probes one backend once.
+pub async fn probe(state: &BackendState, settings: &HealthSettings) -> Probe {
+    let attempt = async {
+        let mut stream = TcpStream::connect(state.addr).await.map_err(|e| format!("connect: {e}"))?;
+        if settings.kind == CheckKind::Tcp {
+            return Ok(());
+        }
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: shoal-health\r\nConnection: close\r\n\r\n",
+            settings.path, state.addr
+        );
+        stream.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        let mut buf = [0u8; 64];
+        let mut len = 0;
+        while len < 12 {
+            let n = stream.read(&mut buf[len..]).await.map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err("connection closed before a status line".to_string());
+            }
+            len += n;
+        }
+        let line = std::str::from_utf8(&buf[..len]).unwrap_or("");
+        let status: u16 = line
+            .strip_prefix("HTTP/1.")
+            .and_then(|rest| rest.get(2..5))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("not an HTTP status line: {:?}", &line[..line.len().min(20)]))?;
+        if settings.expect.iter().any(|c| c.matches(status)) {
+            Ok(())
+        } else {
+            Err(format!("status {status}"))
+        }
+    };
+    match tokio::time::timeout(settings.timeout, attempt).await {
+        Ok(Ok(())) => Probe::Good,
+        Ok(Err(e)) => Probe::Bad(e),
+        Err(_) => Probe::Bad(format!("no answer within {:?}", settings.timeout)),
+    }
+}
+
+/// Applies one probe result to the rise/fall streaks. Returns the new `active_up`.
+pub fn apply_probe(state: &BackendState, settings: &HealthSettings, result: &Probe) -> bool {
+    let h = &state.health;
+    let was_up = h.active_up.load(Relaxed);
+    match result {
+        Probe::Good => {
+            h.streak_bad.store(0, Relaxed);
+            let ok = h.streak_ok.fetch_add(1, Relaxed) + 1;
+            if ok >= settings.rise {
+                if !was_up {
+                    tracing::info!(backend = %state.addr, good_checks = ok, "backend up again");
+                    h.active_up.store(true, Relaxed);
+                    // A passive ejection ends too: the backend just proved itself `rise` times.
+                    h.ejected_until_ms.store(0, Relaxed);
+                }
+                if h.cluster_down.swap(false, Relaxed) {
+                    tracing::warn!(backend = %state.addr, good_checks = ok,
+                        "own checks disagree with the cluster: backend is up here, peers reported it down");
+                }
+            }
+        }
+        Probe::Bad(reason) => {
+            h.streak_ok.store(0, Relaxed);
+            let bad = h.streak_bad.fetch_add(1, Relaxed) + 1;
+            if bad >= settings.fall && was_up {
+                tracing::warn!(backend = %state.addr, bad_checks = bad, reason = %reason, "backend down");
+                h.active_up.store(false, Relaxed);
+            }
+        }
+    }
+    h.active_up.load(Relaxed)
+}
+
+/// Runs active checks for every backend of the pool until `stop` fires. Checks start at a
+/// random offset within the interval, so N backends are not probed in one burst.
+pub async fn run_checks(pool: Arc<Pool>, settings: HealthSettings, stop: CancellationToken) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut watched: Vec<Arc<BackendState>> = Vec::new();
+    let mut rescan = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = rescan.tick() => {}
+        }
+        let snapshot = pool.full();
+        for b in &snapshot.backends {
+            if watched.iter().any(|w| Arc::ptr_eq(w, &b.state)) {
+                continue;
+            }
+            watched.push(b.state.clone());
+            let (state, settings, stop) = (b.state.clone(), settings.clone(), stop.child_token());
+            let pool_ref = Arc::downgrade(&pool);
+            tasks.spawn(async move {
+                let jitter = Duration::from_millis(fastrand::u64(..settings.interval.as_millis() as u64 + 1));
+                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(jitter) => {} }
+                let mut tick = tokio::time::interval(settings.interval);
+                loop {
+                    tokio::select! { _ = stop.cancelled() => return, _ = tick.tick() => {} }
+                    // Stop once the backend left the pool.
+                    let Some(pool) = pool_ref.upgrade() else { return };
+                    if pool.snapshot().find(state.addr).is_none_or(|b| !Arc::ptr_eq(&b.state, &state)) {
+                        return;
+                    }
+                    let result = probe(&state, &settings).await;
+                    apply_probe(&state, &settings, &result);
+                }
+            });
+        }
+        watched.retain(|w| snapshot.backends.iter().any(|b| Arc::ptr_eq(&b.state, w)));
+        while tasks.try_join_next().is_some() {}
+    }
+    tasks.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StatusClass;
+
+    fn settings() -> HealthSettings {
+        HealthSettings {
+            interval: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            timeout: Duration::from_secs(1),
+            kind: CheckKind::Http,
+            path: "/".into(),
+            expect: vec![StatusClass::Class(2)],
+        }
+    }
+
+    #[test]
+    fn rise_and_fall_need_streaks() {
+        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1);
+        let cfg = settings();
+        let bad = Probe::Bad("x".into());
+        assert!(apply_probe(&s, &cfg, &bad));
+        assert!(apply_probe(&s, &cfg, &bad));
+        assert!(apply_probe(&s, &cfg, &Probe::Good)); // streak broken
+        assert!(apply_probe(&s, &cfg, &bad));
+        assert!(apply_probe(&s, &cfg, &bad));
+        assert!(!apply_probe(&s, &cfg, &bad)); // third in a row
+        assert!(!apply_probe(&s, &cfg, &Probe::Good));
+        assert!(apply_probe(&s, &cfg, &Probe::Good)); // rise = 2
+    }
+
+    #[test]
+    fn own_good_checks_clear_a_cluster_report() {
+        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1);
+        s.health.cluster_down.store(true, Relaxed);
+        let cfg = settings();
+        apply_probe(&s, &cfg, &Probe::Good);
+        assert!(s.health.cluster_down.load(Relaxed));
+        apply_probe(&s, &cfg, &Probe::Good);
+        assert!(!s.health.cluster_down.load(Relaxed));
+    }
+
+    #[test]
+    fn passive_ejection_after_max_fails() {
+        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1);
+        let mut spec = BackendSpec::new(s.addr);
+        spec.max_fails = 2;
+        spec.fail_timeout = Duration::from_secs(5);
+        let now = now_ms().max(1);
+        record_failure(&spec, &s);
+        assert!(s.is_healthy(now));
+        record_failure(&spec, &s);
+        assert!(!s.is_healthy(now_ms()));
+        assert!(s.own_verdict_down(now_ms()));
+    }
+}

@@ -1,0 +1,222 @@
+//! # shoal-node: one Shoal node, both an HTTP load balancer and a cluster member
+//!
+//! ## Layout
+//! - [`config`]: file -> flags -> validated, immutable [`config::Config`].
+//! - [`proxy`]: the data plane (listener, per-request service, headers, bodies, errors, access log).
+//! - [`balance`]: the [`balance::Picker`] trait and one type per algorithm.
+//! - [`pool`]: backends, their live counters, health flags and idle upstream connections.
+//! - [`health`]: passive ejection and active checks.
+//! - [`limit`]: per-client rate limiting (node or cluster scope).
+//! - [`cluster`]: chitchat membership, gossip keys, the cluster view, the backend registry.
+//! - [`control`]: the gRPC control plane `shoal` and joining nodes call.
+//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/status` and the dashboard.
+//! - [`lifecycle`]: this node's member state and the leave sequence.
+//!
+//! ## Data paths
+//! - request: listener -> service -> picker (pool snapshot + local and remote in-flight) ->
+//!   pooled upstream connection -> response body streamed back (in-flight ends with the body);
+//! - gossip: chitchat -> view task -> new view snapshot and per-backend remote load;
+//! - local load: in-flight counters -> publish tick -> gossip keys -> peers' views;
+//! - control: gRPC or config file -> registry -> gossip and pool.
+
+pub mod admin;
+pub mod balance;
+pub mod cluster;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod health;
+pub mod lifecycle;
+pub mod limit;
+pub mod pool;
+pub mod proxy;
+pub mod store;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use config::{BackendSpec, Config, flags::RunFlags};
+use lifecycle::{Lifecycle, MemberState};
+use pool::Pool;
+use proxy::Proxy;
+
+/// The listeners a node serves on, bound before `run` so a bad address fails before anything
+/// starts, and so tests can bind port 0.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+    pub control: TcpListener,
+}
+
+impl Listeners {
+    /// Binds every TCP listener of `config` (gossip is bound by chitchat itself).
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let bind = |addr, what: &'static str| async move {
+            TcpListener::bind(addr).await.with_context(|| format!("cannot bind the {what} listener on {addr}"))
+        };
+        Ok(Listeners {
+            proxy: bind(config.node.listen, "proxy").await?,
+            admin: bind(config.node.admin, "admin").await?,
+            control: bind(config.node.control, "control").await?,
+        })
+    }
+}
+
+/// Everything one node shares between its tasks.
+pub struct Node {
+    pub config: ArcSwap<Config>,
+    /// The flags `shoald run` got, re-applied over the file on every reload.
+    pub flags: RunFlags,
+    pub pool: Arc<Pool>,
+    pub proxy: Arc<Proxy>,
+    pub lifecycle: Lifecycle,
+    pub started: Instant,
+    /// Fired to start the leave sequence (signal or `shoal leave`).
+    pub leave: CancellationToken,
+    pub cluster: OnceLock<Arc<cluster::Cluster>>,
+    health_stop: Mutex<CancellationToken>,
+}
+
+impl Node {
+    pub fn new(config: Config, flags: RunFlags) -> anyhow::Result<Arc<Self>> {
+        let sticky_key = pool::derive_key(config.cluster.secret.as_deref(), "sticky");
+        let pool = Arc::new(Pool::new(config.upstream.keepalive, sticky_key));
+        let proxy = Arc::new(Proxy::new(&config, pool.clone())?);
+        let node = Arc::new(Node {
+            config: ArcSwap::from_pointee(config),
+            flags,
+            pool,
+            proxy,
+            lifecycle: Lifecycle::default(),
+            started: Instant::now(),
+            leave: CancellationToken::new(),
+            cluster: OnceLock::new(),
+            health_stop: Mutex::new(CancellationToken::new()),
+        });
+        node.apply_backends();
+        node.restart_health_checks();
+        Ok(node)
+    }
+
+    pub fn id(&self) -> String {
+        self.config.load().node.id.clone()
+    }
+
+    /// Rebuilds the pool from the config's backends plus the run-time registry.
+    pub fn apply_backends(&self) {
+        let config = self.config.load();
+        let (specs, draining): (Vec<BackendSpec>, Vec<std::net::SocketAddr>) = match self.cluster.get() {
+            Some(c) => c.registry.effective(&config.upstream.backends),
+            None => (config.upstream.backends.clone(), Vec::new()),
+        };
+        self.pool.replace(&specs, &draining);
+    }
+
+    fn restart_health_checks(&self) {
+        let config = self.config.load();
+        let token = CancellationToken::new();
+        let old = std::mem::replace(&mut *self.health_stop.lock().unwrap_or_else(|e| e.into_inner()), token.clone());
+        old.cancel();
+        if let Some(h) = config.health.clone() {
+            tokio::spawn(health::run_checks(self.pool.clone(), h, token));
+        }
+    }
+
+    /// Re-reads the config file (SIGHUP). A bad file keeps the running config.
+    pub fn reload(&self) -> Result<(), config::ConfigError> {
+        let current = self.config.load_full();
+        let Some(path) = current.path.clone() else {
+            tracing::info!("reload requested but the node runs without a config file; nothing to do");
+            return Ok(());
+        };
+        let new = config::load(Some(&path), &self.flags)?;
+        for (what, old, new) in [
+            ("listen", current.node.listen, new.node.listen),
+            ("admin", current.node.admin, new.node.admin),
+            ("control", current.node.control, new.node.control),
+            ("gossip", current.node.gossip, new.node.gossip),
+        ] {
+            if old != new {
+                tracing::warn!(key = what, old = %old, new = %new, "listener addresses change only on restart; keeping the old one");
+            }
+        }
+        self.pool.set_keepalive(new.upstream.keepalive);
+        let runtime = proxy::Runtime::from_config(&new);
+        let log = match &new.access_log {
+            Some(p) => Some(proxy::access_log::AccessLog::open(p).map_err(|source| config::ConfigError::Read { path: p.display().to_string(), source })?),
+            None => None,
+        };
+        self.proxy.runtime.store(Arc::new(runtime));
+        self.proxy.access_log.store(Arc::new(log));
+        self.config.store(Arc::new(new));
+        self.apply_backends();
+        self.restart_health_checks();
+        tracing::info!(path = %path.display(), backends = self.pool.snapshot().backends.len(), "config reloaded");
+        Ok(())
+    }
+
+    /// Sum of this node's in-flight requests over all backends.
+    pub fn in_flight(&self) -> u64 {
+        self.pool.snapshot().backends.iter().map(|b| b.state.in_flight.load(Relaxed) as u64).sum()
+    }
+}
+
+/// Runs a node on bound listeners until it has left (after `node.leave` fires).
+pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
+    let config = node.config.load_full();
+    let cluster = cluster::Cluster::start(node.clone()).await?;
+    let _ = node.cluster.set(cluster.clone());
+    node.apply_backends();
+
+    let stop_accepting = CancellationToken::new();
+    let listener_settings = proxy::listener::ListenerSettings {
+        header_timeout: config.node.client_header_timeout,
+        max_header_bytes: config.node.max_header_bytes,
+    };
+    node.proxy.set_drain_timeout(config.node.drain_timeout);
+    let mut proxy_task = tokio::spawn(proxy::listener::serve(listeners.proxy, node.proxy.clone(), listener_settings, stop_accepting.clone()));
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(listeners.admin, node.clone(), admin_stop.clone()));
+    let control_task = tokio::spawn(control::serve(listeners.control, node.clone(), admin_stop.clone()));
+    let budget_proxy = node.proxy.clone();
+    let budget_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            budget_proxy.retry_budget.refill_floor();
+        }
+    });
+    tracing::info!(
+        node = %config.node.id, proxy = %config.node.listen, admin = %config.node.admin,
+        control = %config.node.control, gossip = %config.node.gossip,
+        backends = node.pool.snapshot().backends.len(), algorithm = %config.upstream.algorithm,
+        "shoald started"
+    );
+
+    tokio::select! {
+        _ = node.leave.cancelled() => {}
+        r = &mut proxy_task => { anyhow::bail!("proxy listener stopped unexpectedly: {r:?}") }
+    }
+    // The leave sequence (PRODUCT.md §5.3).
+    let config = node.config.load_full();
+    node.lifecycle.set(MemberState::Draining);
+    cluster.publish_state(MemberState::Draining).await;
+    tracing::info!(grace = ?config.node.leave_grace, "leaving: draining announced, still accepting during the grace period");
+    tokio::time::sleep(config.node.leave_grace).await;
+    stop_accepting.cancel();
+    let leftover = proxy_task.await.unwrap_or(0);
+    node.lifecycle.set(MemberState::Left);
+    cluster.leave().await;
+    admin_stop.cancel();
+    budget_task.abort();
+    let _ = admin_task.await;
+    let _ = control_task.await;
+    tracing::info!(unfinished_connections = leftover, "left the cluster");
+    Ok(())
+}

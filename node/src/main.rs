@@ -1,0 +1,172 @@
+//! `shoald`: parse args, load and validate the config (before binding anything), start
+//! tracing, bind, run. Signals: SIGTERM/SIGINT leave gracefully (a second SIGINT exits at
+//! once), SIGHUP reloads the config file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use shoal_node::config::{self, flags::RunFlags};
+use shoal_node::{Listeners, Node};
+
+#[derive(Parser)]
+#[command(name = "shoald", version, about = "Shoal node: HTTP load balancer and cluster member")]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Run {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        flags: RunFlags,
+    },
+    /// Validate a config file and exit 0, or print what is wrong (file:line) and exit 1.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a local demo cluster (nodes and backends on 127.0.0.1) until Ctrl-C.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 3)]
+        backends: usize,
+        /// First port of the demo (proxy ports start here).
+        #[arg(long, default_value_t = 8080)]
+        base_port: u16,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match config::load(Some(&config), &RunFlags::default()) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} backends, algorithm {}, node {}, cluster {})",
+                    config.display(),
+                    c.upstream.backends.len(),
+                    c.upstream.algorithm,
+                    c.node.id,
+                    c.cluster.id
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("shoald check: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config, flags } => {
+            let cfg = match config::load(config.as_deref(), &flags) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("shoald: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_tracing(cli.log_format);
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if cfg.node.workers > 0 {
+                rt.worker_threads(cfg.node.workers);
+            }
+            let rt = match rt.enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("shoald: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async move {
+                let listeners = match Listeners::bind(&cfg).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("shoald: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let node = match Node::new(cfg, flags) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        eprintln!("shoald: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                tokio::spawn(handle_signals(node.clone()));
+                match shoal_node::run(node, listeners).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("shoald: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        Command::Demo { nodes, backends, base_port } => {
+            init_tracing(cli.log_format);
+            match shoal_node::demo::run(nodes, backends, base_port) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("shoald demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn handle_signals(node: Arc<Node>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: leaving the cluster");
+                node.leave.cancel();
+            }
+            _ = int.recv() => {
+                if node.leave.is_cancelled() {
+                    tracing::warn!("second SIGINT: exiting now");
+                    std::process::exit(130);
+                }
+                tracing::info!("SIGINT: leaving the cluster (Ctrl-C again to exit at once)");
+                node.leave.cancel();
+            }
+            _ = hup.recv() => {
+                if let Err(e) = node.reload() {
+                    tracing::error!(error = %e, "reload failed; keeping the running config");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! Errors a client can see, each mapped to one status and a short body in one place
+//! (PRODUCT.md §5.5). Every error response names the node in `x-shoal-node`.
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::body::RespBody;
+
+/// Why the proxy answered instead of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    /// No backend is usable (all down, draining, or none configured).
+    NoBackend,
+    /// Every usable backend is at its `max_conns`.
+    AllBusy,
+    /// Backends were tried and none answered (connect errors, broken responses).
+    BadGateway,
+    /// The backend did not answer within `read_timeout` / `connect_timeout`.
+    Timeout,
+    /// Over the `[rate_limit]`.
+    RateLimited,
+}
+
+impl ProxyError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::NoBackend | ProxyError::AllBusy => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadGateway => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    pub fn body(self) -> &'static str {
+        match self {
+            ProxyError::NoBackend => "503 no usable backend\n",
+            ProxyError::AllBusy => "503 all backends at max_conns\n",
+            ProxyError::BadGateway => "502 no backend answered\n",
+            ProxyError::Timeout => "504 backend timed out\n",
+            ProxyError::RateLimited => "429 too many requests\n",
+        }
+    }
+
+    /// The response sent to the client.
+    pub fn response(self, node: &HeaderValue) -> Response<RespBody> {
+        let mut resp = Response::new(RespBody::text(self.body()));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        h.insert("x-shoal-node", node.clone());
+        if self == ProxyError::RateLimited {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,156 @@
+//! The data plane: accept client connections (`listener`), turn each request into a pick and
+//! a forward (`service`), rewrite headers (`headers`), stream bodies (`body`) and map failures
+//! to statuses (`error`).
+
+pub mod access_log;
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod listener;
+pub mod service;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+
+use crate::balance::{Picker, picker_for};
+use crate::config::{Config, StickySettings, UpstreamSettings};
+use crate::limit::Limiter;
+use crate::pool::Pool;
+
+/// nginx `stub_status`-style totals of this node.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepts: AtomicU64,
+    pub handled: AtomicU64,
+    pub active: AtomicU64,
+    pub requests: AtomicU64,
+    /// Requests answered by the proxy itself, by cause.
+    pub no_backend: AtomicU64,
+    pub bad_gateway: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub retries: AtomicU64,
+    pub retries_refused: AtomicU64,
+}
+
+/// A retry budget (like Envoy's / Finagle's): every request deposits `ratio` tokens, every
+/// retry spends one, so retries stay a bounded fraction of traffic when a pool is dying.
+/// A floor of `MIN_TOKENS` lets a quiet node still retry.
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// Tokens in thousandths.
+    milli_tokens: AtomicI64,
+}
+
+const MIN_TOKENS: i64 = 10;
+const MAX_TOKENS: i64 = 1000;
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget { milli_tokens: AtomicI64::new(MIN_TOKENS * 1000) }
+    }
+}
+
+impl RetryBudget {
+    pub fn deposit(&self, ratio: f64) {
+        let add = (ratio * 1000.0) as i64;
+        let prev = self.milli_tokens.fetch_add(add, Relaxed);
+        if prev + add > MAX_TOKENS * 1000 {
+            self.milli_tokens.fetch_sub(add, Relaxed);
+        }
+    }
+
+    pub fn try_withdraw(&self) -> bool {
+        let prev = self.milli_tokens.fetch_sub(1000, Relaxed);
+        if prev >= 1000 {
+            return true;
+        }
+        self.milli_tokens.fetch_add(1000, Relaxed);
+        false
+    }
+
+    /// Refills up to the floor (called once a second).
+    pub fn refill_floor(&self) {
+        let _ = self.milli_tokens.fetch_update(Relaxed, Relaxed, |t| (t < MIN_TOKENS * 1000).then_some(MIN_TOKENS * 1000));
+    }
+}
+
+/// The reloadable part of the proxy: built from a `Config`, swapped whole on SIGHUP.
+pub struct Runtime {
+    pub upstream: UpstreamSettings,
+    pub picker: Box<dyn Picker>,
+    pub limiter: Option<Limiter>,
+    pub sticky: Option<StickySettings>,
+}
+
+impl Runtime {
+    pub fn from_config(config: &Config) -> Self {
+        Runtime {
+            upstream: config.upstream.clone(),
+            picker: picker_for(config.upstream.algorithm),
+            limiter: config.rate_limit.clone().map(Limiter::new),
+            sticky: config.sticky.clone(),
+        }
+    }
+}
+
+/// Everything the request path shares.
+pub struct Proxy {
+    /// This node's id, as sent in `x-shoal-node`.
+    pub node_id: HeaderValue,
+    pub pool: Arc<Pool>,
+    pub runtime: ArcSwap<Runtime>,
+    pub stats: Stats,
+    pub retry_budget: RetryBudget,
+    pub access_log: ArcSwap<Option<access_log::AccessLog>>,
+    /// How long a drain waits for in-flight requests (config, or `shoal leave --drain-timeout`).
+    drain_timeout_ms: AtomicU64,
+}
+
+impl Proxy {
+    pub fn new(config: &Config, pool: Arc<Pool>) -> std::io::Result<Self> {
+        let log = match &config.access_log {
+            Some(p) => Some(access_log::AccessLog::open(p)?),
+            None => None,
+        };
+        Ok(Proxy {
+            node_id: HeaderValue::from_str(&config.node.id).unwrap_or(HeaderValue::from_static("shoal")),
+            pool,
+            runtime: ArcSwap::from_pointee(Runtime::from_config(config)),
+            stats: Stats::default(),
+            retry_budget: RetryBudget::default(),
+            access_log: ArcSwap::from_pointee(log),
+            drain_timeout_ms: AtomicU64::new(config.node.drain_timeout.as_millis() as u64),
+        })
+    }
+
+    pub fn set_drain_timeout(&self, d: std::time::Duration) {
+        self.drain_timeout_ms.store(d.as_millis() as u64, Relaxed);
+    }
+
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.drain_timeout_ms.load(Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_budget_bounds_retries() {
+        let b = RetryBudget::default();
+        // the floor allows MIN_TOKENS retries with no traffic
+        assert_eq!((0..100).filter(|_| b.try_withdraw()).count(), MIN_TOKENS as usize);
+        // 100 requests at 20% buy 20 retries
+        for _ in 0..100 {
+            b.deposit(0.2);
+        }
+        assert_eq!((0..100).filter(|_| b.try_withdraw()).count(), 20);
+        b.refill_floor();
+        assert_eq!((0..100).filter(|_| b.try_withdraw()).count(), MIN_TOKENS as usize);
+    }
+}
