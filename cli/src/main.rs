@@ -1,1 +1,349 @@
-fn main() {}
+//! `shoal`: the command-line client of a Shoal cluster. Talks to one node's control plane
+//! (`--node`, `$SHOAL_NODE`); human tables by default, `--json` for scripts. Exit codes:
+//! 0 success, 1 refused or failed, 2 node unreachable, 3 unknown backend.
+
+mod import_nginx;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use shoal_proto as pb;
+use tonic::{Code, Request, Status};
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "Control a Shoal cluster through any of its nodes")]
+struct Cli {
+    /// Control address of the node to talk to.
+    #[arg(long, env = "SHOAL_NODE", default_value = "127.0.0.1:7400", global = true)]
+    node: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// File with the cluster secret (needed when the cluster has one).
+    #[arg(long, env = "SHOAL_SECRET_FILE", global = true)]
+    secret_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Members and backends, one screen.
+    Status,
+    /// Members: id, address, state, age, in-flight, req/s.
+    Members {
+        /// Redraw every second, printing changes of state.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Make the node at --node join the cluster that SEED (a member's control address) is in.
+    Join { seed: String },
+    /// Drain the node at --node and make it leave the cluster.
+    Leave {
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        drain_timeout: Duration,
+    },
+    /// Backends of the cluster.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Print the Shoal config equivalent to an nginx `upstream { ... }` block.
+    ImportNginx { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum BackendCmd {
+    List,
+    Add {
+        addr: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        #[arg(long, default_value_t = 0)]
+        max_conns: u32,
+        #[arg(long)]
+        backup: bool,
+    },
+    Remove { addr: String },
+    /// No new requests; in-flight ones finish.
+    Drain { addr: String },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?} (e.g. 30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+type Client = pb::control_client::ControlClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>>;
+
+#[derive(Clone)]
+struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert(pb::AUTH_HEADER, t.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A failure with its exit code.
+struct Failure(u8, String);
+
+fn from_status(node: &str, s: Status) -> Failure {
+    match s.code() {
+        Code::Unavailable => Failure(2, format!("node {node} unreachable: {}", s.message())),
+        Code::NotFound => Failure(3, s.message().to_string()),
+        Code::Unauthenticated => Failure(1, format!("refused by {node}: {} ", s.message())),
+        _ => Failure(1, format!("{node}: {}", s.message())),
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<Client, Failure> {
+    let token = match &cli.secret_file {
+        Some(p) => {
+            let secret = pb::read_secret(p).map_err(|e| Failure(1, e))?;
+            Some(pb::control_token(&secret).parse().map_err(|_| Failure(1, "bad token".into()))?)
+        }
+        None => None,
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cli.node))
+        .map_err(|e| Failure(1, format!("bad --node {:?}: {e}", cli.node)))?
+        .connect_timeout(Duration::from_secs(3));
+    let channel = endpoint.connect().await.map_err(|e| Failure(2, format!("node {} unreachable: {e}", cli.node)))?;
+    Ok(pb::control_client::ControlClient::with_interceptor(channel, Auth(token)))
+}
+
+fn member_json(m: &pb::Member) -> Value {
+    json!({"id": m.node_id, "generation": m.generation, "state": m.state, "gossip": m.gossip_addr,
+           "proxy": m.proxy_addr, "control": m.control_addr, "admin": m.admin_addr,
+           "in_flight": m.in_flight, "rps": m.req_per_sec, "age_secs": m.age_secs, "self": m.is_self})
+}
+
+fn backend_json(b: &pb::Backend) -> Value {
+    json!({"addr": b.addr, "weight": b.weight, "max_conns": b.max_conns, "backup": b.backup, "state": b.state,
+           "in_flight": b.local_in_flight, "cluster_in_flight": b.cluster_in_flight, "requests": b.requests,
+           "failures": b.failures, "source": b.source, "down_on": b.down_on})
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
+}
+
+/// Prints rows as a left-aligned table.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|s| s.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn members_table(members: &[pb::Member]) {
+    table(
+        &["NODE", "STATE", "PROXY", "CONTROL", "AGE", "IN-FLIGHT", "REQ/S"],
+        members
+            .iter()
+            .map(|m| {
+                vec![
+                    format!("{}{}", m.node_id, if m.is_self { " *" } else { "" }),
+                    m.state.clone(),
+                    m.proxy_addr.clone(),
+                    m.control_addr.clone(),
+                    age(m.age_secs),
+                    m.in_flight.to_string(),
+                    format!("{:.1}", m.req_per_sec),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn backends_table(backends: &[pb::Backend]) {
+    table(
+        &["BACKEND", "STATE", "WEIGHT", "MAX", "IN-FLIGHT", "CLUSTER", "REQUESTS", "FAILURES", "SOURCE", "DOWN ON"],
+        backends
+            .iter()
+            .map(|b| {
+                vec![
+                    format!("{}{}", b.addr, if b.backup { " (backup)" } else { "" }),
+                    b.state.clone(),
+                    b.weight.to_string(),
+                    if b.max_conns == 0 { "-".into() } else { b.max_conns.to_string() },
+                    b.local_in_flight.to_string(),
+                    b.cluster_in_flight.to_string(),
+                    b.requests.to_string(),
+                    b.failures.to_string(),
+                    b.source.clone(),
+                    b.down_on.join(","),
+                ]
+            })
+            .collect(),
+    );
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::ImportNginx { file } = &cli.command {
+        let text = std::fs::read_to_string(file).map_err(|e| Failure(1, format!("{}: {e}", file.display())))?;
+        let out = import_nginx::convert(&text).map_err(|e| Failure(1, format!("{}: {e}", file.display())))?;
+        for w in &out.warnings {
+            eprintln!("warning: {w}");
+        }
+        print!("{}", out.toml);
+        return Ok(());
+    }
+    let node = cli.node.clone();
+    let status = |s| from_status(&node, s);
+    let mut client = connect(&cli).await?;
+    match &cli.command {
+        Command::Status => {
+            let s = client.status(pb::StatusRequest {}).await.map_err(status)?.into_inner();
+            if cli.json {
+                let v = json!({"node": s.node_id, "cluster": s.cluster_id, "state": s.state, "algorithm": s.algorithm,
+                    "members": s.members.iter().map(member_json).collect::<Vec<_>>(),
+                    "backends": s.backends.iter().map(backend_json).collect::<Vec<_>>()});
+                println!("{v:#}");
+            } else {
+                let alive = s.members.iter().filter(|m| m.state == "alive").count();
+                println!("cluster {}  node {} ({})  algorithm {}  members {}/{} alive", s.cluster_id, s.node_id, s.state, s.algorithm, alive, s.members.len());
+                println!();
+                members_table(&s.members);
+                println!();
+                backends_table(&s.backends);
+            }
+        }
+        Command::Members { watch } => {
+            let mut previous: Vec<pb::Member> = Vec::new();
+            loop {
+                let m = client.members(pb::MembersRequest {}).await.map_err(status)?.into_inner().members;
+                if cli.json {
+                    println!("{}", Value::Array(m.iter().map(member_json).collect()));
+                } else if *watch {
+                    print!("\x1b[2J\x1b[H");
+                    members_table(&m);
+                    for now in &m {
+                        if let Some(before) = previous.iter().find(|p| p.node_id == now.node_id && p.state != now.state) {
+                            eprintln!("{} {}: {} -> {}", chrono_now(), now.node_id, before.state, now.state);
+                        }
+                    }
+                } else {
+                    members_table(&m);
+                }
+                if !*watch {
+                    break;
+                }
+                previous = m;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        Command::Join { seed } => {
+            let r = client.join(pb::JoinRequest { seed: seed.clone() }).await.map_err(status)?.into_inner();
+            if cli.json {
+                println!("{}", json!({"cluster": r.cluster_id, "members": r.members}));
+            } else {
+                println!("{node} joined cluster {} ({} members alive)", r.cluster_id, r.members);
+            }
+        }
+        Command::Leave { drain_timeout } => {
+            let mut stream = client
+                .leave(pb::LeaveRequest { drain_timeout_ms: drain_timeout.as_millis() as u64 })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut last = String::new();
+            loop {
+                match stream.message().await {
+                    Ok(Some(p)) => {
+                        if cli.json {
+                            println!("{}", json!({"phase": p.phase, "in_flight": p.in_flight}));
+                        } else {
+                            eprint!("\r{node}: {:<9} in-flight {:<6}", p.phase, p.in_flight);
+                        }
+                        last = p.phase;
+                    }
+                    // The node closes the stream (or the connection) once it has left.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            if !cli.json {
+                eprintln!();
+                println!("{node} {}", if last == "left" { "left the cluster" } else { "is leaving (connection closed)" });
+            }
+        }
+        Command::Backend(cmd) => {
+            let backends = match cmd {
+                BackendCmd::List => client.backend_list(pb::BackendListRequest {}).await.map_err(status)?.into_inner().backends,
+                BackendCmd::Add { addr, weight, max_conns, backup } => {
+                    let r = client
+                        .backend_add(pb::BackendAddRequest { addr: addr.clone(), weight: *weight, max_conns: *max_conns, backup: *backup })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    if !cli.json {
+                        println!("{}", r.message);
+                    }
+                    r.backends
+                }
+                BackendCmd::Remove { addr } | BackendCmd::Drain { addr } => {
+                    let req = pb::BackendAddrRequest { addr: addr.clone() };
+                    let r = if matches!(cmd, BackendCmd::Remove { .. }) {
+                        client.backend_remove(req).await
+                    } else {
+                        client.backend_drain(req).await
+                    };
+                    let r = r.map_err(status)?.into_inner();
+                    if !cli.json {
+                        println!("{}", r.message);
+                    }
+                    r.backends
+                }
+            };
+            if cli.json {
+                println!("{}", Value::Array(backends.iter().map(backend_json).collect()));
+            } else if matches!(cmd, BackendCmd::List) {
+                backends_table(&backends);
+            }
+        }
+        Command::ImportNginx { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn chrono_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format!("{:02}:{:02}:{:02}", secs / 3600 % 24, secs / 60 % 60, secs % 60)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, msg)) => {
+            eprintln!("shoal: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}

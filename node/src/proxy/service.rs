@@ -136,6 +136,7 @@ async fn forward(proxy: &Proxy, client: &ClientConn, mut req: Request<Incoming>)
         .and_then(|s| headers::cookie_value(req.headers(), &s.cookie).map(str::to_owned));
 
     let (mut parts, body) = req.into_parts();
+    let client_version = parts.version;
     // Host: HTTP/2 clients send :authority instead; HTTP/1 backends need a Host header.
     if !parts.headers.contains_key(header::HOST) {
         if let Some(auth) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
@@ -249,6 +250,7 @@ async fn forward(proxy: &Proxy, client: &ClientConn, mut req: Request<Incoming>)
         }
 
         let (mut parts, body) = resp.into_parts();
+        parts.version = client_version;
         headers::strip_hop_by_hop(&mut parts.headers, false);
         if let Some(sticky) = &runtime.sticky {
             if sticky_cookie.as_deref() != Some(&*backend.sticky_id) {
