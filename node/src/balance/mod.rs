@@ -9,6 +9,9 @@ use std::hash::Hasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
+#[cfg(test)]
+mod simulation;
+
 use crate::config::Algorithm;
 use crate::pool::{Backend, PoolSnapshot};
 
