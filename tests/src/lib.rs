@@ -1,1 +1,125 @@
+//! # shoal-tests: the multi-process test harness
+//!
+//! Integration tests in `tests/tests/*.rs` start real `shoald` processes (built once per test
+//! process with `cargo build -p shoal-node -p shoal-cli --bins`) in front of real HTTP backends
+//! that run inside the test process, send real traffic, and assert on figures: statuses,
+//! per-backend shares, `/status` fields, exit codes, log lines.
+//!
+//! ## Pieces
+//! - [`bins`]: builds and locates `target/debug/shoald` and `target/debug/shoal`
+//!   (`SHOAL_TESTS_NO_BUILD=1` skips the build and uses what is there).
+//! - [`node`]: [`Node`], one `shoald run` process with its own ports, temp dir, config file
+//!   and log; it waits for `/live`, reads `/status`, sends signals, and is killed on drop.
+//!   [`shoald_check`] and [`shoald_run_to_exit`] cover the commands that should fail fast.
+//! - [`backend`]: [`Backend`], an in-process hyper 1.x server on `127.0.0.1:0` that answers
+//!   with its name, echoes what it saw at `/echo`, can be slowed, made to fail, made to speak
+//!   garbage, fail its health checks, accept upgrades (echoing bytes), and be stopped and
+//!   restarted on the same port. It counts requests and the peak of concurrent requests.
+//! - [`load`]: [`Load`], a bounded load generator (N keep-alive clients, a request count or a
+//!   duration, hard-capped at two minutes) returning a [`LoadSummary`] with statuses, errors,
+//!   latencies and per-backend counts taken from the response bodies.
+//! - [`http`]: a small HTTP client ([`http::get`]) and raw-TCP helpers
+//!   ([`http::raw_exchange`], [`http::RawResponse`]) for malformed-input tests.
+//! - [`wait_until`]: polls a condition until a deadline; tests never sleep for a condition.
+//!
+//! ## Rules the tests follow
+//! - Every port is chosen by [`free_port`] (TCP and UDP free on 127.0.0.1, never handed out
+//!   twice in one process), so tests run in parallel; a node whose port was taken meanwhile
+//!   is restarted on fresh ports.
+//! - Nothing outside 127.0.0.0/8 is ever contacted; every load is bounded.
+//! - A failing test prints the tail of each of its nodes' logs (and keeps the temp dir);
+//!   `SHOAL_TEST_LOG` sets `RUST_LOG` for the nodes (default `info`).
 
+pub mod backend;
+pub mod bins;
+pub mod http;
+pub mod load;
+pub mod node;
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub use backend::Backend;
+pub use load::{Load, LoadHandle, LoadSummary};
+pub use node::{Node, NodeBuilder, Signal, shoald_check, shoald_run_to_exit};
+
+/// Polls `cond` every 20 ms until it returns true; fails after `timeout` naming `what`.
+pub async fn wait_until(timeout: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            anyhow::bail!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A port that is free on 127.0.0.1 for both TCP and UDP right now and was never returned
+/// before by this process (found by binding port 0 and releasing it).
+pub fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let Ok(tcp) = TcpListener::bind("127.0.0.1:0") else { continue };
+        let Ok(port) = tcp.local_addr().map(|a| a.port()) else { continue };
+        if UdpSocket::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        let mut set = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if set.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+    panic!("could not find a free port on 127.0.0.1");
+}
+
+/// `127.0.0.1:<free port>`.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A directory under the system temp dir, removed on drop unless the thread is panicking
+/// (a failed test keeps its logs) or `SHOAL_TEST_KEEP` is set.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(label: &str) -> std::io::Result<Self> {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let clean: String = label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let path = std::env::temp_dir().join(format!("shoal-tests-{}-{n}-{clean}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(TempDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `name` in the directory and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> std::io::Result<PathBuf> {
+        let p = self.path.join(name);
+        std::fs::write(&p, contents)?;
+        Ok(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("SHOAL_TEST_KEEP").is_some() {
+            eprintln!("[shoal-tests] kept {}", self.path.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
