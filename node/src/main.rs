@@ -47,9 +47,9 @@ enum Command {
         nodes: usize,
         #[arg(long, default_value_t = 3)]
         backends: usize,
-        /// First port of the demo (proxy ports start here).
-        #[arg(long, default_value_t = 8080)]
-        base_port: u16,
+        /// Added to every demo port (proxy 8080+, control 7400+, gossip 7946+, admin 9901+).
+        #[arg(long, default_value_t = 0)]
+        port_offset: u16,
     },
 }
 
@@ -127,9 +127,9 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::Demo { nodes, backends, base_port } => {
+        Command::Demo { nodes, backends, port_offset } => {
             init_tracing(cli.log_format);
-            match shoal_node::demo::run(nodes, backends, base_port) {
+            match shoal_node::demo::run(nodes, backends, port_offset) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("shoald demo: {e:#}");
