@@ -10,6 +10,7 @@
 //! - [`cluster`]: chitchat membership, gossip keys, the cluster view, the backend registry.
 //! - [`control`]: the gRPC control plane `shoal` and joining nodes call.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/status` and the dashboard.
+//! - [`dns`]: the health-aware DNS responder (alive members only).
 //! - [`lifecycle`]: this node's member state and the leave sequence.
 //!
 //! ## Data paths
@@ -25,6 +26,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod dns;
 pub mod health;
 pub mod lifecycle;
 pub mod limit;
@@ -51,6 +53,8 @@ pub struct Listeners {
     pub proxy: TcpListener,
     pub admin: TcpListener,
     pub control: TcpListener,
+    /// The DNS responder's socket, when `[dns]` is configured.
+    pub dns: Option<tokio::net::UdpSocket>,
 }
 
 impl Listeners {
@@ -64,6 +68,12 @@ impl Listeners {
             proxy: bind(config.node.listen, "proxy").await?,
             admin: bind(config.node.admin, "admin").await?,
             control: bind(config.node.control, "control").await?,
+            dns: match &config.dns {
+                Some(d) => Some(
+                    tokio::net::UdpSocket::bind(d.listen).await.with_context(|| format!("cannot bind the DNS responder on {}/udp", d.listen))?,
+                ),
+                None => None,
+            },
         })
     }
 }
@@ -184,6 +194,9 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(listeners.admin, node.clone(), admin_stop.clone()));
     let control_task = tokio::spawn(control::serve(listeners.control, node.clone(), admin_stop.clone()));
+    if let (Some(socket), Some(settings)) = (listeners.dns, config.dns.clone()) {
+        tokio::spawn(dns::serve(socket, node.clone(), settings, admin_stop.clone()));
+    }
     let budget_proxy = node.proxy.clone();
     let budget_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
