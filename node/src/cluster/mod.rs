@@ -130,29 +130,7 @@ impl Cluster {
             .cloned()
             .collect();
         let interval = config.cluster.gossip_interval;
-        let chitchat_config = ChitchatConfig {
-            chitchat_id: self_id.clone(),
-            cluster_id: config.cluster.id.clone(),
-            gossip_interval: interval,
-            listen_addr: config.node.gossip,
-            seed_nodes: seeds,
-            failure_detector_config: FailureDetectorConfig {
-                // phi 8 with a prior equal to the gossip interval: a killed node is dead on
-                // peers after about 1 s at 150 ms gossip (measured in chitchat.md: 0.3-0.5 s at
-                // 100 ms, 1.0 s at 250 ms); the default 5 s prior would make it 20 s.
-                phi_threshold: 8.0,
-                sampling_window_size: 1000,
-                max_interval: Duration::from_secs(10),
-                initial_interval: interval,
-                // Long enough to show `dead`/`left` members, short enough that restarts do not
-                // pile up incarnations in every digest.
-                dead_node_grace_period: Duration::from_secs(15 * 60),
-            },
-            marked_for_deletion_grace_period: Duration::from_secs(15 * 60),
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-            protocol_version: ProtocolVersion::V0,
-        };
+        let chitchat_config = chitchat_config(self_id.clone(), &config.cluster.id, interval, config.node.gossip, seeds);
         let initial = vec![
             (keys::STATE.to_string(), MemberState::Alive.name().to_string()),
             (keys::ADDR_PROXY.to_string(), advertised(config.node.listen, config.node.advertise).to_string()),
@@ -253,6 +231,32 @@ impl Cluster {
     /// Members in the current view.
     pub fn members(&self) -> Vec<Member> {
         self.view.load().members.clone()
+    }
+}
+
+/// Shoal's chitchat settings (also used by the gossip-scale benchmark).
+pub fn chitchat_config(self_id: ChitchatId, cluster_id: &str, interval: Duration, listen: SocketAddr, seeds: Vec<String>) -> ChitchatConfig {
+    ChitchatConfig {
+        chitchat_id: self_id,
+        cluster_id: cluster_id.to_string(),
+        gossip_interval: interval,
+        listen_addr: listen,
+        seed_nodes: seeds,
+        failure_detector_config: FailureDetectorConfig {
+            // phi 8 with a prior equal to the gossip interval: a killed node is dead on peers
+            // after about 1 s at 150 ms gossip (chitchat's 5 s default prior would make it 20 s).
+            phi_threshold: 8.0,
+            sampling_window_size: 1000,
+            max_interval: Duration::from_secs(10),
+            initial_interval: interval,
+            // Long enough to show `dead`/`left` members, short enough that restarts do not
+            // pile up incarnations in every digest.
+            dead_node_grace_period: Duration::from_secs(15 * 60),
+        },
+        marked_for_deletion_grace_period: Duration::from_secs(15 * 60),
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: ProtocolVersion::V0,
     }
 }
 
