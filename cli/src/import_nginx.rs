@@ -101,7 +101,11 @@ fn parse_block(tokens: &[(String, usize)], pos: &mut usize, nested: bool) -> Res
             }
             "{" => {
                 let block = parse_block(tokens, pos, true)?;
-                out.push(Directive { words: std::mem::take(&mut words), line: if line == 0 { *l } else { line }, block });
+                out.push(Directive {
+                    words: std::mem::take(&mut words),
+                    line: if line == 0 { *l } else { line },
+                    block,
+                });
             }
             "}" => {
                 if !nested {
@@ -160,7 +164,8 @@ fn walk(ds: &[Directive], out: &mut Out) {
     for d in ds {
         let name = d.words[0].as_str();
         let args = &d.words[1..];
-        let warn = |out: &mut Out, why: &str| out.warnings.push(format!("line {}: {} {}", d.line, d.words.join(" "), why));
+        let warn =
+            |out: &mut Out, why: &str| out.warnings.push(format!("line {}: {} {}", d.line, d.words.join(" "), why));
         match name {
             "upstream" => {
                 out.upstreams += 1;
@@ -194,7 +199,8 @@ fn walk(ds: &[Directive], out: &mut Out) {
             "proxy_read_timeout" => out.read_timeout = args.first().map(|v| duration(v, "s")),
             "listen" => {
                 if let Some(a) = args.first() {
-                    out.listen = Some(if a.chars().all(|c| c.is_ascii_digit()) { format!("0.0.0.0:{a}") } else { a.clone() });
+                    out.listen =
+                        Some(if a.chars().all(|c| c.is_ascii_digit()) { format!("0.0.0.0:{a}") } else { a.clone() });
                 }
             }
             "access_log" => {
@@ -216,7 +222,8 @@ fn walk(ds: &[Directive], out: &mut Out) {
 fn upstream(ds: &[Directive], out: &mut Out) {
     for d in ds {
         let args = &d.words[1..];
-        let warn = |out: &mut Out, why: &str| out.warnings.push(format!("line {}: {} {}", d.line, d.words.join(" "), why));
+        let warn =
+            |out: &mut Out, why: &str| out.warnings.push(format!("line {}: {} {}", d.line, d.words.join(" "), why));
         match d.words[0].as_str() {
             "least_conn" => out.algorithm = Some("least-conn"),
             "ip_hash" => out.algorithm = Some("ip-hash"),
@@ -231,7 +238,9 @@ fn upstream(ds: &[Directive], out: &mut Out) {
                 warn(out, "— Shoal hashes only on the client IP (ip-hash)");
             }
             "keepalive" => out.keepalive = args.first().cloned(),
-            "keepalive_timeout" | "keepalive_requests" | "zone" | "keepalive_time" => warn(out, "— not needed in Shoal (ignored)"),
+            "keepalive_timeout" | "keepalive_requests" | "zone" | "keepalive_time" => {
+                warn(out, "— not needed in Shoal (ignored)")
+            }
             "server" => server(d, out),
             "check" => {
                 for a in args {
@@ -250,7 +259,8 @@ fn upstream(ds: &[Directive], out: &mut Out) {
                 out.health.push(format!("path = \"{path}\""));
             }
             "check_http_expect_alive" => {
-                let classes: Vec<String> = args.iter().filter_map(|a| a.strip_prefix("http_")).map(|c| format!("\"{c}\"")).collect();
+                let classes: Vec<String> =
+                    args.iter().filter_map(|a| a.strip_prefix("http_")).map(|c| format!("\"{c}\"")).collect();
                 out.health.push(format!("expect = [{}]", classes.join(", ")));
             }
             "sticky" => {
@@ -263,7 +273,9 @@ fn upstream(ds: &[Directive], out: &mut Out) {
                 for a in &args[2..] {
                     match kv(a) {
                         Some(("expires", v)) => out.sticky.push(format!("expires = \"{v}\"")),
-                        _ => warn(out, &format!("— sticky option {a:?} is not supported (Shoal sets Path=/, HttpOnly)")),
+                        _ => {
+                            warn(out, &format!("— sticky option {a:?} is not supported (Shoal sets Path=/, HttpOnly)"))
+                        }
                     }
                 }
             }
@@ -282,7 +294,8 @@ fn server(d: &Directive, out: &mut Out) {
     } else if addr.parse::<std::net::IpAddr>().is_ok() {
         format!("{addr}:80")
     } else {
-        out.warnings.push(format!("line {}: server {addr} — Shoal needs IP:PORT; resolve the name and edit the entry", d.line));
+        out.warnings
+            .push(format!("line {}: server {addr} — Shoal needs IP:PORT; resolve the name and edit the entry", d.line));
         format!("{addr}")
     };
     let mut entry = format!("\n[[upstream.backend]]\naddr = \"{addr}\"\n");
@@ -293,11 +306,17 @@ fn server(d: &Directive, out: &mut Out) {
             Some(("fail_timeout", v)) => writeln!(entry, "fail_timeout = \"{}\"", duration(v, "s")).unwrap_or(()),
             Some(("max_conns", v)) => {
                 writeln!(entry, "max_conns = {v}").unwrap_or(());
-                out.warnings.push(format!("line {}: max_conns={v} — in Shoal this cap holds for the whole cluster, not per node", d.line));
+                out.warnings.push(format!(
+                    "line {}: max_conns={v} — in Shoal this cap holds for the whole cluster, not per node",
+                    d.line
+                ));
             }
             _ if a == "backup" => entry.push_str("backup = true\n"),
             _ if a == "down" => {
-                out.warnings.push(format!("line {}: server {addr} down — left out; add it later with `shoal backend add`", d.line));
+                out.warnings.push(format!(
+                    "line {}: server {addr} down — left out; add it later with `shoal backend add`",
+                    d.line
+                ));
                 return;
             }
             _ => out.warnings.push(format!("line {}: server option {a:?} has no Shoal equivalent (ignored)", d.line)),
@@ -315,7 +334,8 @@ pub fn convert(text: &str) -> Result<Converted, String> {
     if out.upstreams == 0 {
         return Err("no `upstream { ... }` block found".into());
     }
-    let mut t = String::from("# Converted from nginx by `shoal import-nginx`. Check it with `shoald check --config FILE`.\n");
+    let mut t =
+        String::from("# Converted from nginx by `shoal import-nginx`. Check it with `shoald check --config FILE`.\n");
     if let Some(l) = &out.listen {
         writeln!(t, "\n[node]\nlisten = \"{l}\"").unwrap_or(());
     }
@@ -326,7 +346,11 @@ pub fn convert(text: &str) -> Result<Converted, String> {
         None => writeln!(t, "algorithm = \"round-robin\""),
     }
     .unwrap_or(());
-    for (k, v) in [("keepalive", out.keepalive.as_ref().map(|v| v.to_string())), ("connect_timeout", out.connect_timeout.as_ref().map(|v| format!("\"{v}\""))), ("read_timeout", out.read_timeout.as_ref().map(|v| format!("\"{v}\"")))] {
+    for (k, v) in [
+        ("keepalive", out.keepalive.as_ref().map(|v| v.to_string())),
+        ("connect_timeout", out.connect_timeout.as_ref().map(|v| format!("\"{v}\""))),
+        ("read_timeout", out.read_timeout.as_ref().map(|v| format!("\"{v}\""))),
+    ] {
         if let Some(v) = v {
             writeln!(t, "{k} = {v}").unwrap_or(());
         }
@@ -390,7 +414,9 @@ server {
 }"#;
         let c = convert(src).unwrap();
         assert!(c.toml.contains("algorithm = \"least-conn\""));
-        assert!(c.toml.contains("addr = \"10.132.2.31:8000\"\nweight = 3\nmax_fails = 3\nfail_timeout = \"30s\"\nmax_conns = 1000"));
+        assert!(c.toml.contains(
+            "addr = \"10.132.2.31:8000\"\nweight = 3\nmax_fails = 3\nfail_timeout = \"30s\"\nmax_conns = 1000"
+        ));
         assert!(c.toml.contains("backup = true"));
         assert!(c.toml.contains("rate = \"10r/s\"\nburst = 20\nnodelay = true"));
         assert!(c.toml.contains("keepalive = 32"));

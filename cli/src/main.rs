@@ -65,9 +65,13 @@ enum BackendCmd {
         #[arg(long)]
         backup: bool,
     },
-    Remove { addr: String },
+    Remove {
+        addr: String,
+    },
     /// No new requests; in-flight ones finish.
-    Drain { addr: String },
+    Drain {
+        addr: String,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -82,7 +86,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-type Client = pb::control_client::ControlClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>>;
+type Client =
+    pb::control_client::ControlClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>>;
 
 #[derive(Clone)]
 struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
@@ -227,7 +232,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{v:#}");
             } else {
                 let alive = s.members.iter().filter(|m| m.state == "alive").count();
-                println!("cluster {}  node {} ({})  algorithm {}  members {}/{} alive", s.cluster_id, s.node_id, s.state, s.algorithm, alive, s.members.len());
+                println!(
+                    "cluster {}  node {} ({})  algorithm {}  members {}/{} alive",
+                    s.cluster_id,
+                    s.node_id,
+                    s.state,
+                    s.algorithm,
+                    alive,
+                    s.members.len()
+                );
                 println!();
                 members_table(&s.members);
                 println!();
@@ -244,7 +257,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     print!("\x1b[2J\x1b[H");
                     members_table(&m);
                     for now in &m {
-                        if let Some(before) = previous.iter().find(|p| p.node_id == now.node_id && p.state != now.state) {
+                        if let Some(before) = previous.iter().find(|p| p.node_id == now.node_id && p.state != now.state)
+                        {
                             eprintln!("{} {}: {} -> {}", chrono_now(), now.node_id, before.state, now.state);
                         }
                     }
@@ -289,15 +303,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             if !cli.json {
                 eprintln!();
-                println!("{node} {}", if last == "left" { "left the cluster" } else { "is leaving (connection closed)" });
+                println!(
+                    "{node} {}",
+                    if last == "left" { "left the cluster" } else { "is leaving (connection closed)" }
+                );
             }
         }
         Command::Backend(cmd) => {
             let backends = match cmd {
-                BackendCmd::List => client.backend_list(pb::BackendListRequest {}).await.map_err(status)?.into_inner().backends,
+                BackendCmd::List => {
+                    client.backend_list(pb::BackendListRequest {}).await.map_err(status)?.into_inner().backends
+                }
                 BackendCmd::Add { addr, weight, max_conns, backup } => {
                     let r = client
-                        .backend_add(pb::BackendAddRequest { addr: addr.clone(), weight: *weight, max_conns: *max_conns, backup: *backup })
+                        .backend_add(pb::BackendAddRequest {
+                            addr: addr.clone(),
+                            weight: *weight,
+                            max_conns: *max_conns,
+                            backup: *backup,
+                        })
                         .await
                         .map_err(status)?
                         .into_inner();

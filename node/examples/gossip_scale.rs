@@ -40,7 +40,10 @@ async fn main() -> anyhow::Result<()> {
         if min_live == nodes {
             break;
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "membership did not converge in 60 s (min live {min_live})");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "membership did not converge in 60 s (min live {min_live})"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("members: {nodes}, backends per member: {backends}, gossip interval {interval:?}");
@@ -58,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
                     let mut c = c.lock().await;
                     for b in 0..backends {
                         let backend = SocketAddr::from(([10, 0, 0, b as u8 + 1], 8000));
-                        c.self_node_state().set(keys::load_key(backend), ((round + i as u64 + b as u64) % 17).to_string());
+                        c.self_node_state()
+                            .set(keys::load_key(backend), ((round + i as u64 + b as u64) % 17).to_string());
                     }
                 }
             }
@@ -69,7 +73,11 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let bytes = counters.sent_bytes.load(Relaxed) - b0;
     let per_node = bytes as f64 / t0.elapsed().as_secs_f64() / nodes as f64;
-    println!("gossip sent with load updates: {:.1} KB/s per member ({} datagrams total)", per_node / 1024.0, counters.sent_datagrams.load(Relaxed));
+    println!(
+        "gossip sent with load updates: {:.1} KB/s per member ({} datagrams total)",
+        per_node / 1024.0,
+        counters.sent_datagrams.load(Relaxed)
+    );
 
     // Propagation of one registry change from member 0 to every member.
     let mut times = Vec::new();
@@ -99,7 +107,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    println!("registry change reached all {nodes} members: median {:.0} ms, max {:.0} ms (5 changes)", times[2], times[4]);
+    println!(
+        "registry change reached all {nodes} members: median {:.0} ms, max {:.0} ms (5 changes)",
+        times[2], times[4]
+    );
     println!("rejected datagrams: {}", counters.rejected.load(Relaxed));
     load_task.abort();
     for h in handles {

@@ -36,12 +36,15 @@ async fn demo_backend(listener: TcpListener, name: String, delay: Duration) {
                 let name = name.clone();
                 async move {
                     tokio::time::sleep(delay).await;
-                    let via = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+                    let via =
+                        req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
                     let body = format!("{name} (path {}, x-forwarded-for {via})\n", req.uri().path());
                     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body))))
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
@@ -67,7 +70,9 @@ pub fn run(nodes: usize, backends: usize, offset: u16) -> anyhow::Result<()> {
         let mut backend_addrs = Vec::new();
         for j in 0..backends {
             let addr = SocketAddr::from(([127, 0, 0, 1], backend_port(j, offset)));
-            let listener = TcpListener::bind(addr).await.with_context(|| format!("demo backend port {addr} is busy (try --port-offset)"))?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("demo backend port {addr} is busy (try --port-offset)"))?;
             // The last backend answers 20 ms slower, so least-conn has something to show.
             let delay = if j + 1 == backends && backends > 1 { Duration::from_millis(20) } else { Duration::ZERO };
             tokio::spawn(demo_backend(listener, format!("backend-{}", j + 1), delay));
@@ -94,7 +99,9 @@ pub fn run(nodes: usize, backends: usize, offset: u16) -> anyhow::Result<()> {
             }
             // The children get their own process group, so the terminal's Ctrl-C reaches only
             // this process, which then makes every node leave in order.
-            cmd.process_group(0).stdin(Stdio::null()).env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()));
+            cmd.process_group(0)
+                .stdin(Stdio::null())
+                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()));
             children.push(cmd.spawn().context("cannot start a demo node")?);
         }
         // Wait until every node's admin answers /ready.
@@ -107,23 +114,35 @@ pub fn run(nodes: usize, backends: usize, offset: u16) -> anyhow::Result<()> {
                 }
                 if tokio::time::Instant::now() > deadline {
                     stop_children(&mut children).await;
-                    anyhow::bail!("demo node {} did not start (is port {} free? try --port-offset)", i + 1, admin.port());
+                    anyhow::bail!(
+                        "demo node {} did not start (is port {} free? try --port-offset)",
+                        i + 1,
+                        admin.port()
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         let [p0, c0, _, a0] = node_ports(0, offset);
-        println!("Shoal demo: {nodes} nodes, {backends} backends on 127.0.0.1 (backend-{backends} answers 20 ms slower)\n");
+        println!(
+            "Shoal demo: {nodes} nodes, {backends} backends on 127.0.0.1 (backend-{backends} answers 20 ms slower)\n"
+        );
         for i in 0..nodes {
             let [p, c, _, a] = node_ports(i, offset);
-            println!("  node-{}  proxy http://127.0.0.1:{p}/   dashboard http://127.0.0.1:{a}/   control 127.0.0.1:{c}", i + 1);
+            println!(
+                "  node-{}  proxy http://127.0.0.1:{p}/   dashboard http://127.0.0.1:{a}/   control 127.0.0.1:{c}",
+                i + 1
+            );
         }
         println!("\nTry:");
         println!("  curl http://127.0.0.1:{p0}/");
         println!("  shoal --node 127.0.0.1:{c0} status");
         println!("  shoal --node 127.0.0.1:{c0} backend drain {}", backend_addrs[0]);
         if nodes > 1 {
-            println!("  shoal --node 127.0.0.1:{} leave        # node-2 drains and leaves; watch the dashboard", node_ports(1, offset)[1]);
+            println!(
+                "  shoal --node 127.0.0.1:{} leave        # node-2 drains and leaves; watch the dashboard",
+                node_ports(1, offset)[1]
+            );
         }
         println!("  open http://127.0.0.1:{a0}/ in a browser\n");
         println!("Ctrl-C stops the demo.");

@@ -70,7 +70,9 @@ impl Listeners {
             control: bind(config.node.control, "control").await?,
             dns: match &config.dns {
                 Some(d) => Some(
-                    tokio::net::UdpSocket::bind(d.listen).await.with_context(|| format!("cannot bind the DNS responder on {}/udp", d.listen))?,
+                    tokio::net::UdpSocket::bind(d.listen)
+                        .await
+                        .with_context(|| format!("cannot bind the DNS responder on {}/udp", d.listen))?,
                 ),
                 None => None,
             },
@@ -159,7 +161,10 @@ impl Node {
         self.pool.set_keepalive(new.upstream.keepalive);
         let runtime = proxy::Runtime::from_config(&new);
         let log = match &new.access_log {
-            Some(p) => Some(proxy::access_log::AccessLog::open(p).map_err(|source| config::ConfigError::Read { path: p.display().to_string(), source })?),
+            Some(p) => Some(
+                proxy::access_log::AccessLog::open(p)
+                    .map_err(|source| config::ConfigError::Read { path: p.display().to_string(), source })?,
+            ),
             None => None,
         };
         self.proxy.runtime.store(Arc::new(runtime));
@@ -190,7 +195,12 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
         max_header_bytes: config.node.max_header_bytes,
     };
     node.proxy.set_drain_timeout(config.node.drain_timeout);
-    let mut proxy_task = tokio::spawn(proxy::listener::serve(listeners.proxy, node.proxy.clone(), listener_settings, stop_accepting.clone()));
+    let mut proxy_task = tokio::spawn(proxy::listener::serve(
+        listeners.proxy,
+        node.proxy.clone(),
+        listener_settings,
+        stop_accepting.clone(),
+    ));
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(listeners.admin, node.clone(), admin_stop.clone()));
     let control_task = tokio::spawn(control::serve(listeners.control, node.clone(), admin_stop.clone()));

@@ -37,13 +37,18 @@ pub fn load(dir: &Path) -> Result<Persisted, StoreError> {
     let shown = path.display().to_string();
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Persisted { format: FORMAT_VERSION, ..Default::default() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Persisted { format: FORMAT_VERSION, ..Default::default() });
+        }
         Err(source) => return Err(StoreError::Io { path: shown, source }),
     };
     let (state, _): (Persisted, usize) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
         .map_err(|e| StoreError::Corrupt { path: shown.clone(), message: e.to_string() })?;
     if state.format != FORMAT_VERSION {
-        return Err(StoreError::Corrupt { path: shown, message: format!("format version {} is not {FORMAT_VERSION}", state.format) });
+        return Err(StoreError::Corrupt {
+            path: shown,
+            message: format!("format version {} is not {FORMAT_VERSION}", state.format),
+        });
     }
     Ok(state)
 }
@@ -76,7 +81,15 @@ mod tests {
         let state = Persisted {
             format: FORMAT_VERSION,
             generation: 7,
-            registry: vec![RegEntry { addr: "10.0.0.1:80".parse().unwrap(), hlc: 1, op: RegOp::Add, weight: 2, max_conns: 0, backup: false, origin: "a".into() }],
+            registry: vec![RegEntry {
+                addr: "10.0.0.1:80".parse().unwrap(),
+                hlc: 1,
+                op: RegOp::Add,
+                weight: 2,
+                max_conns: 0,
+                backup: false,
+                origin: "a".into(),
+            }],
         };
         save(&dir, &state).unwrap();
         assert_eq!(load(&dir).unwrap(), state);

@@ -50,7 +50,12 @@ impl Collector for NodeCollector {
         counter(&mut enc, "retries", "Requests retried on another backend", s.retries.load(Relaxed))?;
         counter(&mut enc, "retries_refused", "Retries refused by the retry budget", s.retries_refused.load(Relaxed))?;
         {
-            let mut m = enc.encode_descriptor("proxy_errors", "Requests answered by the proxy itself, by cause", None, MetricType::Counter)?;
+            let mut m = enc.encode_descriptor(
+                "proxy_errors",
+                "Requests answered by the proxy itself, by cause",
+                None,
+                MetricType::Counter,
+            )?;
             for (cause, v) in [
                 ("no_backend", &s.no_backend),
                 ("bad_gateway", &s.bad_gateway),
@@ -77,14 +82,45 @@ impl Collector for NodeCollector {
                 }
             }};
         }
-        per_backend!("backend_requests", "Requests sent to the backend", MetricType::Counter, |b: &crate::pool::Backend| b.state.requests.load(Relaxed));
-        per_backend!("backend_failures", "Connect errors, timeouts and retryable statuses", MetricType::Counter, |b: &crate::pool::Backend| b.state.failures.load(Relaxed));
-        per_backend!("backend_retries", "Retries that went to the backend", MetricType::Counter, |b: &crate::pool::Backend| b.state.retries.load(Relaxed));
-        per_backend!("backend_in_flight", "Requests in flight from this node", MetricType::Gauge, |b: &crate::pool::Backend| b.state.in_flight.load(Relaxed));
-        per_backend!("backend_cluster_in_flight", "Requests in flight from all live nodes (local exact + peers' reports)", MetricType::Gauge, |b: &crate::pool::Backend| b.state.load());
-        per_backend!("backend_up", "1 when the backend takes new requests", MetricType::Gauge, |b: &crate::pool::Backend| b.accepts(now) as u8);
+        per_backend!(
+            "backend_requests",
+            "Requests sent to the backend",
+            MetricType::Counter,
+            |b: &crate::pool::Backend| b.state.requests.load(Relaxed)
+        );
+        per_backend!(
+            "backend_failures",
+            "Connect errors, timeouts and retryable statuses",
+            MetricType::Counter,
+            |b: &crate::pool::Backend| b.state.failures.load(Relaxed)
+        );
+        per_backend!(
+            "backend_retries",
+            "Retries that went to the backend",
+            MetricType::Counter,
+            |b: &crate::pool::Backend| b.state.retries.load(Relaxed)
+        );
+        per_backend!(
+            "backend_in_flight",
+            "Requests in flight from this node",
+            MetricType::Gauge,
+            |b: &crate::pool::Backend| b.state.in_flight.load(Relaxed)
+        );
+        per_backend!(
+            "backend_cluster_in_flight",
+            "Requests in flight from all live nodes (local exact + peers' reports)",
+            MetricType::Gauge,
+            |b: &crate::pool::Backend| b.state.load()
+        );
+        per_backend!(
+            "backend_up",
+            "1 when the backend takes new requests",
+            MetricType::Gauge,
+            |b: &crate::pool::Backend| b.accepts(now) as u8
+        );
         {
-            let mut m = enc.encode_descriptor("backend_responses", "Responses by status class", None, MetricType::Counter)?;
+            let mut m =
+                enc.encode_descriptor("backend_responses", "Responses by status class", None, MetricType::Counter)?;
             for b in &pool.backends {
                 for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
                     let labels = [("backend", &*b.state.addr_text), ("class", class)];
@@ -93,31 +129,68 @@ impl Collector for NodeCollector {
             }
         }
         {
-            let mut m = enc.encode_descriptor("backend_response_seconds", "Time to the backend's response headers", None, MetricType::Histogram)?;
+            let mut m = enc.encode_descriptor(
+                "backend_response_seconds",
+                "Time to the backend's response headers",
+                None,
+                MetricType::Histogram,
+            )?;
             for b in &pool.backends {
                 let (sum, count, buckets) = b.state.latency.snapshot();
                 let labels = [("backend", &*b.state.addr_text)];
-                m.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
+                m.encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
             }
         }
 
         if let Some(c) = node.cluster.get() {
             let view = c.view.load();
-            let mut m = enc.encode_descriptor("members", "Members by state, as this node sees them", None, MetricType::Gauge)?;
+            let mut m =
+                enc.encode_descriptor("members", "Members by state, as this node sees them", None, MetricType::Gauge)?;
             for state in [MemberState::Alive, MemberState::Draining, MemberState::Left, MemberState::Dead] {
                 let n = view.members.iter().filter(|x| x.state == state).count();
                 ConstGauge::new(n as i64).encode(m.encode_family(&[("state", state.name())])?)?;
             }
             drop(m);
             let g = &c.counters;
-            counter(&mut enc, "gossip_rounds", "Cluster view rebuilds (one per gossip interval)", c.rounds.load(Relaxed))?;
-            counter(&mut enc, "gossip_sent_bytes", "Gossip bytes sent (authenticated transport)", g.sent_bytes.load(Relaxed))?;
-            counter(&mut enc, "gossip_received_bytes", "Gossip bytes received (authenticated transport)", g.received_bytes.load(Relaxed))?;
-            counter(&mut enc, "gossip_rejected_datagrams", "Gossip datagrams dropped: wrong key, forged or stale", g.rejected.load(Relaxed))?;
-            counter(&mut enc, "control_rejected_calls", "Control-plane calls refused for a missing or wrong secret", c.rejected_rpcs.load(Relaxed))?;
+            counter(
+                &mut enc,
+                "gossip_rounds",
+                "Cluster view rebuilds (one per gossip interval)",
+                c.rounds.load(Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "gossip_sent_bytes",
+                "Gossip bytes sent (authenticated transport)",
+                g.sent_bytes.load(Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "gossip_received_bytes",
+                "Gossip bytes received (authenticated transport)",
+                g.received_bytes.load(Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "gossip_rejected_datagrams",
+                "Gossip datagrams dropped: wrong key, forged or stale",
+                g.rejected.load(Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "control_rejected_calls",
+                "Control-plane calls refused for a missing or wrong secret",
+                c.rejected_rpcs.load(Relaxed),
+            )?;
         }
         if let Some(l) = &node.proxy.runtime.load().limiter {
-            gauge(&mut enc, "rate_limit_share_permille", "This node's share of the cluster-wide rate limit", (l.share() * 1000.0) as i64)?;
+            gauge(
+                &mut enc,
+                "rate_limit_share_permille",
+                "This node's share of the cluster-wide rate limit",
+                (l.share() * 1000.0) as i64,
+            )?;
         }
         Ok(())
     }

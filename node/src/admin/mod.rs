@@ -55,7 +55,11 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
     r
 }
 
-async fn route(node: Arc<Node>, registry: Arc<prometheus_client::registry::Registry>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn route(
+    node: Arc<Node>,
+    registry: Arc<prometheus_client::registry::Registry>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     const TEXT: &str = "text/plain; charset=utf-8";
     Ok(match req.uri().path() {
         "/live" => reply(StatusCode::OK, TEXT, "live\n"),

@@ -55,7 +55,8 @@ pub fn simulate(policy: Policy, balancers: usize, period: f64, requests: usize, 
     let mut counts = vec![vec![0u32; BACKENDS]; balancers];
     let mut views = vec![counts.clone(); balancers];
     let mut next_view = 0usize;
-    let mut backends: Vec<Backend> = (0..BACKENDS).map(|_| Backend { queue: VecDeque::new(), done_at: f64::INFINITY }).collect();
+    let mut backends: Vec<Backend> =
+        (0..BACKENDS).map(|_| Backend { queue: VecDeque::new(), done_at: f64::INFINITY }).collect();
     let arrival_rate = 0.9 * BACKENDS as f64;
     let mut now = 0.0;
     let mut next_arrival = exp(&mut rng, 1.0 / arrival_rate);
@@ -63,7 +64,11 @@ pub fn simulate(policy: Policy, balancers: usize, period: f64, requests: usize, 
     let (mut arrived, mut finished, mut total_time) = (0usize, 0usize, 0.0f64);
     let req = PickRequest { client_ip: IpAddr::from([127, 0, 0, 1]), sticky: None };
     while finished < requests {
-        let (bi, next_done) = backends.iter().enumerate().map(|(i, b)| (i, b.done_at)).fold((0, f64::INFINITY), |a, x| if x.1 < a.1 { x } else { a });
+        let (bi, next_done) = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i, b.done_at))
+            .fold((0, f64::INFINITY), |a, x| if x.1 < a.1 { x } else { a });
         if next_gossip <= next_arrival && next_gossip <= next_done {
             now = next_gossip;
             views[next_view].clone_from(&counts);

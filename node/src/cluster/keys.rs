@@ -69,7 +69,8 @@ mod tests {
     #[test]
     fn reg_round_trip_and_garbage() {
         let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        let e = RegEntry { addr, hlc: 42, op: RegOp::Drain, weight: 3, max_conns: 7, backup: true, origin: "lb|1".into() };
+        let e =
+            RegEntry { addr, hlc: 42, op: RegOp::Drain, weight: 3, max_conns: 7, backup: true, origin: "lb|1".into() };
         assert_eq!(parse_reg(addr, &format_reg(&e)), Some(e));
         for bad in ["", "x|add|1|0|0|a", "1|explode|1|0|0|a", "1|add|0|0|0|a", "1|add|1|0|0"] {
             assert_eq!(parse_reg(addr, bad), None, "{bad:?}");

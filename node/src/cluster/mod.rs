@@ -26,7 +26,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use chitchat::transport::UdpTransport;
-use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion, spawn_chitchat};
+use chitchat::{
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion, spawn_chitchat,
+};
 use tokio::task::JoinSet;
 
 use crate::Node;
@@ -139,7 +141,9 @@ impl Cluster {
         ];
         let counters = Arc::new(GossipCounters::default());
         let handle = match &config.cluster.secret {
-            Some(secret) => spawn_chitchat(chitchat_config, initial, &SealedTransport::new(secret, counters.clone())).await?,
+            Some(secret) => {
+                spawn_chitchat(chitchat_config, initial, &SealedTransport::new(secret, counters.clone())).await?
+            }
             None => {
                 tracing::warn!(gossip = %config.node.gossip, control = %config.node.control,
                     "no cluster secret configured: gossip and control plane are unauthenticated; bind them to loopback or set cluster.secret_file");
@@ -221,7 +225,11 @@ impl Cluster {
     fn persist(&self, node: &Node) {
         let config = node.config.load();
         if let Some(dir) = &config.node.data_dir {
-            let state = crate::store::Persisted { format: 0, generation: self.self_id.generation_id, registry: self.registry.entries() };
+            let state = crate::store::Persisted {
+                format: 0,
+                generation: self.self_id.generation_id,
+                registry: self.registry.entries(),
+            };
             if let Err(e) = crate::store::save(dir, &state) {
                 tracing::error!(error = %e, "cannot persist the backend registry");
             }
@@ -235,7 +243,13 @@ impl Cluster {
 }
 
 /// Shoal's chitchat settings (also used by the gossip-scale benchmark).
-pub fn chitchat_config(self_id: ChitchatId, cluster_id: &str, interval: Duration, listen: SocketAddr, seeds: Vec<String>) -> ChitchatConfig {
+pub fn chitchat_config(
+    self_id: ChitchatId,
+    cluster_id: &str,
+    interval: Duration,
+    listen: SocketAddr,
+    seeds: Vec<String>,
+) -> ChitchatConfig {
     ChitchatConfig {
         chitchat_id: self_id,
         cluster_id: cluster_id.to_string(),
@@ -317,7 +331,12 @@ async fn publish_loop(cluster: Arc<Cluster>) {
 }
 
 /// What the view task reads from one member's gossip state.
-fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) -> (Member, Vec<(SocketAddr, u32)>, Vec<RegEntry>) {
+fn read_member(
+    id: &ChitchatId,
+    state: &NodeState,
+    live: bool,
+    is_self: bool,
+) -> (Member, Vec<(SocketAddr, u32)>, Vec<RegEntry>) {
     let announced = state.get(keys::STATE).and_then(MemberState::parse).unwrap_or(MemberState::Alive);
     let member_state = match (live, announced) {
         (_, MemberState::Left) => MemberState::Left,
@@ -329,7 +348,8 @@ fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) ->
         .iter_prefix(keys::LOAD_PREFIX)
         .filter_map(|(k, v)| Some((keys::backend_of(k, keys::LOAD_PREFIX)?, keys::parse_load(&v.value)?)))
         .collect();
-    let down = state.iter_prefix(keys::DOWN_PREFIX).filter_map(|(k, _)| keys::backend_of(k, keys::DOWN_PREFIX)).collect();
+    let down =
+        state.iter_prefix(keys::DOWN_PREFIX).filter_map(|(k, _)| keys::backend_of(k, keys::DOWN_PREFIX)).collect();
     let registry = state
         .iter_prefix(keys::REG_PREFIX)
         .filter_map(|(k, v)| keys::parse_reg(keys::backend_of(k, keys::REG_PREFIX)?, &v.value))
@@ -367,7 +387,9 @@ async fn view_loop(cluster: Arc<Cluster>) {
             live.iter()
                 .map(|id| (id, true))
                 .chain(dead.iter().map(|id| (id, false)))
-                .filter_map(|(id, is_live)| cc.node_state(id).map(|s| read_member(id, s, is_live, *id == cluster.self_id)))
+                .filter_map(|(id, is_live)| {
+                    cc.node_state(id).map(|s| read_member(id, s, is_live, *id == cluster.self_id))
+                })
                 .collect()
         };
         // One entry per node id: a live incarnation wins, then the newest generation.
@@ -435,7 +457,8 @@ async fn view_loop(cluster: Arc<Cluster>) {
         // Cluster-scope rate limit: this node's share of the cluster's request rate.
         if let Some(limiter) = &node.proxy.runtime.load().limiter {
             if limiter.settings().scope == crate::config::LimitScope::Cluster {
-                let total: f64 = members.iter().filter(|m| m.state == MemberState::Alive || m.is_self).map(|m| m.rps).sum();
+                let total: f64 =
+                    members.iter().filter(|m| m.state == MemberState::Alive || m.is_self).map(|m| m.rps).sum();
                 let own = members.iter().find(|m| m.is_self).map_or(0.0, |m| m.rps);
                 let alive = members.iter().filter(|m| m.state == MemberState::Alive).count().max(1) as f64;
                 let share = if total > 1.0 { own / total } else { 1.0 / alive };
@@ -450,6 +473,11 @@ async fn view_loop(cluster: Arc<Cluster>) {
         for m in &members {
             first_seen.entry(m.node_id.clone()).or_insert_with(Instant::now);
         }
-        cluster.view.store(Arc::new(ClusterView { members, first_seen: first_seen.clone(), down_on, remote_in_flight: remote }));
+        cluster.view.store(Arc::new(ClusterView {
+            members,
+            first_seen: first_seen.clone(),
+            down_on,
+            remote_in_flight: remote,
+        }));
     }
 }

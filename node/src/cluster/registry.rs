@@ -119,7 +119,15 @@ impl Registry {
     }
 
     /// Records a local change with a fresh clock value.
-    pub fn record(&self, addr: SocketAddr, op: RegOp, weight: u32, max_conns: u32, backup: bool, origin: &str) -> RegEntry {
+    pub fn record(
+        &self,
+        addr: SocketAddr,
+        op: RegOp,
+        weight: u32,
+        max_conns: u32,
+        backup: bool,
+        origin: &str,
+    ) -> RegEntry {
         let e = RegEntry { addr, hlc: self.clock.now(), op, weight, max_conns, backup, origin: origin.to_string() };
         self.merge([e.clone()]);
         e
@@ -194,7 +202,8 @@ mod tests {
     #[test]
     fn effective_overlays_config() {
         let r = Registry::default();
-        let cfg = vec![BackendSpec::new("10.0.0.1:80".parse().unwrap()), BackendSpec::new("10.0.0.2:80".parse().unwrap())];
+        let cfg =
+            vec![BackendSpec::new("10.0.0.1:80".parse().unwrap()), BackendSpec::new("10.0.0.2:80".parse().unwrap())];
         r.merge([
             entry("10.0.0.1:80", 1, RegOp::Remove, "a"),
             entry("10.0.0.2:80", 1, RegOp::Drain, "a"),

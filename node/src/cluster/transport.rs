@@ -102,7 +102,8 @@ impl SealedTransport {
 impl Transport for SealedTransport {
     async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
         use anyhow::Context;
-        let public = UdpSocket::bind(listen_addr).await.with_context(|| format!("cannot bind gossip on {listen_addr}/udp"))?;
+        let public =
+            UdpSocket::bind(listen_addr).await.with_context(|| format!("cannot bind gossip on {listen_addr}/udp"))?;
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         let codec = CodecSocket::open(loopback).await?;
         let capture = UdpSocket::bind(loopback).await?;
@@ -166,7 +167,14 @@ impl Socket for SealedSocket {
         loop {
             let (n, from) = match self.public.recv_from(&mut self.buf).await {
                 Ok(r) => r,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             self.counters.received_datagrams.fetch_add(1, Relaxed);
@@ -178,7 +186,8 @@ impl Socket for SealedSocket {
             };
             self.capture.send_to(&plain, self.codec_addr).await?;
             // Authentic but undecodable bytes would make the codec wait forever: bound it.
-            let Ok(outcome) = tokio::time::timeout(std::time::Duration::from_millis(200), self.codec.recv()).await else {
+            let Ok(outcome) = tokio::time::timeout(std::time::Duration::from_millis(200), self.codec.recv()).await
+            else {
                 self.counters.rejected.fetch_add(1, Relaxed);
                 continue;
             };

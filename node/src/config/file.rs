@@ -171,8 +171,9 @@ impl Algorithm {
 impl FromStr for Algorithm {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Algorithm::deserialize(de::value::StrDeserializer::<de::value::Error>::new(s))
-            .map_err(|_| format!("unknown algorithm {s:?} (expected least-conn, round-robin, random-two, ip-hash or cookie)"))
+        Algorithm::deserialize(de::value::StrDeserializer::<de::value::Error>::new(s)).map_err(|_| {
+            format!("unknown algorithm {s:?} (expected least-conn, round-robin, random-two, ip-hash or cookie)")
+        })
     }
 }
 
@@ -373,8 +374,7 @@ pub struct CookieName(pub String);
 impl<'de> Deserialize<'de> for CookieName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         parse_str(d, |s| {
-            let ok = !s.is_empty()
-                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
             if ok { Ok(CookieName(s.to_string())) } else { Err(format!("cookie name {s:?} is not a valid token")) }
         })
     }

@@ -3,7 +3,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-
 use super::BackendSpec;
 use super::file::{Algorithm, Dur};
 
@@ -74,7 +73,11 @@ pub fn parse_backend_flag(s: &str) -> Result<BackendSpec, String> {
             "max_fails" => spec.max_fails = num(value)?,
             "fail_timeout" => spec.fail_timeout = value.parse::<Dur>()?.0,
             "backup" if value.is_empty() => spec.backup = true,
-            _ => return Err(format!("unknown backend option {part:?} (weight, max_conns, max_fails, fail_timeout, backup)")),
+            _ => {
+                return Err(format!(
+                    "unknown backend option {part:?} (weight, max_conns, max_fails, fail_timeout, backup)"
+                ));
+            }
         }
     }
     Ok(spec)

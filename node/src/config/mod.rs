@@ -9,8 +9,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use file::{AllDown, Algorithm, CheckKind, LimitScope, StatusClass};
 use file::FileConfig;
+pub use file::{Algorithm, AllDown, CheckKind, LimitScope, StatusClass};
 
 /// What went wrong while loading a config, with the file and line when there is one.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +41,14 @@ pub struct BackendSpec {
 
 impl BackendSpec {
     pub fn new(addr: SocketAddr) -> Self {
-        BackendSpec { addr, weight: 1, max_fails: 1, fail_timeout: Duration::from_secs(10), max_conns: 0, backup: false }
+        BackendSpec {
+            addr,
+            weight: 1,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            max_conns: 0,
+            backup: false,
+        }
     }
 }
 
@@ -190,7 +197,10 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
     let any = Ipv4Addr::UNSPECIFIED;
     let n = file.node;
     let node_id = flags.node_id.clone().or(n.id).unwrap_or_else(default_node_id);
-    if node_id.is_empty() || node_id.len() > 64 || !node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+    if node_id.is_empty()
+        || node_id.len() > 64
+        || !node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
         return Err(invalid(None, format!("node id {node_id:?} must be 1-64 characters of [A-Za-z0-9-_.]")));
     }
     let c = file.cluster;
@@ -199,7 +209,10 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
             let raw = std::fs::read(&p).map_err(|e| invalid(None, format!("secret_file {}: {e}", p.display())))?;
             let trimmed = raw.trim_ascii().to_vec();
             if trimmed.len() < 16 {
-                return Err(invalid(None, format!("secret_file {}: the secret must be at least 16 bytes", p.display())));
+                return Err(invalid(
+                    None,
+                    format!("secret_file {}: the secret must be at least 16 bytes", p.display()),
+                ));
             }
             Some(trimmed)
         }
@@ -327,7 +340,9 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
             name: flags.dns_name.clone().unwrap_or_else(|| "lb.shoal.internal".into()),
             ttl: Duration::from_secs(5),
         }),
-        (Some(d), None) => Some(DnsSettings { listen: d.listen, name: d.name, ttl: d.ttl.map_or(Duration::from_secs(5), |t| t.0) }),
+        (Some(d), None) => {
+            Some(DnsSettings { listen: d.listen, name: d.name, ttl: d.ttl.map_or(Duration::from_secs(5), |t| t.0) })
+        }
         (None, None) => None,
     };
     Ok(Config {
@@ -412,7 +427,10 @@ nodelay = true
             ("[upstream]\nkeeplive = 3\n", "unknown field `keeplive`"),
             ("[health]\nrise = 0\n", "line 2"),
             ("[rate_limit]\nrate = \"10 per second\"\n", "bad rate"),
-            ("[[upstream.backend]]\naddr = \"127.0.0.1:1\"\n[[upstream.backend]]\naddr = \"127.0.0.1:1\"\n", "line 3: backend 127.0.0.1:1 is listed twice"),
+            (
+                "[[upstream.backend]]\naddr = \"127.0.0.1:1\"\n[[upstream.backend]]\naddr = \"127.0.0.1:1\"\n",
+                "line 3: backend 127.0.0.1:1 is listed twice",
+            ),
             ("[health]\nexpect = [\"7xx\"]\n", "bad status"),
             ("[upstream]\nretry_on = [\"404\"]\n", "retry_on takes"),
             ("[node\n", "line 1"),

@@ -60,7 +60,12 @@ struct ControlService {
 pub async fn connect(
     addr: &str,
     secret: Option<&[u8]>,
-) -> Result<pb::control_client::ControlClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>>, Status> {
+) -> Result<
+    pb::control_client::ControlClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>,
+    >,
+    Status,
+> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
         .connect_timeout(Duration::from_secs(3))
@@ -115,7 +120,8 @@ impl ControlService {
             .iter()
             .map(|b| {
                 let s = &b.state;
-                let from_runtime = registry.iter().any(|e| e.addr == b.spec.addr) || !config.upstream.backends.iter().any(|c| c.addr == b.spec.addr);
+                let from_runtime = registry.iter().any(|e| e.addr == b.spec.addr)
+                    || !config.upstream.backends.iter().any(|c| c.addr == b.spec.addr);
                 pb::Backend {
                     addr: b.spec.addr.to_string(),
                     weight: b.spec.weight,
@@ -133,8 +139,16 @@ impl ControlService {
             .collect()
     }
 
-    fn registry_change(&self, addr: &str, op: RegOp, weight: u32, max_conns: u32, backup: bool) -> Result<Response<pb::BackendReply>, Status> {
-        let addr: SocketAddr = addr.parse().map_err(|_| Status::invalid_argument(format!("{addr:?} is not an IP:PORT address")))?;
+    fn registry_change(
+        &self,
+        addr: &str,
+        op: RegOp,
+        weight: u32,
+        max_conns: u32,
+        backup: bool,
+    ) -> Result<Response<pb::BackendReply>, Status> {
+        let addr: SocketAddr =
+            addr.parse().map_err(|_| Status::invalid_argument(format!("{addr:?} is not an IP:PORT address")))?;
         let cluster = self.cluster()?;
         let pool = self.node.pool.full();
         let existing = pool.find(addr);
@@ -151,7 +165,10 @@ impl ControlService {
         let origin = self.node.id();
         let entry = cluster.change_registry(|r| r.record(addr, op, weight, max_conns, backup, &origin));
         tracing::info!(backend = %addr, op = op.name(), hlc = entry.hlc, "backend registry changed here");
-        Ok(Response::new(pb::BackendReply { message: format!("backend {addr}: {}", op.name()), backends: self.backends() }))
+        Ok(Response::new(pb::BackendReply {
+            message: format!("backend {addr}: {}", op.name()),
+            backends: self.backends(),
+        }))
     }
 }
 
@@ -251,7 +268,10 @@ impl Control for ControlService {
         }
         let members = cluster.members().iter().filter(|m| m.state == MemberState::Alive).count() as u32;
         if members < 2 {
-            return Err(Status::deadline_exceeded(format!("gossip with {seed}'s members did not converge within 5s (is UDP to {:?} open?)", hello.gossip_seeds)));
+            return Err(Status::deadline_exceeded(format!(
+                "gossip with {seed}'s members did not converge within 5s (is UDP to {:?} open?)",
+                hello.gossip_seeds
+            )));
         }
         tracing::info!(seed = %seed, members, "joined the cluster");
         Ok(Response::new(pb::JoinReply { cluster_id: hello.cluster_id, members }))

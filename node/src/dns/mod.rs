@@ -41,7 +41,9 @@ pub fn answer(query: &[u8], name: &Name, ttl: u32, alive: &[IpAddr]) -> Option<V
     let mut reply = Message::response(id, OpCode::Query);
     reply.metadata.recursion_desired = request.metadata.recursion_desired;
     reply.add_query(q.clone());
-    if q.name().to_lowercase().to_string().trim_end_matches('.') != name.to_lowercase().to_string().trim_end_matches('.') {
+    if q.name().to_lowercase().to_string().trim_end_matches('.')
+        != name.to_lowercase().to_string().trim_end_matches('.')
+    {
         reply.metadata.response_code = ResponseCode::Refused;
         return reply.to_vec().ok();
     }
@@ -124,12 +126,14 @@ mod tests {
     fn answers_alive_members_only_for_its_name() {
         let name = Name::from_ascii("lb.example.internal").unwrap();
         let alive: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "::1".parse().unwrap()];
-        let r = Message::from_vec(&answer(&query("LB.example.internal.", RecordType::A), &name, 5, &alive).unwrap()).unwrap();
+        let r = Message::from_vec(&answer(&query("LB.example.internal.", RecordType::A), &name, 5, &alive).unwrap())
+            .unwrap();
         assert_eq!(r.metadata.id, 42);
         assert_eq!(r.metadata.response_code, ResponseCode::NoError);
         assert_eq!(r.answers.len(), 2);
         assert!(r.answers.iter().all(|a| a.ttl == 5));
-        let r = Message::from_vec(&answer(&query("lb.example.internal", RecordType::AAAA), &name, 5, &alive).unwrap()).unwrap();
+        let r = Message::from_vec(&answer(&query("lb.example.internal", RecordType::AAAA), &name, 5, &alive).unwrap())
+            .unwrap();
         assert_eq!(r.answers.len(), 1);
         let r = Message::from_vec(&answer(&query("other.example", RecordType::A), &name, 5, &alive).unwrap()).unwrap();
         assert_eq!(r.metadata.response_code, ResponseCode::Refused);

@@ -81,11 +81,7 @@ pub async fn probe(state: &BackendState, settings: &HealthSettings) -> Probe {
             .and_then(|rest| rest.get(2..5))
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| format!("not an HTTP status line: {:?}", &line[..line.len().min(20)]))?;
-        if settings.expect.iter().any(|c| c.matches(status)) {
-            Ok(())
-        } else {
-            Err(format!("status {status}"))
-        }
+        if settings.expect.iter().any(|c| c.matches(status)) { Ok(()) } else { Err(format!("status {status}")) }
     };
     match tokio::time::timeout(settings.timeout, attempt).await {
         Ok(Ok(())) => Probe::Good,

@@ -85,10 +85,8 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Upstream, Co
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| ConnectError::Handshake(addr, e))?;
+    let (sender, conn) =
+        http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| ConnectError::Handshake(addr, e))?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(backend = %addr, error = %e, "upstream connection ended with an error");

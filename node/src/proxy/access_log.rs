@@ -59,7 +59,15 @@ impl AccessLog {
         Ok(AccessLog { tx, dropped: AtomicU64::new(0) })
     }
 
-    pub fn write<B: Body>(&self, line: &RequestLine, status: StatusCode, resp: &Response<B>, backend: Option<&str>, upstream: Duration, node: &HeaderValue) {
+    pub fn write<B: Body>(
+        &self,
+        line: &RequestLine,
+        status: StatusCode,
+        resp: &Response<B>,
+        backend: Option<&str>,
+        upstream: Duration,
+        node: &HeaderValue,
+    ) {
         let bytes = resp.body().size_hint().exact().map_or_else(|| "-".to_string(), |n| n.to_string());
         let text = format!(
             "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" backend={} upstream_time={:.3} node={}\n",

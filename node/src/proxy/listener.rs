@@ -34,7 +34,12 @@ impl Drop for Active {
 
 /// Serves `listener` until `stop_accepting` fires, then drains. Returns the number of
 /// connections that were still open when the drain timeout ran out.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, settings: ListenerSettings, stop_accepting: CancellationToken) -> usize {
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    settings: ListenerSettings,
+    stop_accepting: CancellationToken,
+) -> usize {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

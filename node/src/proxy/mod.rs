@@ -74,7 +74,8 @@ impl RetryBudget {
 
     /// Refills up to the floor (called once a second).
     pub fn refill_floor(&self) {
-        let _ = self.milli_tokens.fetch_update(Relaxed, Relaxed, |t| (t < MIN_TOKENS * 1000).then_some(MIN_TOKENS * 1000));
+        let _ =
+            self.milli_tokens.fetch_update(Relaxed, Relaxed, |t| (t < MIN_TOKENS * 1000).then_some(MIN_TOKENS * 1000));
     }
 }
 

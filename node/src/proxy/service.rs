@@ -96,7 +96,11 @@ impl Tried {
 }
 
 /// Handles one client request. Never fails: errors become responses.
-pub async fn handle(proxy: Arc<Proxy>, client: Arc<ClientConn>, req: Request<Incoming>) -> Result<Response<RespBody>, std::convert::Infallible> {
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    client: Arc<ClientConn>,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, std::convert::Infallible> {
     let started = Instant::now();
     proxy.stats.requests.fetch_add(1, Relaxed);
     let log_line = proxy.access_log.load().as_ref().as_ref().map(|_| super::access_log::RequestLine::of(&req, &client));
@@ -107,7 +111,11 @@ pub async fn handle(proxy: Arc<Proxy>, client: Arc<ClientConn>, req: Request<Inc
     Ok(resp)
 }
 
-async fn forward(proxy: &Proxy, client: &ClientConn, mut req: Request<Incoming>) -> (Response<RespBody>, Option<Arc<str>>) {
+async fn forward(
+    proxy: &Proxy,
+    client: &ClientConn,
+    mut req: Request<Incoming>,
+) -> (Response<RespBody>, Option<Arc<str>>) {
     let runtime = proxy.runtime.load();
     let error = |e: ProxyError| {
         let stat = match e {
@@ -130,10 +138,8 @@ async fn forward(proxy: &Proxy, client: &ClientConn, mut req: Request<Incoming>)
 
     let upgrade = headers::wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let sticky_cookie = runtime
-        .sticky
-        .as_ref()
-        .and_then(|s| headers::cookie_value(req.headers(), &s.cookie).map(str::to_owned));
+    let sticky_cookie =
+        runtime.sticky.as_ref().and_then(|s| headers::cookie_value(req.headers(), &s.cookie).map(str::to_owned));
 
     let (mut parts, body) = req.into_parts();
     let client_version = parts.version;
@@ -179,7 +185,11 @@ async fn forward(proxy: &Proxy, client: &ClientConn, mut req: Request<Incoming>)
 
         let Some(index) = pick(&pool, &tried, &pick_req, &runtime, settings.when_all_down) else {
             if attempt == 1 {
-                last_error = if pool.backends.iter().any(|b| b.state.is_healthy(now_ms())) { ProxyError::AllBusy } else { ProxyError::NoBackend };
+                last_error = if pool.backends.iter().any(|b| b.state.is_healthy(now_ms())) {
+                    ProxyError::AllBusy
+                } else {
+                    ProxyError::NoBackend
+                };
             }
             break;
         };
@@ -199,7 +209,11 @@ async fn forward(proxy: &Proxy, client: &ClientConn, mut req: Request<Incoming>)
                 Err(e) => {
                     tracing::debug!(backend = %state.addr, error = %e, "connect failed");
                     record_failure(&backend.spec, state);
-                    last_error = if matches!(e, conn::ConnectError::Timeout(_)) { ProxyError::Timeout } else { ProxyError::BadGateway };
+                    last_error = if matches!(e, conn::ConnectError::Timeout(_)) {
+                        ProxyError::Timeout
+                    } else {
+                        ProxyError::BadGateway
+                    };
                     continue;
                 }
             },
@@ -264,7 +278,13 @@ async fn forward(proxy: &Proxy, client: &ClientConn, mut req: Request<Incoming>)
 }
 
 /// Picks among primaries, then backups; with `when_all_down = "open"`, then any untried one.
-fn pick(snapshot: &PoolSnapshot, tried: &Tried, req: &PickRequest, runtime: &super::Runtime, all_down: AllDown) -> Option<usize> {
+fn pick(
+    snapshot: &PoolSnapshot,
+    tried: &Tried,
+    req: &PickRequest,
+    runtime: &super::Runtime,
+    all_down: AllDown,
+) -> Option<usize> {
     let now = now_ms();
     let backends = &snapshot.backends;
     let usable = |i: usize, backup: bool| {
@@ -277,7 +297,13 @@ fn pick(snapshot: &PoolSnapshot, tried: &Tried, req: &PickRequest, runtime: &sup
         .or_else(|| runtime.picker.pick(snapshot, &|i| usable(i, true), req))
         .or_else(|| {
             (all_down == AllDown::Open && !backends.iter().any(|b| b.accepts(now)))
-                .then(|| runtime.picker.pick(snapshot, &|i| !tried.has(i) && !backends[i].state.health.draining.load(Relaxed), req))
+                .then(|| {
+                    runtime.picker.pick(
+                        snapshot,
+                        &|i| !tried.has(i) && !backends[i].state.health.draining.load(Relaxed),
+                        req,
+                    )
+                })
                 .flatten()
         })
 }
