@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Where shoald spends its time under the single-node load (64 connections by default):
 #   1. perf: `perf record -e cpu-clock -g -p PID -- sleep $PERF_SECS` while wrk runs; prints the
-#      top self-time symbols (user space and kernel) and the time split by DSO.
+#      time split by DSO (kernel / shoald / libc) and the top self-time symbols.
 #   2. strace: `strace -c -f -p PID` over one wrk run of $STRACE_SECS; syscalls per request
 #      (strace slows the target down a lot; the per-request counts stay meaningful, req/s don't).
-#      The same for the nginx reference (1 worker) unless STRACE_NGINX=0.
+#      Both also for the nginx reference (1 worker) unless PERF_NGINX=0 / STRACE_NGINX=0.
 # Starts its own backends and shoald (same setup as run.sh) and stops them on exit.
 #   env: PROF_CONNS=64 PERF_SECS=5 STRACE_SECS=3 TOP=30 RESULTS=$BENCH_TMP/profile-<time>
 #        PERF_CALLGRAPH=fp (perf -g) | dwarf (slower, full Rust stacks)
@@ -33,32 +33,42 @@ trap 'exit 130' INT TERM
 "$HERE/shoal.sh" build
 "$HERE/backends.sh" start "${BACKENDS:-4}" --no-log
 "$HERE/shoal.sh" start shoal 1 18090
-[ "${STRACE_NGINX:-1}" = 1 ] && "$HERE/lb.sh" start nginx
+if [ "${STRACE_NGINX:-1}" = 1 ] || [ "${PERF_NGINX:-1}" = 1 ]; then "$HERE/lb.sh" start nginx; fi
 PID=$("$HERE/shoal.sh" pid shoal)
 URL=http://127.0.0.1:18090/
 curl -sf -o /dev/null -m 2 "$URL" || die "shoal does not proxy"
 run_wrk "$URL" "$PROF_CONNS" 2 > /dev/null   # warm-up: fill the upstream pool
 
 # 1. perf, while a wrk run that outlasts it is going on
-echo "### perf: shoald pid $PID, $PROF_CONNS connections, ${PERF_SECS}s"
-run_wrk "$URL" "$PROF_CONNS" $((PERF_SECS + 3)) > "$RESULTS/perf-wrk.txt" &
-wrk_job=$!
-sleep 1
-cg=(-g); [ "${PERF_CALLGRAPH:-fp}" = dwarf ] && cg=(--call-graph dwarf,16384)
-timeout -k 5 $((PERF_SECS + 30)) perf record -e cpu-clock "${cg[@]}" -p "$PID" -o "$RESULTS/perf.data" \
-  -- sleep "$PERF_SECS" 2> "$RESULTS/perf-record.log" || true
-wait "$wrk_job" || true
-echo "load during perf: $(cat "$RESULTS/perf-wrk.txt")"
-perf report -i "$RESULTS/perf.data" --stdio --no-children --sort dso 2>/dev/null \
-  | grep -v '^#' | grep -v '^$' | head -8 > "$RESULTS/perf-dso.txt" || true
-perf report -i "$RESULTS/perf.data" --stdio --no-children --sort symbol -g none --percent-limit 0.3 2>/dev/null \
-  | grep -v '^#' | grep -v '^$' > "$RESULTS/perf-symbols.txt" || true
-perf report -i "$RESULTS/perf.data" --stdio --children --sort symbol -g none --percent-limit 2 2>/dev/null \
-  | grep -v '^#' | grep -v '^$' > "$RESULTS/perf-children.txt" || true
-echo "-- time by DSO"; cat "$RESULTS/perf-dso.txt"
-echo "-- top $TOP symbols by self time ([k] kernel, [.] user)"; head -"$TOP" "$RESULTS/perf-symbols.txt"
-echo "-- user-space only (shoald), top $TOP"
-grep -F '[.]' "$RESULTS/perf-symbols.txt" | head -"$TOP" | tee "$RESULTS/perf-user.txt"
+perf_one() { # label url pids...
+  local label=$1 url=$2; shift 2
+  local pids; pids=$(echo "$@" | tr ' ' ',')
+  echo "### perf $label: pids $pids, $PROF_CONNS connections, ${PERF_SECS}s"
+  run_wrk "$url" "$PROF_CONNS" $((PERF_SECS + 3)) > "$RESULTS/perf-$label-wrk.txt" &
+  local wrk_job=$!
+  sleep 1
+  local cg=(-g); [ "${PERF_CALLGRAPH:-fp}" = dwarf ] && cg=(--call-graph dwarf,16384)
+  timeout -k 5 $((PERF_SECS + 30)) perf record -e cpu-clock "${cg[@]}" -p "$pids" -o "$RESULTS/perf-$label.data" \
+    -- sleep "$PERF_SECS" 2> "$RESULTS/perf-$label-record.log" || true
+  wait "$wrk_job" || true
+  echo "load during perf: $(cat "$RESULTS/perf-$label-wrk.txt")"
+  local rep=(perf report -i "$RESULTS/perf-$label.data" --stdio -g none)
+  "${rep[@]}" --no-children --sort dso 2>/dev/null | grep -v '^#' | grep -v '^$' | head -8 > "$RESULTS/perf-$label-dso.txt" || true
+  "${rep[@]}" --no-children --sort symbol --percent-limit 0.3 2>/dev/null \
+    | grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' > "$RESULTS/perf-$label-symbols.txt" || true
+  "${rep[@]}" --children --sort symbol --percent-limit 2 2>/dev/null \
+    | grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//' > "$RESULTS/perf-$label-children.txt" || true
+  echo "-- $label: time by DSO"; cat "$RESULTS/perf-$label-dso.txt"
+  echo "-- $label: top $TOP symbols by self time ([k] kernel, [.] user)"; head -"$TOP" "$RESULTS/perf-$label-symbols.txt"
+  echo "-- $label: user space only, top $TOP"
+  grep -F '[.]' "$RESULTS/perf-$label-symbols.txt" | head -"$TOP" | tee "$RESULTS/perf-$label-user.txt"
+}
+perf_one shoal "$URL" "$PID"
+if [ "${PERF_NGINX:-1}" = 1 ]; then
+  sleep 1
+  run_wrk http://127.0.0.1:18080/ "$PROF_CONNS" 2 > /dev/null
+  perf_one nginx http://127.0.0.1:18080/ $(port_pids http://127.0.0.1:18080/)
+fi
 
 # 2. strace -c: syscalls per request
 strace_one() { # label url pids...

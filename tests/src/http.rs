@@ -121,7 +121,7 @@ async fn exchange(mut stream: TcpStream, bytes: &[u8], timeout: Duration) -> any
 }
 
 /// A response parsed from raw bytes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RawResponse {
     pub status: u16,
     /// Header names lower-cased, in order.
@@ -172,6 +172,16 @@ impl RawResponse {
 
     pub fn body_text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl std::fmt::Debug for RawResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawResponse")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &String::from_utf8_lossy(&self.body[..self.body.len().min(2000)]))
+            .finish()
     }
 }
 

@@ -51,10 +51,11 @@ async fn least_conn_avoids_a_slow_backend() -> R {
     assert_eq!(s.failed(), 0, "{s}");
     assert!(s.ok >= 200, "too little traffic to judge: {s}");
     let slow = s.from("slow");
+    eprintln!("least-conn with one 200 ms backend: {s}");
     // Round-robin would give it a third; least-conn keeps it near its own throughput
     // (a handful of requests at a time, 200 ms each).
     assert!(slow >= 1, "the slow backend is still usable: {s}");
-    assert!(slow * 20 <= s.ok, "slow backend got {slow} of {} requests (> 5%): {s}", s.ok);
+    assert!(slow * 10 <= s.ok, "slow backend got {slow} of {} requests (> 10%): {s}", s.ok);
     assert!(s.from("fast1") > 5 * slow && s.from("fast2") > 5 * slow, "{s}");
     Ok(())
 }
@@ -187,9 +188,8 @@ async fn backup_only_when_all_primaries_are_down() -> R {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: round-robin gives an unusable backend's slot (backup, or down) to the next one, so shares skew 2:1"]
-async fn round_robin_shares_follow_weights_around_unusable_backends() -> R {
-    // A backup is not a primary: the two primaries of weight 1 share evenly.
+#[ignore = "bug: round-robin hands a backup's schedule slot to the next primary, so equal primaries split 2:1"]
+async fn round_robin_backup_does_not_skew_primaries() -> R {
     let bs = Backend::start_many(&["p1", "p2", "backup"]).await?;
     let node = Node::builder("rrbackup")
         .algorithm("round-robin")
@@ -201,8 +201,12 @@ async fn round_robin_shares_follow_weights_around_unusable_backends() -> R {
     let s = Load::new(node.proxy).concurrency(1).count(60).run().await;
     assert_eq!((s.ok, s.from("backup")), (60, 0), "{s}");
     assert!(s.from("p1").abs_diff(s.from("p2")) <= 6, "primaries of equal weight, with a backup configured: {s}");
+    Ok(())
+}
 
-    // A primary that is down: the other two of weight 1 share evenly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: round-robin hands a down backend's schedule slot to the next backend, so the rest split 2:1"]
+async fn round_robin_down_backend_does_not_skew_the_rest() -> R {
     let bs = Backend::start_many(&["a", "b", "c"]).await?;
     let node = Node::builder("rrdown")
         .config("[health]\ninterval = \"100ms\"\nrise = 1\nfall = 1\npath = \"/health\"\n")
@@ -250,7 +254,7 @@ async fn max_conns_holds_under_a_simultaneous_burst() -> R {
     let node = Node::builder("maxburst").backend_with(&b, "max_conns=2").start().await?;
     get(node.proxy, "/").await?; // warm
     b.reset_max_in_flight();
-    let s = Load::new(node.proxy).concurrency(12).count(12).path("/?delay=1000").run().await;
+    let s = Load::new(node.proxy).concurrency(12).count(12).path("/?delay=2000").run().await;
     assert_eq!(s.errors, 0, "{s}");
     assert!(b.max_in_flight() <= 2, "backend saw {} concurrent requests with max_conns=2: {s}", b.max_in_flight());
     assert_eq!((s.status(200), s.status(503)), (2, 10), "{s}");
@@ -266,6 +270,7 @@ async fn retries_hide_a_backend_stopped_under_load() -> R {
     bs[1].stop().await;
     let at_stop = load.completed();
     let s = load.finish().await;
+    eprintln!("backend b stopped after {at_stop} requests: {s}");
     assert_eq!(s.failed(), 0, "no GET fails while one of 3 backends is stopped: {s}");
     assert!(s.sent >= at_stop + 200, "load went on after the stop: {s}");
     assert!(s.from("a") > 0 && s.from("c") > 0, "{s}");
@@ -375,6 +380,7 @@ async fn rate_limit_nodelay_answers_429_over_the_burst() -> R {
         .backend(&b)
         .start()
         .await?;
+    let burst_start = Instant::now();
     let burst: Vec<_> = (0..30).map(|_| tokio::spawn(get(node.proxy, "/"))).collect();
     let mut ok = 0;
     let mut limited = Vec::new();
@@ -386,8 +392,9 @@ async fn rate_limit_nodelay_answers_429_over_the_burst() -> R {
             s => panic!("unexpected status {s}: {r:?}"),
         }
     }
-    // burst 5 plus the one on time; at 5r/s a slow burst may earn one or two more.
-    assert!((6..=8).contains(&ok), "{ok} of 30 passed with rate 5r/s burst 5");
+    // burst 5 plus the one on time; a burst that takes long earns 5 more per second.
+    let earned = (burst_start.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+    assert!(ok >= 6 && ok <= 6 + earned, "{ok} of 30 passed with rate 5r/s burst 5 in {:?}", burst_start.elapsed());
     assert_eq!(ok + limited.len(), 30);
     for r in &limited {
         assert_eq!(r.header("x-shoal-node"), "ratelimit", "{r:?}");
@@ -496,13 +503,13 @@ async fn reload_under_load_switches_backends_without_failures() -> R {
 async fn sigterm_drains_without_failures_and_exits_zero() -> R {
     let b = Backend::start("a").await?;
     let mut node = Node::builder("drain")
-        .config("[node]\nleave_grace = \"1s\"\ndrain_timeout = \"10s\"\n")
+        .config("[node]\nleave_grace = \"2s\"\ndrain_timeout = \"10s\"\n")
         .backend(&b)
         .start()
         .await?;
     assert_eq!(node.ready_status().await, 200);
     let proxy = node.proxy;
-    let slow: Vec<_> = (0..4).map(|_| tokio::spawn(get(proxy, "/?delay=3000"))).collect();
+    let slow: Vec<_> = (0..4).map(|_| tokio::spawn(get(proxy, "/?delay=4000"))).collect();
     let load = Load::new(proxy).concurrency(4).until_stopped().spawn();
     wait_until(Duration::from_secs(5), "slow requests are in flight", async || b.in_flight() >= 4).await?;
 
@@ -514,12 +521,12 @@ async fn sigterm_drains_without_failures_and_exits_zero() -> R {
         let r = get(proxy, "/").await?;
         assert_eq!(r.status, 200, "during leave_grace: {r:?}");
     }
-    assert!(term.elapsed() < Duration::from_millis(900), "grace checks took {:?}", term.elapsed());
+    assert!(term.elapsed() < Duration::from_millis(1800), "grace checks took {:?}", term.elapsed());
     let s = load.stop().await;
     assert_eq!(s.failed(), 0, "{s}");
 
     // After the grace period the listener closes while the slow requests are still running.
-    wait_until(Duration::from_secs(3), "the proxy stops accepting", async || TcpStream::connect(proxy).await.is_err()).await?;
+    wait_until(Duration::from_secs(4), "the proxy stops accepting", async || TcpStream::connect(proxy).await.is_err()).await?;
     assert!(node.exited().is_none(), "still draining in-flight requests");
     assert!(b.in_flight() >= 4, "slow requests are still in flight");
 
@@ -529,7 +536,7 @@ async fn sigterm_drains_without_failures_and_exits_zero() -> R {
         let r = t.await??;
         assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "a"), "in-flight request finished");
     }
-    assert!(term.elapsed() >= Duration::from_millis(1500), "exited before in-flight requests ended");
+    assert!(term.elapsed() >= Duration::from_millis(2000), "exited before in-flight requests ended");
     Ok(())
 }
 
@@ -599,5 +606,141 @@ async fn proxy_errors_have_status_and_node_header() -> R {
     let r = get(empty.proxy, "/").await?;
     assert_eq!((r.status.as_u16(), r.header("x-shoal-node")), (503, "nobackends"), "no backends: {r:?}");
     assert!(r.body.contains("no usable backend"), "{r:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_all_down_open_still_tries_ejected_backends() -> R {
+    let b = Backend::start("a").await?;
+    let opts = "max_fails=1,fail_timeout=30s";
+    let strict = Node::builder("alldown503").backend_with(&b, opts).start().await?;
+    let open = Node::builder("alldownopen").config("[upstream]\nwhen_all_down = \"open\"\n").backend_with(&b, opts).start().await?;
+    // One garbage answer ejects the only backend on both nodes for 30 s.
+    b.set_garbage(true);
+    for node in [&strict, &open] {
+        assert_eq!(get(node.proxy, "/").await?.status, 502);
+        assert_eq!(node.backend_state(b.addr).await, "down");
+    }
+    b.set_garbage(false);
+    let r = get(strict.proxy, "/").await?;
+    assert_eq!((r.status.as_u16(), r.header("x-shoal-node")), (503, "alldown503"), "default: 503 when all are down: {r:?}");
+    let r = get(open.proxy, "/").await?;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "a"), "when_all_down = open: tried anyway: {r:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_status_replays_only_idempotent_requests() -> R {
+    let bs = Backend::start_many(&["a", "b"]).await?;
+    bs[0].set_status(503);
+    let node = Node::builder("retryon")
+        .config("[upstream]\nretry_on = [\"503\"]\nretries = 1\nretry_budget = 1.0\n")
+        .algorithm("round-robin")
+        .backend_with(&bs[0], "max_fails=0")
+        .backend_with(&bs[1], "max_fails=0")
+        .start()
+        .await?;
+    let s = Load::new(node.proxy).concurrency(1).count(20).run().await;
+    assert_eq!((s.ok, s.from("b")), (20, 20), "GETs answered 503 by a are retried on b: {s}");
+    assert!(bs[0].requests() >= 1, "a was tried");
+
+    let before = bs[0].requests() + bs[1].requests();
+    let mut statuses = BTreeMap::new();
+    for _ in 0..6 {
+        let req = http::Request::post(format!("http://{}/", node.proxy)).body(http_body_util::Full::new(bytes::Bytes::new()))?;
+        let r = shoal_tests::http::request(req).await?;
+        *statuses.entry((r.status.as_u16(), r.body.clone())).or_insert(0) += 1;
+    }
+    assert_eq!(bs[0].requests() + bs[1].requests() - before, 6, "POSTs are never replayed: {statuses:?}");
+    assert!(statuses.keys().all(|(st, body)| (*st, body.as_str()) == (503, "a") || (*st, body.as_str()) == (200, "b")), "{statuses:?}");
+    assert!(statuses.contains_key(&(503, "a".to_string())), "a's 503 to a POST reaches the client: {statuses:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_proxied_to_http1_backends() -> R {
+    let b = Backend::start("h1").await?;
+    let node = Node::builder("h2c").backend(&b).start().await?;
+    let client: shoal_tests::http::Client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    for i in 0..10 {
+        let req = http::Request::get(format!("http://{}/echo?i={i}", node.proxy)).body(http_body_util::Full::new(bytes::Bytes::new()))?;
+        let r = shoal_tests::http::send(&client, req, Duration::from_secs(10)).await?;
+        assert_eq!(r.status, 200, "{r:?}");
+        let echo = r.json()?;
+        assert_eq!(echo["version"], "HTTP/1.1", "{echo}");
+        assert_eq!(echo["headers"]["host"], serde_json::json!([node.proxy.to_string()]), "Host from :authority: {echo}");
+        assert_eq!(echo["uri"], format!("/echo?i={i}"), "{echo}");
+    }
+    let st = node.status_json().await?;
+    assert_eq!(st["connections"]["accepts"], 1, "one h2 connection carried every request: {st}");
+    Ok(())
+}
+
+/// The value of the first `/metrics` sample whose line starts with a name containing `name`.
+async fn metric(node: &Node, name: &str) -> anyhow::Result<f64> {
+    let m = node.admin_get("/metrics").await?.body_text();
+    m.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.split([' ', '{']).next().is_some_and(|n| n.contains(name)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no metric {name} in /metrics:\n{m}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: a retry refused by the retry budget turns the backend's own 503 into a proxy-made 502"]
+async fn retry_budget_exhausted_passes_the_backend_answer_through() -> R {
+    let bs = Backend::start_many(&["a", "b"]).await?;
+    bs[0].set_status(503);
+    let node = Node::builder("budget")
+        .config("[upstream]\nretry_on = [\"503\"]\nretries = 1\nretry_budget = 0.0\n")
+        .algorithm("round-robin")
+        .backend_with(&bs[0], "max_fails=0")
+        .backend_with(&bs[1], "max_fails=0")
+        .start()
+        .await?;
+    let s = Load::new(node.proxy).concurrency(1).count(40).run().await;
+    let refused = metric(&node, "retries_refused").await?;
+    assert!(refused >= 1.0, "the budget (floor of 10 retries) ran out: {s}");
+    // A refused retry is no reason to hide what the backend said: its 503, not a 502.
+    assert_eq!(s.status(502), 0, "{refused} refused retries: {s}");
+    assert_eq!(s.ok + s.status(503), 40, "{s}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: with two X-Forwarded-For lines from the client, only the first is kept; the second hop is lost"]
+async fn x_forwarded_for_keeps_every_client_supplied_hop() -> R {
+    let b = Backend::start("echo").await?;
+    let node = Node::builder("xff").backend(&b).start().await?;
+    let req = "GET /echo HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 192.0.2.1\r\nX-Forwarded-For: 198.51.100.2\r\nConnection: close\r\n\r\n";
+    let r = RawResponse::parse(&raw_exchange(node.proxy, req.as_bytes(), Duration::from_secs(5)).await?)?;
+    let echo: serde_json::Value = serde_json::from_slice(&r.body)?;
+    let xff: Vec<String> = echo["headers"]["x-forwarded-for"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    assert_eq!(xff.join(", "), "192.0.2.1, 198.51.100.2, 127.0.0.1", "{echo}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_stream_through_both_framings() -> R {
+    let b = Backend::start("echo").await?;
+    let node = Node::builder("bodies").backend(&b).start().await?;
+    // Content-Length, 1 MiB.
+    let body = vec![b'z'; 1 << 20];
+    let req = http::Request::post(format!("http://{}/echo", node.proxy)).body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+    let r = shoal_tests::http::request(req).await?;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()?["body_len"], 1 << 20);
+    // Chunked, three chunks.
+    let raw = b"PUT /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+                5\r\nhello\r\n6\r\n shoal\r\n1\r\n!\r\n0\r\n\r\n";
+    let r = RawResponse::parse(&raw_exchange(node.proxy, raw, Duration::from_secs(5)).await?)?;
+    assert_eq!(r.status, 200, "{r:?}");
+    let echo: serde_json::Value = serde_json::from_slice(&r.body)?;
+    assert_eq!((echo["method"].as_str(), echo["body_len"].as_u64()), (Some("PUT"), Some(12)), "{echo}");
     Ok(())
 }

@@ -20,9 +20,21 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BackendSpec, CheckKind, HealthSettings};
 use crate::pool::{BackendState, Pool, now_ms};
 
-/// Counts a failed request (connect error, timeout, retryable status). Ejects the backend for
-/// `fail_timeout` once `max_fails` failures fall within one `fail_timeout` window.
-pub fn record_failure(spec: &BackendSpec, state: &BackendState) {
+/// What kind of failure a request met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The backend refused or could not be reached: shared with the cluster when it ejects.
+    Connect,
+    /// A timeout, a broken response or a retryable status: ejects on this node only.
+    Other,
+}
+
+/// Counts a failed request. Ejects the backend for `fail_timeout` once `max_fails` failures
+/// fall within one `fail_timeout` window. An ejection caused by a connect failure becomes this
+/// node's "down" verdict in gossip (one node finding a backend refusing connections takes it
+/// out everywhere); one caused by slowness stays local, so a single timeout does not eject a
+/// backend cluster-wide.
+pub fn record_failure(spec: &BackendSpec, state: &BackendState, kind: Failure) {
     state.failures.fetch_add(1, Relaxed);
     if spec.max_fails == 0 {
         return;
@@ -40,8 +52,9 @@ pub fn record_failure(spec: &BackendSpec, state: &BackendState) {
     };
     if count >= spec.max_fails {
         let until = now + window;
+        h.refused.store(kind == Failure::Connect, Relaxed);
         if h.ejected_until_ms.swap(until, Relaxed) <= now {
-            tracing::warn!(backend = %state.addr, failures = count, for_ms = window, "backend ejected after failures");
+            tracing::warn!(backend = %state.addr, failures = count, for_ms = window, cause = ?kind, "backend ejected after failures");
         }
         h.fail_count.store(0, Relaxed);
     }
@@ -214,10 +227,14 @@ mod tests {
         spec.max_fails = 2;
         spec.fail_timeout = Duration::from_secs(5);
         let now = now_ms().max(1);
-        record_failure(&spec, &s);
+        record_failure(&spec, &s, Failure::Other);
         assert!(s.is_healthy(now));
-        record_failure(&spec, &s);
+        record_failure(&spec, &s, Failure::Other);
         assert!(!s.is_healthy(now_ms()));
+        // ejected for slowness: not shared with the cluster
+        assert!(!s.own_verdict_down(now_ms()));
+        record_failure(&spec, &s, Failure::Connect);
+        record_failure(&spec, &s, Failure::Connect);
         assert!(s.own_verdict_down(now_ms()));
     }
 }

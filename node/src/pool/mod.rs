@@ -77,6 +77,8 @@ pub struct Health {
     pub cluster_down: AtomicBool,
     /// Drained through the registry: no new requests.
     pub draining: AtomicBool,
+    /// The current passive ejection was caused by connect failures (shared in gossip).
+    pub refused: AtomicBool,
     /// Consecutive good / bad active checks (owned by the checker task).
     pub streak_ok: AtomicU32,
     pub streak_bad: AtomicU32,
@@ -91,6 +93,7 @@ impl Default for Health {
             fail_window_start_ms: AtomicU64::new(0),
             cluster_down: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
             streak_ok: AtomicU32::new(0),
             streak_bad: AtomicU32::new(0),
         }
@@ -153,9 +156,10 @@ impl BackendState {
     }
 
     /// This node's own verdict (what it gossips): down when its active check failed or it
-    /// ejected the backend passively.
+    /// ejected the backend for refusing connections.
     pub fn own_verdict_down(&self, now: u64) -> bool {
-        !self.health.active_up.load(Relaxed) || self.health.ejected_until_ms.load(Relaxed) > now
+        let h = &self.health;
+        !h.active_up.load(Relaxed) || (h.ejected_until_ms.load(Relaxed) > now && h.refused.load(Relaxed))
     }
 
     pub fn state_name(&self, now: u64) -> &'static str {

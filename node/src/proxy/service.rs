@@ -22,7 +22,7 @@ use super::error::ProxyError;
 use super::headers::{self, ClientHeaders};
 use crate::balance::PickRequest;
 use crate::config::AllDown;
-use crate::health::record_failure;
+use crate::health::{Failure, record_failure};
 use crate::limit::Verdict;
 use crate::pool::{Backend, PoolSnapshot, conn, now_ms};
 
@@ -208,7 +208,8 @@ async fn forward(
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(backend = %state.addr, error = %e, "connect failed");
-                    record_failure(&backend.spec, state);
+                    let kind = if matches!(e, conn::ConnectError::Io(..)) { Failure::Connect } else { Failure::Other };
+                    record_failure(&backend.spec, state, kind);
                     last_error = if matches!(e, conn::ConnectError::Timeout(_)) {
                         ProxyError::Timeout
                     } else {
@@ -224,7 +225,7 @@ async fn forward(
         let mut resp = match result {
             Err(_) => {
                 tracing::debug!(backend = %state.addr, "read timeout");
-                record_failure(&backend.spec, state);
+                record_failure(&backend.spec, state, Failure::Other);
                 last_error = ProxyError::Timeout;
                 continue;
             }
@@ -233,7 +234,7 @@ async fn forward(
                     outgoing.give_back(req);
                 }
                 tracing::debug!(backend = %state.addr, error = %e.error(), "upstream request failed");
-                record_failure(&backend.spec, state);
+                record_failure(&backend.spec, state, Failure::Other);
                 last_error = ProxyError::BadGateway;
                 continue;
             }
@@ -247,7 +248,7 @@ async fn forward(
             && attempt <= settings.retries
             && outgoing.available()
         {
-            record_failure(&backend.spec, state);
+            record_failure(&backend.spec, state, Failure::Other);
             last_error = ProxyError::BadGateway;
             continue;
         }
