@@ -22,9 +22,7 @@ pub fn client(idle: usize) -> Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(idle)
-        .build(connector)
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).pool_max_idle_per_host(idle).build(connector)
 }
 
 /// A response read whole.
@@ -93,7 +91,12 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> 
 
 /// Like [`raw_exchange`] but from the local address `from` (any 127.0.0.0/8 address works on
 /// Linux), so a test can play many client IPs.
-pub async fn raw_exchange_from(from: IpAddr, addr: SocketAddr, bytes: &[u8], timeout: Duration) -> anyhow::Result<Vec<u8>> {
+pub async fn raw_exchange_from(
+    from: IpAddr,
+    addr: SocketAddr,
+    bytes: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<Vec<u8>> {
     let socket = if from.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.bind(SocketAddr::new(from, 0)).with_context(|| format!("bind {from}"))?;
     let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))

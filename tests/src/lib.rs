@@ -96,7 +96,8 @@ impl TempDir {
     pub fn new(label: &str) -> std::io::Result<Self> {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let clean: String = label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let clean: String =
+            label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
         let path = std::env::temp_dir().join(format!("shoal-tests-{}-{n}-{clean}", std::process::id()));
         std::fs::create_dir_all(&path)?;
         Ok(TempDir { path })

@@ -122,10 +122,10 @@ impl Load {
                     if stop.load(SeqCst) || Instant::now() >= deadline {
                         break;
                     }
-                    if let Some(n) = load.count {
-                        if issued.fetch_add(1, SeqCst) >= n {
-                            break;
-                        }
+                    if let Some(n) = load.count
+                        && issued.fetch_add(1, SeqCst) >= n
+                    {
+                        break;
                     }
                     let mut b = Request::get(format!("http://{}{}", load.target, load.path));
                     for (k, v) in &load.headers {

@@ -227,12 +227,11 @@ impl Node {
 
     /// Whether the process has exited (reaping it if so).
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            if let Some(child) = &mut self.child {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.exit = Some(status);
-                }
-            }
+        if self.exit.is_none()
+            && let Some(child) = &mut self.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            self.exit = Some(status);
         }
         self.exit
     }
@@ -243,10 +242,10 @@ impl Node {
             if let Some(status) = self.exited() {
                 bail!("shoald exited with {status} before /live answered");
             }
-            if let Ok(r) = self.admin_get("/live").await {
-                if r.status == 200 {
-                    return Ok(());
-                }
+            if let Ok(r) = self.admin_get("/live").await
+                && r.status == 200
+            {
+                return Ok(());
             }
             if start.elapsed() > timeout {
                 bail!("/live did not answer within {timeout:?}");
@@ -318,11 +317,11 @@ impl Node {
 
     /// SIGKILL and reap.
     pub fn kill9(&mut self) -> Option<ExitStatus> {
-        if let Some(child) = &mut self.child {
-            if self.exit.is_none() {
-                let _ = child.kill();
-                self.exit = child.wait().ok();
-            }
+        if let Some(child) = &mut self.child
+            && self.exit.is_none()
+        {
+            let _ = child.kill();
+            self.exit = child.wait().ok();
         }
         self.exit
     }
@@ -388,10 +387,7 @@ pub async fn shoald_run_to_exit(args: &[&str], timeout: Duration) -> anyhow::Res
         if start.elapsed() > timeout {
             let _ = child.kill();
             let out = child.wait_with_output()?;
-            bail!(
-                "shoald {args:?} still running after {timeout:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("shoald {args:?} still running after {timeout:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -20,12 +20,8 @@ async fn sample(proxy: SocketAddr, n: usize) -> LoadSummary {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_weights_give_exact_shares() -> R {
     let bs = Backend::start_many(&["a", "b"]).await?;
-    let node = Node::builder("rr")
-        .algorithm("round-robin")
-        .backend_with(&bs[0], "weight=3")
-        .backend(&bs[1])
-        .start()
-        .await?;
+    let node =
+        Node::builder("rr").algorithm("round-robin").backend_with(&bs[0], "weight=3").backend(&bs[1]).start().await?;
     let s = Load::new(node.proxy).concurrency(4).count(400).run().await;
     assert_eq!(s.ok, 400, "{s}");
     assert_eq!((s.from("a"), s.from("b")), (300, 100), "weights 3:1 over 400 requests: {s}");
@@ -40,13 +36,8 @@ async fn round_robin_weights_give_exact_shares() -> R {
 async fn least_conn_avoids_a_slow_backend() -> R {
     let bs = Backend::start_many(&["slow", "fast1", "fast2"]).await?;
     bs[0].set_delay(Duration::from_millis(200));
-    let node = Node::builder("lc")
-        .algorithm("least-conn")
-        .backend(&bs[0])
-        .backend(&bs[1])
-        .backend(&bs[2])
-        .start()
-        .await?;
+    let node =
+        Node::builder("lc").algorithm("least-conn").backend(&bs[0]).backend(&bs[1]).backend(&bs[2]).start().await?;
     let s = Load::new(node.proxy).concurrency(8).duration(Duration::from_secs(2)).run().await;
     assert_eq!(s.failed(), 0, "{s}");
     assert!(s.ok >= 200, "too little traffic to judge: {s}");
@@ -188,7 +179,6 @@ async fn backup_only_when_all_primaries_are_down() -> R {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: round-robin hands a backup's schedule slot to the next primary, so equal primaries split 2:1"]
 async fn round_robin_backup_does_not_skew_primaries() -> R {
     let bs = Backend::start_many(&["p1", "p2", "backup"]).await?;
     let node = Node::builder("rrbackup")
@@ -205,7 +195,6 @@ async fn round_robin_backup_does_not_skew_primaries() -> R {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: round-robin hands a down backend's schedule slot to the next backend, so the rest split 2:1"]
 async fn round_robin_down_backend_does_not_skew_the_rest() -> R {
     let bs = Backend::start_many(&["a", "b", "c"]).await?;
     let node = Node::builder("rrdown")
@@ -479,7 +468,8 @@ async fn reload_under_load_switches_backends_without_failures() -> R {
     })
     .await?;
     let at_reload = load.completed();
-    wait_until(Duration::from_secs(5), "load goes on after the reload", async || load.completed() >= at_reload + 200).await?;
+    wait_until(Duration::from_secs(5), "load goes on after the reload", async || load.completed() >= at_reload + 200)
+        .await?;
     let s = load.stop().await;
     assert_eq!(s.failed(), 0, "no request fails across a reload: {s}");
     assert!(s.from("c") > 0, "{s}");
@@ -492,7 +482,8 @@ async fn reload_under_load_switches_backends_without_failures() -> R {
     // A bad file is refused and the running config stays.
     node.write_config("[upstream]\nalgorithm = \"fastest\"\n")?;
     node.signal(Signal::Hup)?;
-    wait_until(Duration::from_secs(5), "the failed reload is logged", async || node.log().contains("reload failed")).await?;
+    wait_until(Duration::from_secs(5), "the failed reload is logged", async || node.log().contains("reload failed"))
+        .await?;
     let s = Load::new(node.proxy).concurrency(2).count(20).run().await;
     assert_eq!((s.ok, s.from("b"), s.from("c")), (20, 10, 10), "old config kept: {s}");
     assert_eq!(node.backend_addrs().await?, want);
@@ -526,7 +517,8 @@ async fn sigterm_drains_without_failures_and_exits_zero() -> R {
     assert_eq!(s.failed(), 0, "{s}");
 
     // After the grace period the listener closes while the slow requests are still running.
-    wait_until(Duration::from_secs(4), "the proxy stops accepting", async || TcpStream::connect(proxy).await.is_err()).await?;
+    wait_until(Duration::from_secs(4), "the proxy stops accepting", async || TcpStream::connect(proxy).await.is_err())
+        .await?;
     assert!(node.exited().is_none(), "still draining in-flight requests");
     assert!(b.in_flight() >= 4, "slow requests are still in flight");
 
@@ -614,7 +606,11 @@ async fn when_all_down_open_still_tries_ejected_backends() -> R {
     let b = Backend::start("a").await?;
     let opts = "max_fails=1,fail_timeout=30s";
     let strict = Node::builder("alldown503").backend_with(&b, opts).start().await?;
-    let open = Node::builder("alldownopen").config("[upstream]\nwhen_all_down = \"open\"\n").backend_with(&b, opts).start().await?;
+    let open = Node::builder("alldownopen")
+        .config("[upstream]\nwhen_all_down = \"open\"\n")
+        .backend_with(&b, opts)
+        .start()
+        .await?;
     // One garbage answer ejects the only backend on both nodes for 30 s.
     b.set_garbage(true);
     for node in [&strict, &open] {
@@ -623,7 +619,11 @@ async fn when_all_down_open_still_tries_ejected_backends() -> R {
     }
     b.set_garbage(false);
     let r = get(strict.proxy, "/").await?;
-    assert_eq!((r.status.as_u16(), r.header("x-shoal-node")), (503, "alldown503"), "default: 503 when all are down: {r:?}");
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-shoal-node")),
+        (503, "alldown503"),
+        "default: 503 when all are down: {r:?}"
+    );
     let r = get(open.proxy, "/").await?;
     assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "a"), "when_all_down = open: tried anyway: {r:?}");
     Ok(())
@@ -647,12 +647,16 @@ async fn retry_on_status_replays_only_idempotent_requests() -> R {
     let before = bs[0].requests() + bs[1].requests();
     let mut statuses = BTreeMap::new();
     for _ in 0..6 {
-        let req = http::Request::post(format!("http://{}/", node.proxy)).body(http_body_util::Full::new(bytes::Bytes::new()))?;
+        let req = http::Request::post(format!("http://{}/", node.proxy))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))?;
         let r = shoal_tests::http::request(req).await?;
         *statuses.entry((r.status.as_u16(), r.body.clone())).or_insert(0) += 1;
     }
     assert_eq!(bs[0].requests() + bs[1].requests() - before, 6, "POSTs are never replayed: {statuses:?}");
-    assert!(statuses.keys().all(|(st, body)| (*st, body.as_str()) == (503, "a") || (*st, body.as_str()) == (200, "b")), "{statuses:?}");
+    assert!(
+        statuses.keys().all(|(st, body)| (*st, body.as_str()) == (503, "a") || (*st, body.as_str()) == (200, "b")),
+        "{statuses:?}"
+    );
     assert!(statuses.contains_key(&(503, "a".to_string())), "a's 503 to a POST reaches the client: {statuses:?}");
     Ok(())
 }
@@ -661,16 +665,20 @@ async fn retry_on_status_replays_only_idempotent_requests() -> R {
 async fn h2c_clients_are_proxied_to_http1_backends() -> R {
     let b = Backend::start("h1").await?;
     let node = Node::builder("h2c").backend(&b).start().await?;
-    let client: shoal_tests::http::Client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
+    let client: shoal_tests::http::Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
     for i in 0..10 {
-        let req = http::Request::get(format!("http://{}/echo?i={i}", node.proxy)).body(http_body_util::Full::new(bytes::Bytes::new()))?;
+        let req = http::Request::get(format!("http://{}/echo?i={i}", node.proxy))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))?;
         let r = shoal_tests::http::send(&client, req, Duration::from_secs(10)).await?;
         assert_eq!(r.status, 200, "{r:?}");
         let echo = r.json()?;
         assert_eq!(echo["version"], "HTTP/1.1", "{echo}");
-        assert_eq!(echo["headers"]["host"], serde_json::json!([node.proxy.to_string()]), "Host from :authority: {echo}");
+        assert_eq!(
+            echo["headers"]["host"],
+            serde_json::json!([node.proxy.to_string()]),
+            "Host from :authority: {echo}"
+        );
         assert_eq!(echo["uri"], format!("/echo?i={i}"), "{echo}");
     }
     let st = node.status_json().await?;
@@ -689,7 +697,6 @@ async fn metric(node: &Node, name: &str) -> anyhow::Result<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a retry refused by the retry budget turns the backend's own 503 into a proxy-made 502"]
 async fn retry_budget_exhausted_passes_the_backend_answer_through() -> R {
     let bs = Backend::start_many(&["a", "b"]).await?;
     bs[0].set_status(503);
@@ -710,7 +717,6 @@ async fn retry_budget_exhausted_passes_the_backend_answer_through() -> R {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: with two X-Forwarded-For lines from the client, only the first is kept; the second hop is lost"]
 async fn x_forwarded_for_keeps_every_client_supplied_hop() -> R {
     let b = Backend::start("echo").await?;
     let node = Node::builder("xff").backend(&b).start().await?;
@@ -731,7 +737,8 @@ async fn request_bodies_stream_through_both_framings() -> R {
     let node = Node::builder("bodies").backend(&b).start().await?;
     // Content-Length, 1 MiB.
     let body = vec![b'z'; 1 << 20];
-    let req = http::Request::post(format!("http://{}/echo", node.proxy)).body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+    let req = http::Request::post(format!("http://{}/echo", node.proxy))
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
     let r = shoal_tests::http::request(req).await?;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()?["body_len"], 1 << 20);

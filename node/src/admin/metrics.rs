@@ -61,6 +61,7 @@ impl Collector for NodeCollector {
                 ("bad_gateway", &s.bad_gateway),
                 ("timeout", &s.timeouts),
                 ("rate_limited", &s.rate_limited),
+                ("headers_too_large", &s.bad_requests),
             ] {
                 ConstCounter::new(v.load(Relaxed)).encode(m.encode_family(&[("cause", cause)])?)?;
             }

@@ -156,6 +156,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "bad_gateway": s.bad_gateway.load(Relaxed),
             "timeout": s.timeouts.load(Relaxed),
             "rate_limited": s.rate_limited.load(Relaxed),
+            "headers_too_large": s.bad_requests.load(Relaxed),
         },
         "retries": s.retries.load(Relaxed),
         "members": members,

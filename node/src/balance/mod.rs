@@ -72,7 +72,9 @@ impl Picker for LeastConn {
 }
 
 /// Smooth weighted round-robin (nginx's), lock-free: a shared counter walks the precomputed
-/// schedule; ineligible entries are skipped.
+/// schedule. An ineligible slot (down, backup, tried) consumes its turn and the picker draws
+/// the next one, so every eligible slot is still used once per cycle and the shares among the
+/// eligible backends follow their weights.
 #[derive(Default)]
 pub struct RoundRobin {
     next: AtomicUsize,
@@ -84,8 +86,13 @@ impl Picker for RoundRobin {
         if schedule.is_empty() {
             return None;
         }
-        let start = self.next.fetch_add(1, Relaxed);
-        (0..schedule.len()).map(|k| schedule[(start + k) % schedule.len()] as usize).find(|&i| eligible(i))
+        for _ in 0..schedule.len() {
+            let i = schedule[self.next.fetch_add(1, Relaxed) % schedule.len()] as usize;
+            if eligible(i) {
+                return Some(i);
+            }
+        }
+        None
     }
 }
 
@@ -215,6 +222,13 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(rr.pick(&p, &|i| i == 1, &req([1, 1, 1, 1])), Some(1));
         }
+        // with one of three equal backends ineligible, the other two still split evenly
+        let p = pool(&[1, 1, 1]);
+        let mut counts = [0; 3];
+        for _ in 0..600 {
+            counts[rr.pick(&p, &|i| i != 1, &req([1, 1, 1, 1])).unwrap()] += 1;
+        }
+        assert_eq!(counts, [300, 0, 300]);
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub enum ProxyError {
     Timeout,
     /// Over the `[rate_limit]`.
     RateLimited,
+    /// The request head is larger than `max_header_bytes`.
+    HeadersTooLarge,
 }
 
 impl ProxyError {
@@ -27,6 +29,7 @@ impl ProxyError {
             ProxyError::BadGateway => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -37,6 +40,7 @@ impl ProxyError {
             ProxyError::BadGateway => "502 no backend answered\n",
             ProxyError::Timeout => "504 backend timed out\n",
             ProxyError::RateLimited => "429 too many requests\n",
+            ProxyError::HeadersTooLarge => "431 request header fields too large\n",
         }
     }
 

@@ -67,19 +67,29 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 /// Adds `X-Real-IP`, `X-Forwarded-For` (appended to the client's own list) and
 /// `X-Forwarded-Proto`, like nginx's `$proxy_add_x_forwarded_for`.
 pub fn add_forwarding(headers: &mut HeaderMap, client: &ClientHeaders) {
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + client.real_ip.len());
-            v.extend_from_slice(prev.as_bytes());
+    // Every X-Forwarded-For line the client sent, in order, then the client's address.
+    let mut prev = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    let xff = if prev.peek().is_none() {
+        client.real_ip.clone()
+    } else {
+        let mut v = Vec::with_capacity(64);
+        for line in prev {
+            v.extend_from_slice(line.as_bytes());
             v.extend_from_slice(b", ");
-            v.extend_from_slice(client.real_ip.as_bytes());
-            HeaderValue::from_bytes(&v).unwrap_or_else(|_| client.real_ip.clone())
         }
-        None => client.real_ip.clone(),
+        v.extend_from_slice(client.real_ip.as_bytes());
+        HeaderValue::from_bytes(&v).unwrap_or_else(|_| client.real_ip.clone())
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_REAL_IP.clone(), client.real_ip.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+}
+
+/// Size of a request head as received (request line and header lines), to enforce
+/// `max_header_bytes` with Shoal's own 431.
+pub fn head_size(method: &http::Method, uri: &http::Uri, headers: &HeaderMap) -> usize {
+    let line = method.as_str().len() + uri.path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    line + headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>() + 2
 }
 
 /// Finds the value of cookie `name` in the request's `Cookie` headers.
@@ -126,6 +136,12 @@ mod tests {
         h.insert("x-forwarded-for", "1.1.1.1".parse().unwrap());
         add_forwarding(&mut h, &ClientHeaders { real_ip: "10.0.0.9".parse().unwrap() });
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.1.1.1, 10.0.0.9");
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "1.1.1.1".parse().unwrap());
+        h.append("x-forwarded-for", "2.2.2.2, 3.3.3.3".parse().unwrap());
+        add_forwarding(&mut h, &ClientHeaders { real_ip: "10.0.0.9".parse().unwrap() });
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.9");
         assert_eq!(h.get("x-real-ip").unwrap(), "10.0.0.9");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
     }

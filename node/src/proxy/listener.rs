@@ -45,7 +45,9 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192))
+        // hyper's own limit is a backstop above ours: the service answers 431 (with
+        // x-shoal-node) for heads over max_header_bytes; hyper's bare 431 only beyond twice that.
+        .max_buf_size((settings.max_header_bytes * 2).max(8192))
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
     let graceful = GracefulShutdown::new();

@@ -32,6 +32,8 @@ pub struct Stats {
     pub bad_gateway: AtomicU64,
     pub timeouts: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Requests refused before forwarding (oversized head).
+    pub bad_requests: AtomicU64,
     pub retries: AtomicU64,
     pub retries_refused: AtomicU64,
 }
@@ -107,6 +109,8 @@ pub struct Proxy {
     pub stats: Stats,
     pub retry_budget: RetryBudget,
     pub access_log: ArcSwap<Option<access_log::AccessLog>>,
+    /// Largest request head accepted (431 above it).
+    pub max_header_bytes: usize,
     /// How long a drain waits for in-flight requests (config, or `shoal leave --drain-timeout`).
     drain_timeout_ms: AtomicU64,
 }
@@ -124,6 +128,7 @@ impl Proxy {
             stats: Stats::default(),
             retry_budget: RetryBudget::default(),
             access_log: ArcSwap::from_pointee(log),
+            max_header_bytes: config.node.max_header_bytes,
             drain_timeout_ms: AtomicU64::new(config.node.drain_timeout.as_millis() as u64),
         })
     }

@@ -123,11 +123,15 @@ async fn forward(
             ProxyError::BadGateway => &proxy.stats.bad_gateway,
             ProxyError::Timeout => &proxy.stats.timeouts,
             ProxyError::RateLimited => &proxy.stats.rate_limited,
+            ProxyError::HeadersTooLarge => &proxy.stats.bad_requests,
         };
         stat.fetch_add(1, Relaxed);
         e.response(&proxy.node_id)
     };
 
+    if headers::head_size(req.method(), req.uri(), req.headers()) > proxy.max_header_bytes {
+        return (error(ProxyError::HeadersTooLarge), None);
+    }
     if let Some(limiter) = &runtime.limiter {
         match limiter.check(client.addr.ip()) {
             Verdict::Pass => {}
@@ -170,12 +174,14 @@ async fn forward(
     let mut tried = Tried::default();
     let mut last_error = ProxyError::NoBackend;
     let mut attempt = 0;
+    // A status-based retry pays its budget token before the response is dropped.
+    let mut prepaid = false;
     loop {
         if attempt > 0 {
             if attempt > settings.retries || !outgoing.available() {
                 break;
             }
-            if !proxy.retry_budget.try_withdraw() {
+            if !std::mem::take(&mut prepaid) && !proxy.retry_budget.try_withdraw() {
                 proxy.stats.retries_refused.fetch_add(1, Relaxed);
                 break;
             }
@@ -249,8 +255,13 @@ async fn forward(
             && outgoing.available()
         {
             record_failure(&backend.spec, state, Failure::Other);
-            last_error = ProxyError::BadGateway;
-            continue;
+            // Retry only if the budget allows; otherwise the backend's own answer goes back.
+            if proxy.retry_budget.try_withdraw() {
+                prepaid = true;
+                last_error = ProxyError::BadGateway;
+                continue;
+            }
+            proxy.stats.retries_refused.fetch_add(1, Relaxed);
         }
         state.responses[(status.as_u16() / 100).clamp(1, 5) as usize - 1].fetch_add(1, Relaxed);
 
