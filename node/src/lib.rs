@@ -50,7 +50,9 @@ use proxy::Proxy;
 /// The listeners a node serves on, bound before `run` so a bad address fails before anything
 /// starts, and so tests can bind port 0.
 pub struct Listeners {
-    pub proxy: TcpListener,
+    /// One proxy socket per worker thread, all bound to the same address with SO_REUSEPORT,
+    /// so the kernel spreads connections across workers with no shared accept queue.
+    pub proxy: Vec<std::net::TcpListener>,
     pub admin: TcpListener,
     pub control: TcpListener,
     /// The DNS responder's socket, when `[dns]` is configured.
@@ -61,11 +63,24 @@ impl Listeners {
     /// Binds every TCP listener of `config` (gossip is bound by chitchat itself).
     pub async fn bind(config: &Config) -> anyhow::Result<Self> {
         use anyhow::Context;
+        let mut proxy = Vec::new();
+        let mut addr = config.node.listen;
+        for _ in 0..config.node.proxy_workers() {
+            let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.set_nodelay(true)?;
+            socket.bind(addr).with_context(|| format!("cannot bind the proxy listener on {addr}"))?;
+            let listener = socket.listen(4096)?;
+            // Port 0: the other workers join the port the first one got.
+            addr = listener.local_addr()?;
+            proxy.push(listener.into_std()?);
+        }
         let bind = |addr, what: &'static str| async move {
             TcpListener::bind(addr).await.with_context(|| format!("cannot bind the {what} listener on {addr}"))
         };
         Ok(Listeners {
-            proxy: bind(config.node.listen, "proxy").await?,
+            proxy,
             admin: bind(config.node.admin, "admin").await?,
             control: bind(config.node.control, "control").await?,
             dns: match &config.dns {
@@ -195,12 +210,35 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
         max_header_bytes: config.node.max_header_bytes,
     };
     node.proxy.set_drain_timeout(config.node.drain_timeout);
-    let mut proxy_task = tokio::spawn(proxy::listener::serve(
-        listeners.proxy,
-        node.proxy.clone(),
-        listener_settings,
-        stop_accepting.clone(),
-    ));
+    // Proxy workers: one thread with a current-thread runtime per socket. The request path
+    // never leaves its thread (no work stealing, no cross-thread wakeups for a request).
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let workers = listeners.proxy.len();
+    for (i, std_listener) in listeners.proxy.into_iter().enumerate() {
+        let (proxy, settings, stop, done) =
+            (node.proxy.clone(), listener_settings.clone(), stop_accepting.clone(), done_tx.clone());
+        std::thread::Builder::new().name(format!("shoal-proxy-{i}")).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a proxy worker");
+                    let _ = done.send(0);
+                    return;
+                }
+            };
+            let left = rt.block_on(async move {
+                match TcpListener::from_std(std_listener) {
+                    Ok(l) => proxy::listener::serve(l, proxy, settings, stop).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot register a proxy listener");
+                        0
+                    }
+                }
+            });
+            let _ = done.send(left);
+        })?;
+    }
+    drop(done_tx);
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(listeners.admin, node.clone(), admin_stop.clone()));
     let control_task = tokio::spawn(control::serve(listeners.control, node.clone(), admin_stop.clone()));
@@ -224,7 +262,7 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
 
     tokio::select! {
         _ = node.leave.cancelled() => {}
-        r = &mut proxy_task => { anyhow::bail!("proxy listener stopped unexpectedly: {r:?}") }
+        _ = done_rx.recv() => { anyhow::bail!("a proxy worker stopped unexpectedly") }
     }
     // The leave sequence (PRODUCT.md §5.3).
     let config = node.config.load_full();
@@ -233,7 +271,10 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
     tracing::info!(grace = ?config.node.leave_grace, "leaving: draining announced, still accepting during the grace period");
     tokio::time::sleep(config.node.leave_grace).await;
     stop_accepting.cancel();
-    let leftover = proxy_task.await.unwrap_or(0);
+    let mut leftover = 0;
+    for _ in 0..workers {
+        leftover += done_rx.recv().await.unwrap_or(0);
+    }
     node.lifecycle.set(MemberState::Left);
     cluster.leave().await;
     admin_stop.cancel();

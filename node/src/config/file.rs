@@ -38,7 +38,7 @@ pub struct NodeFile {
     pub admin: Option<SocketAddr>,
     pub advertise: Option<std::net::IpAddr>,
     pub data_dir: Option<PathBuf>,
-    /// Worker threads of the runtime (0 = one per CPU).
+    /// Proxy worker threads (0 = one per CPU); gossip, control and admin share one more.
     pub workers: Option<usize>,
     /// How long a leaving node waits for in-flight requests.
     pub drain_timeout: Option<Dur>,

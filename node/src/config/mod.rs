@@ -69,6 +69,16 @@ pub struct NodeSettings {
     pub max_header_bytes: usize,
 }
 
+impl NodeSettings {
+    /// Proxy worker threads: `workers`, or one per CPU.
+    pub fn proxy_workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
     pub id: String,
