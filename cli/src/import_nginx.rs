@@ -296,7 +296,7 @@ fn server(d: &Directive, out: &mut Out) {
     } else {
         out.warnings
             .push(format!("line {}: server {addr} — Shoal needs IP:PORT; resolve the name and edit the entry", d.line));
-        format!("{addr}")
+        addr.to_string()
     };
     let mut entry = format!("\n[[upstream.backend]]\naddr = \"{addr}\"\n");
     for a in &d.words[2..] {

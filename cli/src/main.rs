@@ -287,19 +287,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(status)?
                 .into_inner();
             let mut last = String::new();
-            loop {
-                match stream.message().await {
-                    Ok(Some(p)) => {
-                        if cli.json {
-                            println!("{}", json!({"phase": p.phase, "in_flight": p.in_flight}));
-                        } else {
-                            eprint!("\r{node}: {:<9} in-flight {:<6}", p.phase, p.in_flight);
-                        }
-                        last = p.phase;
-                    }
-                    // The node closes the stream (or the connection) once it has left.
-                    Ok(None) | Err(_) => break,
+            // The node closes the stream (or the connection) once it has left.
+            while let Ok(Some(p)) = stream.message().await {
+                if cli.json {
+                    println!("{}", json!({"phase": p.phase, "in_flight": p.in_flight}));
+                } else {
+                    eprint!("\r{node}: {:<9} in-flight {:<6}", p.phase, p.in_flight);
                 }
+                last = p.phase;
             }
             if !cli.json {
                 eprintln!();

@@ -66,7 +66,8 @@ impl Listeners {
         let mut proxy = Vec::new();
         let mut addr = config.node.listen;
         for _ in 0..config.node.proxy_workers() {
-            let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            let socket =
+                if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
             socket.set_reuseaddr(true)?;
             socket.set_reuseport(true)?;
             socket.set_nodelay(true)?;

@@ -39,7 +39,7 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
         #[command(flatten)]
-        flags: RunFlags,
+        flags: Box<RunFlags>,
     },
     /// Validate a config file and exit 0, or print what is wrong (file:line) and exit 1.
     Check {
@@ -113,7 +113,7 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                let node = match Node::new(cfg, flags) {
+                let node = match Node::new(cfg, *flags) {
                     Ok(n) => n,
                     Err(e) => {
                         eprintln!("shoald: {e:#}");

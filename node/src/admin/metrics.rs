@@ -146,13 +146,18 @@ impl Collector for NodeCollector {
 
         if let Some(c) = node.cluster.get() {
             let view = c.view.load();
-            let mut m =
-                enc.encode_descriptor("members", "Members by state, as this node sees them", None, MetricType::Gauge)?;
-            for state in [MemberState::Alive, MemberState::Draining, MemberState::Left, MemberState::Dead] {
-                let n = view.members.iter().filter(|x| x.state == state).count();
-                ConstGauge::new(n as i64).encode(m.encode_family(&[("state", state.name())])?)?;
+            {
+                let mut m = enc.encode_descriptor(
+                    "members",
+                    "Members by state, as this node sees them",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                for state in [MemberState::Alive, MemberState::Draining, MemberState::Left, MemberState::Dead] {
+                    let n = view.members.iter().filter(|x| x.state == state).count();
+                    ConstGauge::new(n as i64).encode(m.encode_family(&[("state", state.name())])?)?;
+                }
             }
-            drop(m);
             let g = &c.counters;
             counter(
                 &mut enc,

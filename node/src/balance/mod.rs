@@ -118,7 +118,7 @@ impl Picker for RandomTwo {
 /// Weighted rendezvous (highest random weight) score of `key` on `backend`: every node with the
 /// same backend set ranks backends identically, and removing one moves only its own keys.
 fn rendezvous_score(key: &[u8], backend: &Backend) -> f64 {
-    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x5348_4f41_4c, 0x7268_7768);
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x0053_484f_414c, 0x7268_7768);
     h.write(key);
     h.write(backend.state.addr_text.as_bytes());
     // Uniform in (0, 1); score = -w / ln(u) gives each backend a share proportional to w.
@@ -159,12 +159,11 @@ pub struct Cookie;
 
 impl Picker for Cookie {
     fn pick(&self, pool: &PoolSnapshot, eligible: &dyn Fn(usize) -> bool, req: &PickRequest) -> Option<usize> {
-        if let Some(value) = req.sticky {
-            if let Some(i) = pool.backends.iter().position(|b| &*b.sticky_id == value) {
-                if eligible(i) {
-                    return Some(i);
-                }
-            }
+        if let Some(value) = req.sticky
+            && let Some(i) = pool.backends.iter().position(|b| &*b.sticky_id == value)
+            && eligible(i)
+        {
+            return Some(i);
         }
         LeastConn.pick(pool, eligible, req)
     }

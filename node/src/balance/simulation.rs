@@ -58,7 +58,7 @@ pub fn simulate(policy: Policy, balancers: usize, period: f64, requests: usize, 
     let mut backends: Vec<Backend> =
         (0..BACKENDS).map(|_| Backend { queue: VecDeque::new(), done_at: f64::INFINITY }).collect();
     let arrival_rate = 0.9 * BACKENDS as f64;
-    let mut now = 0.0;
+    let mut now;
     let mut next_arrival = exp(&mut rng, 1.0 / arrival_rate);
     let mut next_gossip = period / balancers as f64;
     let (mut arrived, mut finished, mut total_time) = (0usize, 0usize, 0.0f64);
@@ -70,7 +70,6 @@ pub fn simulate(policy: Policy, balancers: usize, period: f64, requests: usize, 
             .map(|(i, b)| (i, b.done_at))
             .fold((0, f64::INFINITY), |a, x| if x.1 < a.1 { x } else { a });
         if next_gossip <= next_arrival && next_gossip <= next_done {
-            now = next_gossip;
             views[next_view].clone_from(&counts);
             next_view = (next_view + 1) % balancers;
             next_gossip += period / balancers as f64;

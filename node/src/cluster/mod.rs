@@ -330,13 +330,11 @@ async fn publish_loop(cluster: Arc<Cluster>) {
     }
 }
 
-/// What the view task reads from one member's gossip state.
-fn read_member(
-    id: &ChitchatId,
-    state: &NodeState,
-    live: bool,
-    is_self: bool,
-) -> (Member, Vec<(SocketAddr, u32)>, Vec<RegEntry>) {
+/// What the view task reads from one member's gossip state: the member, its per-backend
+/// in-flight reports, and its registry entries.
+type MemberReading = (Member, Vec<(SocketAddr, u32)>, Vec<RegEntry>);
+
+fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) -> MemberReading {
     let announced = state.get(keys::STATE).and_then(MemberState::parse).unwrap_or(MemberState::Alive);
     let member_state = match (live, announced) {
         (_, MemberState::Left) => MemberState::Left,
@@ -380,7 +378,7 @@ async fn view_loop(cluster: Arc<Cluster>) {
         let Some(node) = cluster.node.upgrade() else { return };
         cluster.rounds.fetch_add(1, Relaxed);
         // Read everything under the lock, process after releasing it.
-        let raw: Vec<(Member, Vec<(SocketAddr, u32)>, Vec<RegEntry>)> = {
+        let raw: Vec<MemberReading> = {
             let cc = cluster.chitchat.lock().await;
             let live: Vec<ChitchatId> = cc.live_nodes().cloned().collect();
             let dead: Vec<ChitchatId> = cc.dead_nodes().cloned().collect();
@@ -455,15 +453,14 @@ async fn view_loop(cluster: Arc<Cluster>) {
         }
 
         // Cluster-scope rate limit: this node's share of the cluster's request rate.
-        if let Some(limiter) = &node.proxy.runtime.load().limiter {
-            if limiter.settings().scope == crate::config::LimitScope::Cluster {
-                let total: f64 =
-                    members.iter().filter(|m| m.state == MemberState::Alive || m.is_self).map(|m| m.rps).sum();
-                let own = members.iter().find(|m| m.is_self).map_or(0.0, |m| m.rps);
-                let alive = members.iter().filter(|m| m.state == MemberState::Alive).count().max(1) as f64;
-                let share = if total > 1.0 { own / total } else { 1.0 / alive };
-                limiter.set_share(share);
-            }
+        if let Some(limiter) = &node.proxy.runtime.load().limiter
+            && limiter.settings().scope == crate::config::LimitScope::Cluster
+        {
+            let total: f64 = members.iter().filter(|m| m.state == MemberState::Alive || m.is_self).map(|m| m.rps).sum();
+            let own = members.iter().find(|m| m.is_self).map_or(0.0, |m| m.rps);
+            let alive = members.iter().filter(|m| m.state == MemberState::Alive).count().max(1) as f64;
+            let share = if total > 1.0 { own / total } else { 1.0 / alive };
+            limiter.set_share(share);
         }
 
         let old = cluster.view.load();

@@ -73,10 +73,10 @@ pub async fn connect(
     let channel = endpoint.connect().await.map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
     let token = secret.map(shoal_proto::control_token);
     Ok(pb::control_client::ControlClient::with_interceptor(channel, move |mut req: Request<()>| {
-        if let Some(t) = &token {
-            if let Ok(v) = t.parse() {
-                req.metadata_mut().insert(shoal_proto::AUTH_HEADER, v);
-            }
+        if let Some(t) = &token
+            && let Ok(v) = t.parse()
+        {
+            req.metadata_mut().insert(shoal_proto::AUTH_HEADER, v);
         }
         Ok(req)
     }))

@@ -40,10 +40,10 @@ impl IdleConns {
 
     /// Returns a connection for reuse; drops it (closing it) if the queue is full or it closed.
     pub fn put(&self, conn: Upstream) {
-        if let Some(q) = &self.queue {
-            if !conn.is_closed() {
-                let _ = q.push(conn);
-            }
+        if let Some(q) = &self.queue
+            && !conn.is_closed()
+        {
+            let _ = q.push(conn);
         }
     }
 

@@ -29,16 +29,16 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// `Upgrade` and `Connection: upgrade` stay (the handshake must reach the other side).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // Headers listed in Connection are hop-by-hop too; the common case has none.
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        if let Ok(list) = conn.to_str() {
-            let named: Vec<HeaderName> = list
-                .split(',')
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .filter(|n| !(upgrade && n == header::UPGRADE))
-                .collect();
-            for n in named {
-                headers.remove(n);
-            }
+    if let Some(conn) = headers.get(header::CONNECTION)
+        && let Ok(list) = conn.to_str()
+    {
+        let named: Vec<HeaderName> = list
+            .split(',')
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            headers.remove(n);
         }
     }
     for name in &HOP_BY_HOP {

@@ -148,10 +148,10 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let client_version = parts.version;
     // Host: HTTP/2 clients send :authority instead; HTTP/1 backends need a Host header.
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(auth) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            parts.headers.insert(header::HOST, auth);
-        }
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(auth) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, auth);
     }
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -278,10 +278,10 @@ async fn forward(
         let (mut parts, body) = resp.into_parts();
         parts.version = client_version;
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        if let Some(sticky) = &runtime.sticky {
-            if sticky_cookie.as_deref() != Some(&*backend.sticky_id) {
-                set_sticky_cookie(&mut parts.headers, sticky, backend);
-            }
+        if let Some(sticky) = &runtime.sticky
+            && sticky_cookie.as_deref() != Some(&*backend.sticky_id)
+        {
+            set_sticky_cookie(&mut parts.headers, sticky, backend);
         }
         let body = RespBody::Upstream(UpstreamBody::new(body, upstream, in_flight));
         return (Response::from_parts(parts, body), Some(state.addr_text.clone()));
