@@ -219,6 +219,7 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
         let (proxy, settings, stop, done) =
             (node.proxy.clone(), listener_settings.clone(), stop_accepting.clone(), done_tx.clone());
         std::thread::Builder::new().name(format!("shoal-proxy-{i}")).spawn(move || {
+            pool::conn::set_worker_index(i);
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {

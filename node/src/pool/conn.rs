@@ -26,21 +26,45 @@ pub enum ConnectError {
     Handshake(SocketAddr, hyper::Error),
 }
 
-/// Idle keep-alive connections of one backend.
+/// Most proxy worker threads with their own idle queues; workers beyond share the last one.
+const MAX_WORKER_QUEUES: usize = 16;
+
+thread_local! {
+    /// The proxy worker this thread is (0 for every other thread).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as proxy worker `index`, so it uses its own idle queues.
+pub fn set_worker_index(index: usize) {
+    WORKER.with(|w| w.set(index.min(MAX_WORKER_QUEUES - 1)));
+}
+
+fn worker_index() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+/// Idle keep-alive connections of one backend, one lock-free queue per proxy worker (like
+/// nginx's per-worker `keepalive`): a connection is driven by its worker's runtime, so reusing
+/// it from the same worker keeps each request on one thread.
 #[derive(Debug)]
 pub struct IdleConns {
-    queue: Option<ArrayQueue<Upstream>>,
+    capacity: usize,
+    queues: Vec<std::sync::OnceLock<ArrayQueue<Upstream>>>,
 }
 
 impl IdleConns {
-    /// `capacity` = 0 turns keep-alive off (every request gets a new connection).
+    /// `capacity` (per worker) = 0 turns keep-alive off (every request gets a new connection).
     pub fn new(capacity: usize) -> Self {
-        IdleConns { queue: (capacity > 0).then(|| ArrayQueue::new(capacity)) }
+        IdleConns { capacity, queues: (0..MAX_WORKER_QUEUES).map(|_| std::sync::OnceLock::new()).collect() }
+    }
+
+    fn queue(&self) -> Option<&ArrayQueue<Upstream>> {
+        (self.capacity > 0).then(|| self.queues[worker_index()].get_or_init(|| ArrayQueue::new(self.capacity)))
     }
 
     /// Returns a connection for reuse; drops it (closing it) if the queue is full or it closed.
     pub fn put(&self, conn: Upstream) {
-        if let Some(q) = &self.queue
+        if let Some(q) = self.queue()
             && !conn.is_closed()
         {
             let _ = q.push(conn);
@@ -49,7 +73,7 @@ impl IdleConns {
 
     /// Takes an idle connection that is ready for a request, discarding closed ones.
     pub async fn take(&self) -> Option<Upstream> {
-        let q = self.queue.as_ref()?;
+        let q = self.queue()?;
         while let Some(mut conn) = q.pop() {
             if conn.is_closed() {
                 continue;
@@ -61,8 +85,9 @@ impl IdleConns {
         None
     }
 
+    /// Idle connections over all workers.
     pub fn len(&self) -> usize {
-        self.queue.as_ref().map_or(0, ArrayQueue::len)
+        self.queues.iter().filter_map(|q| q.get()).map(ArrayQueue::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -71,7 +96,7 @@ impl IdleConns {
 
     /// Closes every idle connection (the backend left the pool or is draining).
     pub fn clear(&self) {
-        if let Some(q) = &self.queue {
+        for q in self.queues.iter().filter_map(|q| q.get()) {
             while q.pop().is_some() {}
         }
     }
