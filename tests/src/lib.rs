@@ -32,6 +32,7 @@
 
 pub mod backend;
 pub mod bins;
+pub mod cluster;
 pub mod http;
 pub mod load;
 pub mod node;
@@ -44,6 +45,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub use backend::Backend;
+pub use cluster::{CliOutput, Cluster, ClusterBuilder, Shoal};
 pub use load::{Load, LoadHandle, LoadSummary};
 pub use node::{Node, NodeBuilder, Signal, shoald_check, shoald_run_to_exit};
 

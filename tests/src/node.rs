@@ -49,9 +49,17 @@ pub struct NodeBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     files: Vec<(String, String)>,
+    gossip: Option<SocketAddr>,
 }
 
 impl NodeBuilder {
+    /// Gossip on `addr` instead of a port picked at start, so peers can be given it as a seed
+    /// before the node runs (see [`crate::cluster`]). A retry after a port clash keeps it.
+    pub fn gossip_addr(mut self, addr: SocketAddr) -> Self {
+        self.gossip = Some(addr);
+        self
+    }
+
     /// The config file's TOML. Listener addresses are passed as flags and override it.
     pub fn config(mut self, toml: impl Into<String>) -> Self {
         self.config = Some(toml.into());
@@ -112,7 +120,8 @@ impl NodeBuilder {
         let log_path = dir.path().join("node.log");
         let mut last_log = String::new();
         for attempt in 0..4 {
-            let (proxy, admin, control, gossip) = (free_addr(), free_addr(), free_addr(), free_addr());
+            let (proxy, admin, control) = (free_addr(), free_addr(), free_addr());
+            let gossip = self.gossip.unwrap_or_else(free_addr);
             let mut cmd = Command::new(&shoald);
             cmd.arg("run");
             if let Some(p) = &config_path {
@@ -188,7 +197,7 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// A builder for node `id`.
     pub fn builder(id: &str) -> NodeBuilder {
-        NodeBuilder { id: id.into(), config: None, args: Vec::new(), env: Vec::new(), files: Vec::new() }
+        NodeBuilder { id: id.into(), config: None, args: Vec::new(), env: Vec::new(), files: Vec::new(), gossip: None }
     }
 
     fn take_dir(&mut self) -> TempDir {
@@ -300,6 +309,22 @@ impl Node {
         Ok(v)
     }
 
+    /// `/metrics` as text.
+    pub async fn metrics_text(&self) -> anyhow::Result<String> {
+        let r = self.admin_get("/metrics").await?;
+        if r.status != 200 {
+            bail!("/metrics answered {}", r.status);
+        }
+        Ok(String::from_utf8_lossy(&r.body).into_owned())
+    }
+
+    /// The value of metric `name` (or `name_total`, as OpenMetrics names counters) whose
+    /// labels include every `labels` pair; `None` when there is no such sample.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let text = self.metrics_text().await.ok()?;
+        metric_value(&text, name, labels)
+    }
+
     /// The status code of `/ready` (0 when the admin listener does not answer).
     pub async fn ready_status(&self) -> u16 {
         self.admin_get("/ready").await.map_or(0, |r| r.status)
@@ -391,4 +416,21 @@ pub async fn shoald_run_to_exit(args: &[&str], timeout: Duration) -> anyhow::Res
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Finds the sample of `name` (or `name_total`) whose labels include every `labels` pair in
+/// Prometheus/OpenMetrics text.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (head, value) = line.rsplit_once(' ')?;
+        let (metric, label_text) = match head.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (head, ""),
+        };
+        if metric != name && metric.strip_suffix("_total") != Some(name) {
+            return None;
+        }
+        let all = labels.iter().all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+        if all { value.parse().ok() } else { None }
+    })
 }

@@ -68,6 +68,7 @@ impl Collector for NodeCollector {
         }
 
         let pool = node.pool.full();
+        let pool_nodes = node.pool.serving_nodes();
         let now = now_ms();
         macro_rules! per_backend {
             ($name:expr, $help:expr, $ty:expr, $value:expr) => {{
@@ -117,7 +118,7 @@ impl Collector for NodeCollector {
             "backend_up",
             "1 when the backend takes new requests",
             MetricType::Gauge,
-            |b: &crate::pool::Backend| b.accepts(now) as u8
+            |b: &crate::pool::Backend| b.accepts(now, pool_nodes) as u8
         );
         {
             let mut m =

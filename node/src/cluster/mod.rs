@@ -426,6 +426,8 @@ async fn view_loop(cluster: Arc<Cluster>) {
                 down_on.entry(*addr).or_default().push(m.node_id.clone());
             }
         }
+        let serving = members.iter().filter(|m| matches!(m.state, MemberState::Alive | MemberState::Draining)).count();
+        node.pool.set_serving_nodes(serving as u32);
         let pool = node.pool.full();
         for b in &pool.backends {
             let addr = b.spec.addr;

@@ -285,6 +285,8 @@ impl Control for ControlService {
             self.node.proxy.set_drain_timeout(Duration::from_millis(timeout_ms));
         }
         tracing::info!(drain_timeout_ms = timeout_ms, "leave requested over the control plane");
+        // Draining from the first progress message on (run() announces it in gossip next).
+        self.node.lifecycle.set(MemberState::Draining);
         self.node.leave.cancel();
         let node = self.node.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -184,9 +184,24 @@ pub struct Backend {
 
 impl Backend {
     /// Whether a new request may go here: healthy and under its cluster-wide `max_conns`.
+    ///
+    /// `max_conns` holds for the cluster without per-request coordination: each of the `nodes`
+    /// serving members admits at most `ceil(max_conns / nodes)` requests of its own, so the sum
+    /// never exceeds `max_conns + nodes - 1`; and the cluster-wide estimate (local + peers'
+    /// reports) must also be under `max_conns`. Peers' reports alone are 150-450 ms old, which
+    /// let every node take all slots at once under a spike (measured: peak 8 for max_conns 4
+    /// on 2 nodes); the per-node share is what bounds it.
     #[inline]
-    pub fn accepts(&self, now: u64) -> bool {
-        self.state.is_healthy(now) && (self.spec.max_conns == 0 || self.state.load() < self.spec.max_conns)
+    pub fn accepts(&self, now: u64, nodes: u32) -> bool {
+        if !self.state.is_healthy(now) {
+            return false;
+        }
+        let max = self.spec.max_conns;
+        if max == 0 {
+            return true;
+        }
+        let share = max.div_ceil(nodes.max(1));
+        self.state.in_flight.load(Relaxed) < share && self.state.load() < max
     }
 }
 
@@ -234,6 +249,9 @@ pub fn smooth_wrr_schedule(weights: &[u32]) -> Vec<u32> {
 /// that the request path never touches.
 pub struct Pool {
     current: ArcSwap<PoolSnapshot>,
+    /// Members serving traffic (alive or draining, this node included), from the cluster view;
+    /// splits `max_conns` between nodes.
+    serving_nodes: AtomicU32,
     states: Mutex<HashMap<SocketAddr, Arc<BackendState>>>,
     keepalive: std::sync::atomic::AtomicUsize,
     sticky_key: [u8; 16],
@@ -243,6 +261,7 @@ impl Pool {
     pub fn new(keepalive: usize, sticky_key: [u8; 16]) -> Self {
         Pool {
             current: ArcSwap::from_pointee(PoolSnapshot::default()),
+            serving_nodes: AtomicU32::new(1),
             states: Mutex::new(HashMap::new()),
             keepalive: keepalive.into(),
             sticky_key,
@@ -256,6 +275,14 @@ impl Pool {
 
     pub fn full(&self) -> Arc<PoolSnapshot> {
         self.current.load_full()
+    }
+
+    pub fn serving_nodes(&self) -> u32 {
+        self.serving_nodes.load(Relaxed)
+    }
+
+    pub fn set_serving_nodes(&self, n: u32) {
+        self.serving_nodes.store(n.max(1), Relaxed);
     }
 
     pub fn set_keepalive(&self, keepalive: usize) {

@@ -170,6 +170,7 @@ async fn forward(
     let settings = &runtime.upstream;
     proxy.retry_budget.deposit(settings.retry_budget);
     let pool = proxy.pool.snapshot();
+    let serving_nodes = proxy.pool.serving_nodes();
     let pick_req = PickRequest { client_ip: client.addr.ip(), sticky: sticky_cookie.as_deref() };
     let mut tried = Tried::default();
     let mut last_error = ProxyError::NoBackend;
@@ -189,7 +190,7 @@ async fn forward(
         }
         attempt += 1;
 
-        let Some(index) = pick(&pool, &tried, &pick_req, &runtime, settings.when_all_down) else {
+        let Some(index) = pick(&pool, serving_nodes, &tried, &pick_req, &runtime, settings.when_all_down) else {
             if attempt == 1 {
                 last_error = if pool.backends.iter().any(|b| b.state.is_healthy(now_ms())) {
                     ProxyError::AllBusy
@@ -292,6 +293,7 @@ async fn forward(
 /// Picks among primaries, then backups; with `when_all_down = "open"`, then any untried one.
 fn pick(
     snapshot: &PoolSnapshot,
+    nodes: u32,
     tried: &Tried,
     req: &PickRequest,
     runtime: &super::Runtime,
@@ -301,14 +303,14 @@ fn pick(
     let backends = &snapshot.backends;
     let usable = |i: usize, backup: bool| {
         let b = &backends[i];
-        b.spec.backup == backup && !tried.has(i) && b.accepts(now)
+        b.spec.backup == backup && !tried.has(i) && b.accepts(now, nodes)
     };
     runtime
         .picker
         .pick(snapshot, &|i| usable(i, false), req)
         .or_else(|| runtime.picker.pick(snapshot, &|i| usable(i, true), req))
         .or_else(|| {
-            (all_down == AllDown::Open && !backends.iter().any(|b| b.accepts(now)))
+            (all_down == AllDown::Open && !backends.iter().any(|b| b.accepts(now, nodes)))
                 .then(|| {
                     runtime.picker.pick(
                         snapshot,

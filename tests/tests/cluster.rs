@@ -1,0 +1,973 @@
+//! Cluster tests: several real `shoald` processes gossiping on 127.0.0.1, driven through the
+//! `shoal` CLI (`--json`) and their admin `/status` and `/metrics`, in front of in-process
+//! backends. Each test asserts the cluster contract with figures: how long a state change
+//! takes to reach every peer (printed, and bounded by the targets: joining `alive` < 2 s,
+//! `left` < 1 s after leaving, `dead` < 5 s after `kill -9`, shared health < 1 s), exit codes,
+//! counts of failed requests, and the peak concurrency a backend saw.
+//!
+//! Every node runs with the default gossip interval (150 ms) and leave grace (1 s).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shoal_tests::cluster::{find_backend, member_states, wait_members};
+use shoal_tests::http::get;
+use shoal_tests::{
+    Backend, Cluster, Load, LoadHandle, LoadSummary, Node, Shoal, Signal, TempDir, free_addr, wait_until,
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+type R = anyhow::Result<()>;
+
+/// Targets of the cluster contract.
+const JOIN_TARGET: Duration = Duration::from_secs(2);
+const LEAVE_TARGET: Duration = Duration::from_secs(1);
+const DEAD_TARGET: Duration = Duration::from_secs(5);
+const SHARED_HEALTH_TARGET: Duration = Duration::from_secs(1);
+const REGISTRY_TARGET: Duration = Duration::from_secs(1);
+
+/// `n` sequential requests through `proxy` on one keep-alive connection.
+async fn sample(proxy: SocketAddr, n: usize) -> LoadSummary {
+    Load::new(proxy).concurrency(1).count(n).run().await
+}
+
+/// The `/status` entry of backend `addr` on `node` (`Null` when absent or unreadable).
+async fn backend_entry(node: &Node, addr: SocketAddr) -> Value {
+    match node.status_json().await {
+        Ok(s) => find_backend(&s["backends"], addr).cloned().unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+/// Waits until `pred` holds for backend `addr`'s `/status` entry on every observer; returns
+/// the time it took.
+async fn wait_backend(
+    observers: &[&Node],
+    addr: SocketAddr,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        seen.clear();
+        for o in observers {
+            seen.push((o.id.clone(), backend_entry(o, addr).await));
+        }
+        if seen.iter().all(|(_, e)| pred(e)) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() >= timeout {
+            anyhow::bail!("timed out after {timeout:?} waiting until backend {addr} {what}; last seen: {seen:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ids(members: &Value) -> BTreeSet<String> {
+    members.as_array().into_iter().flatten().filter_map(|m| m["id"].as_str().map(String::from)).collect()
+}
+
+fn down_on(entry: &Value) -> Vec<String> {
+    entry["down_on"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
+}
+
+fn secret32(tag: &str) -> String {
+    // 32 bytes, no whitespace (shoald trims the file).
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let s = format!("{tag}-{nanos:x}-{:x}-0123456789abcdefghijklmnopqrstuvwxyz", std::process::id());
+    s[..32].to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Membership
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_nodes_converge_and_a_fourth_joins_with_shoal_join() -> R {
+    let bs = Backend::start_many(&["a", "b"]).await?;
+    let c = Cluster::builder("conv", 3).backend(&bs[0]).start().await?;
+    let converged = c.wait_converged(Duration::from_secs(10)).await?;
+    println!("3 nodes seeded with the same list (self included): all alive on every node after {converged:?}");
+    assert!(converged <= JOIN_TARGET, "convergence took {converged:?}");
+
+    // A run-time backend, to check the joiner gets the registry.
+    let added = c.shoal(0).json(&["backend", "add", &bs[1].addr.to_string(), "--weight", "3"]).await?;
+    assert_eq!(find_backend(&added, bs[1].addr).map(|b| b["weight"].clone()), Some(3.into()), "{added}");
+
+    // A fourth node started without any seed is a cluster of one...
+    let lone = Node::builder("conv-4").arg("--cluster-id").arg(c.cluster_id()).backend(&bs[0]).start().await?;
+    // (its view is built on the first gossip tick, which may come just after /live answers)
+    wait_members(&[&lone], &[("conv-4", "alive")], Duration::from_secs(1)).await?;
+    assert_eq!(member_states(&lone).await?, BTreeMap::from([("conv-4".to_string(), "alive".to_string())]));
+    // ...until `shoal join`.
+    let t0 = Instant::now();
+    let joined = Shoal::at(lone.control).run(&["join", &c[0].control.to_string()]).await?;
+    assert_eq!(joined.code, 0, "{joined:?}");
+    let j = joined.json()?;
+    assert_eq!(j["cluster"], c.cluster_id(), "{j}");
+    assert!(j["members"].as_u64().unwrap_or(0) >= 2, "{j}");
+    let mut all: Vec<&Node> = c.nodes.iter().collect();
+    all.push(&lone);
+    let want: Vec<(&str, &str)> = ["conv-1", "conv-2", "conv-3", "conv-4"].iter().map(|id| (*id, "alive")).collect();
+    wait_members(&all, &want, Duration::from_secs(10)).await?;
+    let join_time = t0.elapsed();
+    println!("joined node alive on every node {join_time:?} after `shoal join` started");
+    assert!(join_time <= JOIN_TARGET, "join took {join_time:?}");
+
+    // The joiner has the run-time backend (from the seed's Hello or from gossip).
+    let t =
+        wait_backend(&[&lone], bs[1].addr, "is on the joiner", Duration::from_secs(2), |e| e["weight"] == 3).await?;
+    println!("joiner had the registry {t:?} after converging");
+
+    // `shoal status` on every node shows the same members, each with its real addresses.
+    let mut reference: Option<BTreeSet<String>> = None;
+    for (i, node) in all.iter().enumerate() {
+        let s = Shoal::at(node.control).json(&["status"]).await?;
+        assert_eq!(s["node"], node.id.as_str(), "{s}");
+        assert_eq!(s["cluster"], c.cluster_id(), "{s}");
+        assert_eq!(s["state"], "alive", "{s}");
+        assert_eq!(s["algorithm"], "least-conn", "{s}");
+        let set = ids(&s["members"]);
+        match &reference {
+            None => reference = Some(set.clone()),
+            Some(r) => assert_eq!(&set, r, "node {i} sees another member set: {s}"),
+        }
+        for m in s["members"].as_array().into_iter().flatten() {
+            assert_eq!(m["state"], "alive", "{s}");
+            let peer = all.iter().find(|n| m["id"] == n.id.as_str()).expect("a known node");
+            assert_eq!(m["self"], Value::Bool(peer.id == node.id), "{m}");
+            assert_eq!(m["proxy"], peer.proxy.to_string(), "{m}");
+            assert_eq!(m["control"], peer.control.to_string(), "{m}");
+            assert_eq!(m["admin"], peer.admin.to_string(), "{m}");
+            assert_eq!(m["gossip"], peer.gossip.to_string(), "{m}");
+            for key in ["in_flight", "rps", "age_secs", "generation"] {
+                assert!(m[key].is_number(), "member field {key}: {m}");
+            }
+        }
+        for key in ["addr", "weight", "max_conns", "backup", "state", "in_flight", "cluster_in_flight", "requests"] {
+            assert!(!s["backends"][0][key].is_null(), "backend field {key}: {s}");
+        }
+        assert!(s["backends"][0]["down_on"].is_array() && s["backends"][0]["source"].is_string(), "{s}");
+        assert_eq!(node.metric("shoal_members", &[("state", "alive")]).await, Some(4.0), "{}", node.id);
+    }
+    assert_eq!(reference.unwrap().len(), 4);
+    let members = c.shoal(1).json(&["members"]).await?;
+    assert_eq!(ids(&members).len(), 4, "`shoal members --json` is an array of the members: {members}");
+    let human = c.shoal(1).human().run(&["status"]).await?;
+    assert_eq!(human.code, 0, "{human:?}");
+    assert!(human.stdout.contains("members 4/4 alive") && human.stdout.contains("conv-4"), "{}", human.stdout);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_cluster_is_refused() -> R {
+    let b = Backend::start("a").await?;
+    let c = Cluster::builder("cid", 2).backend(&b).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    // Another cluster id; it even gets the cluster's gossip addresses as seeds.
+    let mut foreign = Node::builder("cid-foreign").arg("--cluster-id").arg("some-other-cluster").backend(&b);
+    for g in c.gossip_addrs() {
+        foreign = foreign.arg("--seed").arg(&g.to_string());
+    }
+    let foreign = foreign.start().await?;
+    let out = Shoal::at(foreign.control).run(&["join", &c[0].control.to_string()]).await?;
+    assert_ne!(out.code, 0, "joining another cluster must fail: {out:?}");
+    assert!(out.stderr.contains("wrong cluster"), "the message says why: {out:?}");
+    assert!(out.stderr.contains("cid-cluster") && out.stderr.contains("some-other-cluster"), "{out:?}");
+    // Give gossip several rounds to do the wrong thing: nothing mixes.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        for n in c.nodes.iter() {
+            let m = member_states(n).await?;
+            assert!(!m.contains_key("cid-foreign"), "{} lists the foreign node: {m:?}", n.id);
+            assert_eq!(m.len(), 2, "{m:?}");
+        }
+        let m = member_states(&foreign).await?;
+        assert_eq!(m.keys().collect::<Vec<_>>(), vec!["cid-foreign"], "the foreign node sees only itself: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_is_dead_on_every_peer_and_its_load_stops_counting() -> R {
+    let b = Backend::start("slow").await?;
+    let mut c = Cluster::builder("kill", 3).backend(&b).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    // Node 3 holds 6 long requests to the backend; the others see them through gossip.
+    let held =
+        Load::new(c[2].proxy).path("/?delay=6000").concurrency(6).count(6).timeout(Duration::from_secs(8)).spawn();
+    let t = wait_backend(&[&c[0], &c[1]], b.addr, "shows node 3's 6 in-flight", Duration::from_secs(3), |e| {
+        e["cluster_in_flight"] == 6 && e["in_flight"] == 0
+    })
+    .await?;
+    println!("peers saw node 3's in-flight after {t:?}");
+    let label = b.addr.to_string();
+    assert_eq!(c[0].metric("shoal_backend_cluster_in_flight", &[("backend", &label)]).await, Some(6.0));
+    assert_eq!(c[0].metric("shoal_backend_in_flight", &[("backend", &label)]).await, Some(0.0));
+
+    let pid = c[2].pid();
+    let killed = Instant::now();
+    c[2].kill9();
+    assert!(pid.is_some());
+    // Watch both peers; at the first view where node 3 is dead, its load must be gone.
+    let mut detected: BTreeMap<String, Duration> = BTreeMap::new();
+    while detected.len() < 2 && killed.elapsed() < Duration::from_secs(10) {
+        for n in [&c[0], &c[1]] {
+            if detected.contains_key(&n.id) {
+                continue;
+            }
+            let Ok(s) = n.status_json().await else { continue };
+            let st = s["members"].as_array().into_iter().flatten().find(|m| m["id"] == "kill-3").cloned();
+            if st.as_ref().is_some_and(|m| m["state"] == "dead") {
+                detected.insert(n.id.clone(), killed.elapsed());
+                let e = find_backend(&s["backends"], b.addr).cloned().unwrap_or_default();
+                assert_eq!(e["cluster_in_flight"], 0, "a dead node's reports stop counting at once: {e}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("kill -9: node 3 dead on its peers after {detected:?}");
+    assert_eq!(detected.len(), 2, "node 3 not dead on both peers within 10 s: {detected:?}");
+    for (id, d) in &detected {
+        assert!(*d <= DEAD_TARGET, "{id} took {d:?} to see the killed node dead");
+    }
+    for n in [&c[0], &c[1]] {
+        assert_eq!(n.metric("shoal_members", &[("state", "dead")]).await, Some(1.0));
+        assert_eq!(n.metric("shoal_members", &[("state", "alive")]).await, Some(2.0));
+        let s = sample(n.proxy, 5).await;
+        assert_eq!(s.ok, 5, "the survivors keep serving: {s}");
+    }
+    let cli = c.shoal(0).json(&["members"]).await?;
+    let dead: Vec<&Value> = cli.as_array().into_iter().flatten().filter(|m| m["state"] == "dead").collect();
+    assert_eq!(dead.len(), 1, "{cli}");
+    assert_eq!(dead[0]["id"], "kill-3");
+    drop(held);
+    Ok(())
+}
+
+/// How a node is asked to leave.
+#[derive(Clone, Copy, PartialEq)]
+enum LeaveBy {
+    Cli,
+    Sigterm,
+}
+
+/// 3 nodes under load through nodes 1 and 2; node 3 (holding one long request) leaves.
+async fn leave_under_load(prefix: &str, by: LeaveBy) -> R {
+    let bs = Backend::start_many(&["a", "b"]).await?;
+    let mut c = Cluster::builder(prefix, 3).backend(&bs[0]).backend(&bs[1]).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    let me = format!("{prefix}-3");
+    let loads = [
+        Load::new(c[0].proxy).path("/?delay=5").concurrency(3).until_stopped().spawn(),
+        Load::new(c[1].proxy).path("/?delay=5").concurrency(3).until_stopped().spawn(),
+    ];
+    // One request that is still in flight on node 3 long after the grace period.
+    let proxy3 = c[2].proxy;
+    let long = tokio::spawn(async move { get(proxy3, "/?delay=2500").await });
+    wait_until(Duration::from_secs(2), "the long request is in flight", async || {
+        bs.iter().map(|b| b.in_flight()).sum::<u64>() >= 1 && c[2].status_json().await.is_ok()
+    })
+    .await?;
+
+    let t0 = Instant::now();
+    let cli = match by {
+        LeaveBy::Cli => {
+            let mut child = c.shoal(2).spawn(&["leave", "--drain-timeout", "10s"])?;
+            let stdout = child.stdout.take().expect("piped stdout");
+            Some(tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                let mut seen: Vec<(Instant, String)> = Vec::new();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    seen.push((Instant::now(), l));
+                }
+                (seen, child.wait().await)
+            }))
+        }
+        LeaveBy::Sigterm => {
+            c[2].signal(Signal::Term)?;
+            None
+        }
+    };
+    // Draining: /ready fails at once, peers hear it, and the node still accepts.
+    wait_until(Duration::from_secs(1), "node 3's /ready fails", async || c[2].ready_status().await == 503).await?;
+    let ready_503 = t0.elapsed();
+    let during_grace = get(c[2].proxy, "/").await;
+    let grace_ok = t0.elapsed();
+    c.wait_member(&[&c[0], &c[1]], &me, "draining", Duration::from_secs(1)).await?;
+    println!(
+        "{prefix}: /ready 503 after {ready_503:?}; a new request served at {grace_ok:?}; peers saw draining after {:?}",
+        t0.elapsed()
+    );
+    let r = during_grace?;
+    assert_eq!(r.status, 200, "a request during the grace period is served: {r:?}");
+
+    // After the grace period: no new connections while the long request finishes.
+    let proxy3 = c[2].proxy;
+    wait_until(Duration::from_secs(3), "node 3 stops accepting", async || {
+        tokio::net::TcpStream::connect(proxy3).await.is_err()
+    })
+    .await?;
+    let stopped = t0.elapsed();
+    assert!(stopped >= Duration::from_millis(900), "stopped accepting before leave_grace (1 s): {stopped:?}");
+    assert!(!long.is_finished(), "the long request is still running when accepting stops ({stopped:?})");
+
+    // Left: on the peers, soon after the node itself says so.
+    let mut self_left: Option<Duration> = None;
+    let mut peers_left: Option<Duration> = None;
+    while (self_left.is_none() || peers_left.is_none()) && t0.elapsed() < Duration::from_secs(15) {
+        if self_left.is_none() {
+            let own = c[2].status_json().await.ok().map(|s| s["state"].clone());
+            let exited = c[2].exited().is_some();
+            if own.as_ref().is_some_and(|s| s == "left") || exited {
+                self_left = Some(t0.elapsed());
+            }
+        }
+        if peers_left.is_none() {
+            let mut all = true;
+            for n in [&c[0], &c[1]] {
+                all &= member_states(n).await.unwrap_or_default().get(&me).is_some_and(|s| s == "left");
+            }
+            if all {
+                peers_left = Some(t0.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let peers_left = peers_left.ok_or_else(|| anyhow::anyhow!("peers never saw {me} left"))?;
+    let status = c[2].wait_exit(Duration::from_secs(10)).await?;
+    let exited = t0.elapsed();
+    assert!(status.success(), "the leaving node exits 0: {status}");
+    let long = long.await?;
+    let long = long.map_err(|e| anyhow::anyhow!("the in-flight request failed during the leave: {e:#}"))?;
+    assert_eq!(long.status, 200, "{long:?}");
+
+    // When did the node say `left`? The CLI's stream, or its own /status.
+    let said_left = match cli {
+        Some(task) => {
+            let (lines, cli_status) = task.await?;
+            let cli_status = cli_status?;
+            assert!(cli_status.success(), "shoal leave exits 0: {cli_status} ({lines:?})");
+            let phases: Vec<Value> = lines.iter().filter_map(|(_, l)| serde_json::from_str(l).ok()).collect();
+            let mut names: Vec<&str> = phases.iter().filter_map(|p| p["phase"].as_str()).collect();
+            names.dedup();
+            println!("{prefix}: `shoal leave --json` phases: {names:?}");
+            let first_draining = names.iter().position(|p| *p == "draining");
+            assert!(first_draining.is_some(), "{phases:?}");
+            assert!(
+                names[first_draining.unwrap_or(0)..].iter().all(|p| *p != "alive"),
+                "no `alive` once draining: {names:?}"
+            );
+            assert_eq!(phases.last().map(|p| p["phase"].clone()), Some("left".into()), "{phases:?}");
+            assert!(
+                phases.iter().any(|p| p["phase"] == "draining" && p["in_flight"].as_u64() >= Some(1)),
+                "the stream reports the in-flight request while draining: {phases:?}"
+            );
+            let at = lines.iter().find(|(_, l)| l.contains("\"left\"")).map(|(t, _)| t.duration_since(t0));
+            at.expect("a left phase")
+        }
+        None => self_left.expect("the node said left or exited"),
+    };
+    let lag = peers_left.saturating_sub(said_left);
+    println!(
+        "{prefix}: node 3 said left at {said_left:?}, peers saw left at {peers_left:?} (lag {lag:?}), process exited 0 at {exited:?}"
+    );
+    assert!(lag <= LEAVE_TARGET, "peers saw `left` {lag:?} after the node said it");
+    assert!(c[2].log().contains("left the cluster"), "{}", c[2].log());
+
+    // Zero failed requests through the other nodes, from start to end.
+    for (i, l) in loads.into_iter().enumerate() {
+        let s = l.stop().await;
+        assert!(s.sent >= 50, "too little traffic to judge: {s}");
+        assert_eq!(s.failed(), 0, "load through node {} while node 3 left: {s}", i + 1);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_leave_under_load_through_the_others() -> R {
+    leave_under_load("leave", LeaveBy::Cli).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_leave_under_load_through_the_others() -> R {
+    leave_under_load("term", LeaveBy::Sigterm).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_add_drain_remove_reach_every_node() -> R {
+    let bs = Backend::start_many(&["a", "b"]).await?;
+    let c = Cluster::builder("reg", 3).backend(&bs[0]).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    let all: Vec<&Node> = c.nodes.iter().collect();
+    let b = bs[1].addr;
+    let b_text = b.to_string();
+
+    // add on node 1 -> node 3 within 1 s
+    let out = c.shoal(0).json(&["backend", "add", &b_text, "--weight", "2", "--max-conns", "50"]).await?;
+    let e = find_backend(&out, b).cloned().unwrap_or_default();
+    assert_eq!(
+        (e["weight"].clone(), e["max_conns"].clone(), e["source"].clone()),
+        (2.into(), 50.into(), "runtime".into()),
+        "{out}"
+    );
+    let t = wait_backend(&[&c[2]], b, "is on node 3", Duration::from_secs(3), |e| e["weight"] == 2).await?;
+    println!("backend add on node 1 visible on node 3 after {t:?}");
+    assert!(t <= REGISTRY_TARGET, "add took {t:?} to reach node 3");
+    wait_backend(&all, b, "is on every node", Duration::from_secs(3), |e| e["state"] == "up").await?;
+    let listed = c.shoal(2).json(&["backend", "list"]).await?;
+    let e = find_backend(&listed, b).cloned().unwrap_or_default();
+    assert_eq!(
+        (e["weight"].clone(), e["max_conns"].clone(), e["source"].clone()),
+        (2.into(), 50.into(), "runtime".into()),
+        "{listed}"
+    );
+    let s = sample(c[2].proxy, 30).await;
+    assert_eq!(s.ok, 30, "{s}");
+    assert!(s.from("b") > 0, "node 3 sends traffic to the backend added on node 1: {s}");
+
+    // drain on node 2 -> every node within 1 s, and no new request goes there
+    let out = c.shoal(1).json(&["backend", "drain", &b_text]).await?;
+    assert_eq!(find_backend(&out, b).map(|e| e["state"].clone()), Some("draining".into()), "{out}");
+    let t =
+        wait_backend(&all, b, "is draining everywhere", Duration::from_secs(3), |e| e["state"] == "draining").await?;
+    println!("backend drain on node 2 visible everywhere after {t:?}");
+    assert!(t <= REGISTRY_TARGET, "drain took {t:?} to reach every node");
+    let before = bs[1].requests();
+    for n in &all {
+        let s = sample(n.proxy, 10).await;
+        assert_eq!((s.ok, s.from("a")), (10, 10), "{}: {s}", n.id);
+    }
+    assert_eq!(bs[1].requests(), before, "a drained backend gets no new request");
+
+    // remove on node 3 -> gone everywhere
+    let out = c.shoal(2).json(&["backend", "remove", &b_text]).await?;
+    assert!(find_backend(&out, b).is_none(), "{out}");
+    let t = wait_backend(&all, b, "is gone everywhere", Duration::from_secs(3), |e| e.is_null()).await?;
+    println!("backend remove on node 3 visible everywhere after {t:?}");
+    assert!(t <= REGISTRY_TARGET);
+
+    // Two nodes change the same backend at the same time: every node ends with the same winner.
+    let (s1, s2) = (c.shoal(0), c.shoal(1));
+    let (args1, args2) = (["backend", "add", &b_text, "--weight", "11"], ["backend", "add", &b_text, "--weight", "22"]);
+    let (w1, w2) = tokio::join!(s1.json(&args1), s2.json(&args2));
+    w1?;
+    w2?;
+    let t = wait_backend(&all, b, "has one weight everywhere", Duration::from_secs(3), |e| !e.is_null()).await?;
+    let mut agreed = BTreeSet::new();
+    let settle = Instant::now();
+    loop {
+        agreed.clear();
+        for n in &all {
+            agreed.insert(backend_entry(n, b).await["weight"].to_string());
+        }
+        if agreed.len() == 1 || settle.elapsed() > REGISTRY_TARGET {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "concurrent adds on nodes 1 and 2: every node agrees on weight {agreed:?} {:?} after both returned",
+        t + settle.elapsed()
+    );
+    assert_eq!(agreed.len(), 1, "last writer wins on every node: {agreed:?}");
+    assert!(agreed.contains("11") || agreed.contains("22"), "{agreed:?}");
+
+    // exit codes: unknown backend 3, bad input 1, unreachable node 2
+    for (op, i) in [("remove", 0), ("drain", 1)] {
+        let out = c.shoal(i).run(&["backend", op, "127.0.0.1:1"]).await?;
+        assert_eq!(out.code, 3, "{op} of an unknown backend: {out:?}");
+        assert!(out.stderr.contains("unknown backend"), "{out:?}");
+    }
+    let out = c.shoal(0).run(&["backend", "add", "not-an-address"]).await?;
+    assert_eq!(out.code, 1, "{out:?}");
+    let out = Shoal::at(free_addr()).run(&["status"]).await?;
+    assert_eq!(out.code, 2, "an unreachable node: {out:?}");
+    assert!(out.stderr.contains("unreachable"), "{out:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_survives_its_originator_and_reaches_a_new_node() -> R {
+    let bs = Backend::start_many(&["a", "b"]).await?;
+    let mut c = Cluster::builder("orig", 3).backend(&bs[0]).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    let b = bs[1].addr;
+    c.shoal(0).json(&["backend", "add", &b.to_string(), "--weight", "5"]).await?;
+    wait_backend(&[&c[1], &c[2]], b, "is on nodes 2 and 3", REGISTRY_TARGET, |e| e["weight"] == 5).await?;
+
+    c[0].kill9();
+    c.wait_member(&[&c[1], &c[2]], "orig-1", "dead", Duration::from_secs(10)).await?;
+    // Several gossip rounds later the survivors still have it, and use it.
+    let until = Instant::now() + Duration::from_millis(600);
+    while Instant::now() < until {
+        for n in [&c[1], &c[2]] {
+            let e = backend_entry(n, b).await;
+            assert_eq!((e["weight"].clone(), e["state"].clone()), (5.into(), "up".into()), "{}: {e}", n.id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A new node joining later learns it from the survivors.
+    let seeds = vec![c[1].gossip, c[2].gossip];
+    let mut nb = Node::builder("orig-4").arg("--cluster-id").arg(c.cluster_id()).backend(&bs[0]);
+    for s in &seeds {
+        nb = nb.arg("--seed").arg(&s.to_string());
+    }
+    let fresh = nb.start().await?;
+    let t = wait_backend(&[&fresh], b, "is on the new node", Duration::from_secs(3), |e| e["weight"] == 5).await?;
+    println!("new node got the run-time backend of a dead originator {t:?} after starting");
+    assert!(t <= JOIN_TARGET, "{t:?}");
+    let listed = Shoal::at(fresh.control).json(&["backend", "list"]).await?;
+    assert_eq!(find_backend(&listed, b).map(|e| e["source"].clone()), Some("runtime".into()), "{listed}");
+    let s = sample(fresh.proxy, 20).await;
+    assert_eq!(s.ok, 20, "{s}");
+    assert!(s.from("b") > 0, "the new node uses it: {s}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_survives_a_full_cluster_restart_with_data_dirs() -> R {
+    let bs = Backend::start_many(&["a", "b"]).await?;
+    let mut c = Cluster::builder("disk", 3).backend(&bs[0]).data_dirs().start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    let (a, b) = (bs[0].addr, bs[1].addr);
+    c.shoal(0).json(&["backend", "add", &b.to_string(), "--weight", "4"]).await?;
+    c.shoal(1).json(&["backend", "drain", &a.to_string()]).await?;
+    let all: Vec<&Node> = c.nodes.iter().collect();
+    wait_backend(&all, b, "is added everywhere", Duration::from_secs(2), |e| e["weight"] == 4).await?;
+    wait_backend(&all, a, "is draining everywhere", Duration::from_secs(2), |e| e["state"] == "draining").await?;
+    for id in c.ids() {
+        assert!(c.dir().join(format!("data-{id}")).join("shoal-state.bin").is_file(), "{id} persisted its state");
+    }
+
+    c.stop_all().await?;
+    // Node 3 (which made neither change) first, alone: what it has now came from its disk.
+    for i in [3, 2, 1] {
+        let n = c.restart_node(i).await?;
+        let e = backend_entry(n, b).await;
+        assert_eq!((e["weight"].clone(), e["state"].clone()), (4.into(), "up".into()), "{} after restart: {e}", n.id);
+        let e = backend_entry(n, a).await;
+        assert_eq!(e["state"], "draining", "{} after restart: {e}", n.id);
+        if i == 3 {
+            wait_members(&[n], &[("disk-3", "alive")], Duration::from_secs(1)).await?;
+            assert_eq!(member_states(n).await?.len(), 1, "node 3 restarted alone");
+        }
+    }
+    c.wait_converged(Duration::from_secs(10)).await?;
+    let before = bs[0].requests();
+    for n in &c.nodes {
+        let s = sample(n.proxy, 10).await;
+        assert_eq!((s.ok, s.from("b")), (10, 10), "{}: {s}", n.id);
+    }
+    assert_eq!(bs[0].requests(), before, "the drained config backend stays drained after the restart");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared health
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_refusing_connections_on_one_node_is_down_on_all() -> R {
+    let bs = Backend::start_many(&["a", "b"]).await?;
+    let opts = "max_fails=1,fail_timeout=2s";
+    let c = Cluster::builder("ejp", 3)
+        .algorithm("round-robin")
+        .backend_with(&bs[0], opts)
+        .backend_with(&bs[1], opts)
+        .start()
+        .await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    let a = bs[0].addr;
+    bs[0].stop().await;
+
+    // Traffic through node 1 only: round-robin sends its second request to `a`, which
+    // refuses; the request is retried on `b`, and node 1 ejects `a`.
+    let t0 = Instant::now();
+    let s = sample(c[0].proxy, 4).await;
+    assert_eq!((s.ok, s.from("b")), (4, 4), "{s}");
+    let e1 = backend_entry(&c[0], a).await;
+    assert_eq!((e1["state"].clone(), e1["own_verdict"].clone()), ("down".into(), "down".into()), "{e1}");
+    let t =
+        wait_backend(&[&c[1], &c[2]], a, "is down on nodes 2 and 3 by node 1's report", Duration::from_secs(3), |e| {
+            e["state"] == "down" && down_on(e) == ["ejp-1"]
+        })
+        .await?;
+    let shared = t0.elapsed();
+    println!(
+        "passive ejection on node 1 shared: down on nodes 2 and 3 {shared:?} after node 1's traffic started ({t:?} after it ejected)"
+    );
+    assert!(shared <= SHARED_HEALTH_TARGET, "{shared:?}");
+    for n in [&c[1], &c[2]] {
+        let e = backend_entry(n, a).await;
+        assert_eq!(e["own_verdict"], "up", "{}: its own verdict never saw a failure: {e}", n.id);
+        assert_eq!((e["requests"].clone(), e["failures"].clone()), (0.into(), 0.into()), "{}: {e}", n.id);
+        // Their traffic avoids it without ever trying it.
+        let s = sample(n.proxy, 10).await;
+        assert_eq!((s.ok, s.from("b")), (10, 10), "{}: {s}", n.id);
+        let e = backend_entry(n, a).await;
+        assert_eq!((e["requests"].clone(), e["failures"].clone()), (0.into(), 0.into()), "{}: {e}", n.id);
+    }
+    let cli = c.shoal(2).json(&["backend", "list"]).await?;
+    let e = find_backend(&cli, a).cloned().unwrap_or_default();
+    assert_eq!((e["state"].clone(), down_on(&e)), ("down".into(), vec!["ejp-1".to_string()]), "{cli}");
+
+    // Back: node 1's ejection ends after fail_timeout, it takes its report back, and `a`
+    // returns everywhere.
+    bs[0].restart().await?;
+    let all: Vec<&Node> = c.nodes.iter().collect();
+    let t = wait_backend(&all, a, "is up everywhere again", Duration::from_secs(5), |e| {
+        e["state"] == "up" && down_on(e).is_empty()
+    })
+    .await?;
+    println!("backend up again everywhere {t:?} after its restart (fail_timeout 2 s)");
+    let before = bs[0].requests();
+    let s = sample(c[2].proxy, 10).await;
+    assert_eq!(s.ok, 10, "{s}");
+    assert!(bs[0].requests() > before, "node 3 uses it again: {s}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_active_check_on_one_node_takes_the_backend_out_everywhere() -> R {
+    let bs = Backend::start_many(&["a", "b"]).await?;
+    let checks = r#"
+[health]
+interval = "100ms"
+rise = 2
+fall = 2
+timeout = "500ms"
+type = "http"
+path = "/health"
+"#;
+    // Only node 1 runs active checks.
+    let c = Cluster::builder("eja", 3).node_config(1, checks).backend(&bs[0]).backend(&bs[1]).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    let a = bs[0].addr;
+    wait_until(Duration::from_secs(3), "node 1 checks a", async || bs[0].health_checks() >= 2).await?;
+    bs[0].set_health_status(500);
+    let t1 =
+        wait_backend(&[&c[0]], a, "is down on node 1", Duration::from_secs(3), |e| e["own_verdict"] == "down").await?;
+    let t = wait_backend(&[&c[1], &c[2]], a, "is down on nodes 2 and 3", Duration::from_secs(3), |e| {
+        e["state"] == "down" && down_on(e) == ["eja-1"]
+    })
+    .await?;
+    println!("active check failing on node 1 (down after {t1:?}): down on nodes 2 and 3 {t:?} later");
+    assert!(t <= SHARED_HEALTH_TARGET, "{t:?}");
+    let before = bs[0].requests();
+    for n in &c.nodes {
+        let s = sample(n.proxy, 10).await;
+        assert_eq!((s.ok, s.from("b")), (10, 10), "{}: {s}", n.id);
+    }
+    assert_eq!(bs[0].requests(), before, "no node sends requests to the backend node 1 found down");
+
+    bs[0].set_health_status(200);
+    let t1 = wait_backend(&[&c[0]], a, "is up on node 1", Duration::from_secs(3), |e| e["state"] == "up").await?;
+    let t = wait_backend(&[&c[1], &c[2]], a, "is up on nodes 2 and 3", Duration::from_secs(3), |e| {
+        e["state"] == "up" && down_on(e).is_empty()
+    })
+    .await?;
+    println!("check good again: up on node 1 after {t1:?}, on nodes 2 and 3 {t:?} later");
+    assert!(t <= SHARED_HEALTH_TARGET, "{t:?}");
+    let s = sample(c[1].proxy, 20).await;
+    assert!(s.ok == 20 && s.from("a") > 0, "{s}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster-wide load
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_wide_least_conn_steers_other_nodes_away_from_a_loaded_backend() -> R {
+    let bs = Backend::start_many(&["slow", "fast"]).await?;
+    let (slow, fast) = (bs[0].addr, bs[1].addr);
+    bs[0].set_delay(Duration::from_millis(300));
+    let c = Cluster::builder("lc", 3).backend(&bs[0]).backend(&bs[1]).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+
+    // Steady load through node 1 only: least-conn there keeps many requests on the slow one.
+    let load = Load::new(c[0].proxy).concurrency(20).until_stopped().spawn();
+    let t = wait_backend(&[&c[1]], slow, "carries node 1's load in node 2's view", Duration::from_secs(3), |e| {
+        e["in_flight"] == 0 && e["cluster_in_flight"].as_u64() >= Some(5)
+    })
+    .await?;
+    println!("node 2 sees node 1's in-flight on the slow backend after {t:?}");
+
+    // Requests through node 2, one at a time, over ~10 gossip rounds.
+    let mut probes = Vec::new();
+    for _ in 0..30 {
+        let st = c[1].status_json().await?;
+        let seen =
+            |addr| find_backend(&st["backends"], addr).map_or(0, |e| e["cluster_in_flight"].as_u64().unwrap_or(0));
+        let (s, f) = (seen(slow), seen(fast));
+        let r = get(c[1].proxy, "/").await?;
+        assert_eq!(r.status, 200);
+        probes.push((s, f, r.body));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let s = load.stop().await;
+    assert_eq!(s.failed(), 0, "{s}");
+    let to_slow = probes.iter().filter(|p| p.2 == "slow").count();
+    let lighter_fast = probes.iter().filter(|p| p.0 > p.1).count();
+    println!("node 2's probes (slow, fast cluster in-flight it saw -> answered by): {probes:?}");
+    println!("{to_slow} of 30 requests through node 2 went to the slow backend; node 1's load: {s}");
+    // Node 1's own in-flight was in node 2's view nearly every time...
+    assert!(lighter_fast >= 25, "node 2 saw the slow backend as the busier one only {lighter_fast} of 30 times");
+    // ...and node 2 acted on it. On its own (zero local load everywhere) node 2's least-conn
+    // would split them evenly; P(<= 3 of 30 | even split) < 1e-5.
+    assert!(to_slow <= 3, "{to_slow} of 30 requests through node 2 went to the backend node 1 loaded: {probes:?}");
+    // Whenever node 2 saw the slow backend clearly busier, it never chose it.
+    for p in &probes {
+        assert!(!(p.0 >= p.1 + 3 && p.2 == "slow"), "node 2 picked slow although it saw {p:?}");
+    }
+
+    // Control: once node 1's load is gone from the reports, node 2 uses both again.
+    wait_backend(&[&c[1]], slow, "shows no load", Duration::from_secs(3), |e| e["cluster_in_flight"] == 0).await?;
+    bs[0].set_delay(Duration::ZERO);
+    let s = sample(c[1].proxy, 30).await;
+    assert_eq!(s.ok, 30, "{s}");
+    assert!(s.from("slow") >= 3 && s.from("fast") >= 3, "with no load anywhere node 2 uses both: {s}");
+    Ok(())
+}
+
+/// Samples `b`'s requests in progress every 5 ms while `loads` run (until they completed
+/// `total` requests or `max` passed), then collects them; also returns `b`'s peak.
+async fn watch_concurrency(
+    b: &Backend,
+    loads: Vec<LoadHandle>,
+    total: usize,
+    max: Duration,
+) -> (Vec<LoadSummary>, Vec<u64>, u64) {
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed() < max && loads.iter().map(LoadHandle::completed).sum::<usize>() < total {
+        samples.push(b.in_flight());
+
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut sums = Vec::new();
+    for l in loads {
+        sums.push(l.finish().await);
+    }
+    (sums, samples, b.max_in_flight())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_conns_holds_cluster_wide() -> R {
+    const MAX: u64 = 4;
+    const NODES: u64 = 2;
+    let bs = Backend::start_many(&["capped", "spare"]).await?;
+    bs[0].set_delay(Duration::from_millis(300));
+    let c = Cluster::builder("maxc", NODES as usize)
+        .backend_with(&bs[0], &format!("max_conns={MAX}"))
+        .backend_with(&bs[1], "backup")
+        .start()
+        .await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+
+    // 1. 8 clients through each node at once (a spike reaching every node): the capped
+    // backend could take all 16 without the cap; what does not fit goes to the backup.
+    bs[0].reset_max_in_flight();
+    let loads: Vec<_> =
+        c.nodes.iter().map(|n| Load::new(n.proxy).concurrency(8).duration(Duration::from_secs(2)).spawn()).collect();
+    let (sums, samples, peak) = watch_concurrency(&bs[0], loads, usize::MAX, Duration::from_secs(2)).await;
+    let over = samples.iter().filter(|&&n| n > MAX).count();
+    let first_over = samples.iter().position(|&n| n > MAX).map(|i| i * 5);
+    println!(
+        "max_conns={MAX}, 8 clients on each of {NODES} nodes, 300 ms requests: capped backend peak {peak}, over {MAX} in {over} of {} 5 ms samples (first at ~{first_over:?} ms); {}",
+        samples.len(),
+        sums.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" | ")
+    );
+    for s in &sums {
+        assert_eq!(s.failed(), 0, "the rest go to the backup: {s}");
+        assert!(s.from("spare") > 0 && s.from("capped") > 0, "{s}");
+    }
+
+    // 2. Without the backup, what does not fit gets 503.
+    c.shoal(0).json(&["backend", "remove", &bs[1].addr.to_string()]).await?;
+    wait_backend(&[&c[0], &c[1]], bs[1].addr, "is removed", Duration::from_secs(2), |e| e.is_null()).await?;
+    // Start from idle, as seen by every node.
+    wait_backend(&[&c[0], &c[1]], bs[0].addr, "is idle on every node", Duration::from_secs(3), |e| {
+        e["cluster_in_flight"] == 0
+    })
+    .await?;
+    bs[0].reset_max_in_flight();
+    let loads: Vec<_> = c.nodes.iter().map(|n| Load::new(n.proxy).concurrency(8).count(200).spawn()).collect();
+    let (sums2, _, peak2) = watch_concurrency(&bs[0], loads, 400, Duration::from_secs(10)).await;
+    for s in &sums2 {
+        println!("no backup: capped backend peak {peak2}; {s}");
+        assert_eq!(s.errors, 0, "{s}");
+        assert_eq!(s.ok + s.status(503), s.sent, "only 200 and 503: {s}");
+        assert!(s.status(503) > 0 && s.ok > 0, "{s}");
+        assert!(s.samples.iter().all(|x| x.contains("max_conns")), "{s}");
+    }
+
+    // Each node holds the cap on its own traffic...
+    assert!(peak <= MAX * NODES && peak2 <= MAX * NODES, "peaks {peak}, {peak2}");
+    // ...and, the contract, on the cluster's. A node admits when its exact local count plus
+    // the peers' last reports is below max_conns; the checks on different nodes are not atomic
+    // with each other, so a freed slot may be taken by two nodes before either hears of the
+    // other's take: one extra request per node, hence the tolerance MAX + NODES, and the
+    // backend should be over MAX only briefly.
+    assert!(
+        peak <= MAX + NODES,
+        "with a backup: the capped backend saw {peak} requests at once (max_conns {MAX}, {NODES} nodes)"
+    );
+    assert!(
+        peak2 <= MAX + NODES,
+        "without a backup: the capped backend saw {peak2} requests at once (max_conns {MAX}, {NODES} nodes)"
+    );
+    assert!(over * 10 <= samples.len(), "over {MAX} in {over} of {} samples", samples.len());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Security
+// ---------------------------------------------------------------------------------------------
+
+async fn rejected_datagrams(n: &Node) -> f64 {
+    n.metric("shoal_gossip_rejected_datagrams", &[]).await.unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_and_control_need_the_cluster_secret() -> R {
+    let b = Backend::start("a").await?;
+    let c = Cluster::builder("sec", 3).secret(&secret32("right")).backend(&b).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    let right = c.secret_file().expect("a secret");
+    let dir = TempDir::new("sec-files")?;
+    let wrong = dir.write("wrong-secret", &secret32("wrong"))?;
+    let mut base = Vec::new();
+    for n in &c.nodes {
+        base.push(rejected_datagrams(n).await);
+    }
+    assert!(base.iter().all(|&r| r >= 0.0), "the metric exists: {base:?}");
+
+    // 1. A node with another secret, seeded with the cluster: its datagrams are refused.
+    let mut nb = Node::builder("sec-intruder")
+        .arg("--cluster-id")
+        .arg(c.cluster_id())
+        .arg("--secret-file")
+        .arg(&wrong.display().to_string())
+        .backend(&b);
+    for g in c.gossip_addrs() {
+        nb = nb.arg("--seed").arg(&g.to_string());
+    }
+    let mut intruder = nb.start().await?;
+    wait_until(Duration::from_secs(3), "every node rejects the intruder's datagrams", async || {
+        let mut all = true;
+        for (n, b0) in c.nodes.iter().zip(&base) {
+            all &= rejected_datagrams(n).await >= b0 + 2.0;
+        }
+        all
+    })
+    .await?;
+    let until = Instant::now() + Duration::from_millis(1000);
+    while Instant::now() < until {
+        for n in &c.nodes {
+            let m = member_states(n).await?;
+            assert_eq!(m.len(), 3, "{}: {m:?}", n.id);
+            assert!(m.values().all(|s| s == "alive"), "{m:?}");
+        }
+        assert_eq!(member_states(&intruder).await?.len(), 1, "the intruder sees nobody");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    intruder.kill9();
+
+    // 2. Forged datagrams to node 1's gossip port: random bytes, junk shaped like a sealed
+    // datagram, and a real sealed datagram (captured from a node with the right secret that
+    // gossips to us) with one bit flipped or cut short.
+    let tap = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let tap_node = Node::builder("sec-tap")
+        .arg("--cluster-id")
+        .arg(c.cluster_id())
+        .arg("--secret-file")
+        .arg(&right.display().to_string())
+        .arg("--seed")
+        .arg(&tap.local_addr()?.to_string())
+        .start()
+        .await?;
+    let mut buf = vec![0u8; 65536];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), tap.recv_from(&mut buf)).await??;
+    let real = buf[..n].to_vec();
+    drop(tap_node);
+    assert!(real.starts_with(b"SHL1") && real.len() > 60, "a sealed datagram: {:?}", &real[..real.len().min(8)]);
+    // Let anything in flight from the intruder land before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r0 = rejected_datagrams(&c[0]).await;
+    let others: Vec<f64> = [rejected_datagrams(&c[1]).await, rejected_datagrams(&c[2]).await].to_vec();
+    let mut forged: Vec<Vec<u8>> = Vec::new();
+    for i in 0..5u8 {
+        forged.push((0..200).map(|_| junk_byte(i)).collect());
+    }
+    for i in 0..5u8 {
+        let mut d = b"SHL1".to_vec();
+        d.extend((0..24 + 16 + 8 + 100).map(|_| junk_byte(i)));
+        forged.push(d);
+    }
+    let mut flipped = real.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x01;
+    forged.push(flipped);
+    let mut flipped = real.clone();
+    flipped[40] ^= 0x80;
+    forged.push(flipped);
+    forged.push(real[..40].to_vec());
+    let sender = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    for d in &forged {
+        sender.send_to(d, c[0].gossip).await?;
+    }
+    let want = r0 + forged.len() as f64;
+    wait_until(Duration::from_secs(3), "node 1 counts every forged datagram", async || {
+        rejected_datagrams(&c[0]).await >= want
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rejected_datagrams(&c[0]).await, want, "each forged datagram counted once");
+    assert_eq!(vec![rejected_datagrams(&c[1]).await, rejected_datagrams(&c[2]).await], others);
+    for n in &c.nodes {
+        let m = member_states(n).await?;
+        assert_eq!(m.keys().cloned().collect::<Vec<_>>(), c.ids(), "nothing applied on {}: {m:?}", n.id);
+        assert!(m.values().all(|s| s == "alive"), "{m:?}");
+        assert_eq!(n.backend_addrs().await?, vec![b.addr.to_string()]);
+    }
+
+    // 3. Control calls: without the secret, or with the wrong one, refused and counted.
+    let calls0 = c[0].metric("shoal_control_rejected_calls", &[]).await.expect("the metric exists");
+    let out = Shoal::at(c[0].control).run(&["status"]).await?;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("secret"), "{out:?}");
+    let out = Shoal::at(c[0].control).secret_file(&wrong).run(&["backend", "add", "127.0.0.1:9"]).await?;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("secret"), "{out:?}");
+    let out = Shoal::at(c[0].control).run(&["leave"]).await?;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(c[0].metric("shoal_control_rejected_calls", &[]).await, Some(calls0 + 3.0));
+    assert_eq!(c[0].backend_addrs().await?, vec![b.addr.to_string()], "the refused add changed nothing");
+    assert_eq!(c[0].ready_status().await, 200, "the refused leave changed nothing");
+    let ok = c.shoal(0).json(&["status"]).await?;
+    assert_eq!(ok["members"].as_array().map(Vec::len), Some(3), "{ok}");
+    Ok(())
+}
+
+/// A pseudo-random byte (xorshift, seeded per call site), to keep the tests free of an RNG.
+fn junk_byte(seed: u8) -> u8 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+    let mut x = STATE.load(Ordering::Relaxed) ^ u64::from(seed);
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    STATE.store(x, Ordering::Relaxed);
+    (x >> 24) as u8
+}
