@@ -344,16 +344,18 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
         nodelay: r.nodelay,
         scope: r.scope.unwrap_or_default(),
     });
-    let dns = match (file.dns, &flags.dns_listen) {
-        (_, Some(listen)) => Some(DnsSettings {
-            listen: *listen,
-            name: flags.dns_name.clone().unwrap_or_else(|| "lb.shoal.internal".into()),
-            ttl: Duration::from_secs(5),
-        }),
-        (Some(d), None) => {
-            Some(DnsSettings { listen: d.listen, name: d.name, ttl: d.ttl.map_or(Duration::from_secs(5), |t| t.0) })
-        }
+    // Each DNS flag overrides its own key; `--dns-listen` alone turns the responder on.
+    let dns = match (file.dns, flags.dns_listen) {
         (None, None) => None,
+        (file_dns, flag_listen) => {
+            let (file_listen, file_name, file_ttl) = match file_dns {
+                Some(d) => (Some(d.listen), Some(d.name), d.ttl.map(|t| t.0)),
+                None => (None, None, None),
+            };
+            let listen = flag_listen.or(file_listen).ok_or_else(|| invalid(None, "[dns] needs listen".into()))?;
+            let name = flags.dns_name.clone().or(file_name).unwrap_or_else(|| "lb.shoal.internal".into());
+            Some(DnsSettings { listen, name, ttl: file_ttl.unwrap_or(Duration::from_secs(5)) })
+        }
     };
     Ok(Config {
         node,
@@ -425,6 +427,18 @@ nodelay = true
         assert_eq!(c.rate_limit.unwrap().per_second, 10.0);
         // no secret: control and gossip default to loopback
         assert!(c.node.control.ip().is_loopback());
+    }
+
+    #[test]
+    fn dns_flags_override_single_keys() {
+        let src = "[dns]\nlisten = \"127.0.0.1:5353\"\nname = \"lb.file.internal\"\nttl = \"1s\"\n";
+        let mut flags = flags::RunFlags::default();
+        flags.dns_listen = Some("127.0.0.1:5354".parse().unwrap());
+        let c = validate(parse_str(src).unwrap(), src, "t.toml", &flags).unwrap();
+        let d = c.dns.unwrap();
+        assert_eq!(d.listen.port(), 5354);
+        assert_eq!(d.name, "lb.file.internal");
+        assert_eq!(d.ttl, Duration::from_secs(1));
     }
 
     #[test]
