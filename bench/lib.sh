@@ -1,7 +1,7 @@
 # Shared helpers, sourced by the other scripts. No machine-specific absolute paths:
-# everything lives under $BENCH_TMP (default ${TMPDIR:-/tmp}/lbbench).
+# everything lives under $BENCH_TMP (default ${TMPDIR:-/tmp}/shoalbench).
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-BENCH_TMP=${BENCH_TMP:-${TMPDIR:-/tmp}/lbbench}
+BENCH_TMP=${BENCH_TMP:-${TMPDIR:-/tmp}/shoalbench}
 NGINX=${NGINX:-/usr/sbin/nginx}
 HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
 WRK=${WRK:-wrk}
@@ -79,9 +79,10 @@ cpu_ns() {
   echo "$t"
 }
 
-# cpu_busy_ns CPU -> busy (non-idle, non-iowait) time of that CPU so far, ns (/proc/stat, USER_HZ)
+# cpu_busy_ns [CPU] -> busy (non-idle, non-iowait) time of that CPU (default: all CPUs) so far,
+# ns (/proc/stat, USER_HZ ticks)
 cpu_busy_ns() {
-  awk -v c="cpu$1" -v hz="$(getconf CLK_TCK)" '$1 == c { printf "%.0f", ($2 + $3 + $4 + $7 + $8 + $9) * 1e9 / hz }' /proc/stat
+  awk -v c="cpu${1:-}" -v hz="$(getconf CLK_TCK)" '$1 == c { printf "%.0f", ($2 + $3 + $4 + $7 + $8 + $9) * 1e9 / hz }' /proc/stat
 }
 # machine_busy_pct SECONDS -> whole-machine busy % over that window
 machine_busy_pct() {
@@ -107,5 +108,23 @@ wait_quiet() {
     fi
     [ "$warned" = 1 ] || { echo "  (machine ${b}% busy with something else; waiting up to ${QUIET_TIMEOUT}s)" >&2; warned=1; }
     sleep 2
+  done
+}
+
+# bench_lock: one benchmark at a time on this machine (run.sh, profile.sh); a second one would
+# share ports and CPUs with the first. Holds an flock on $BENCH_TMP/.lock until the script exits.
+bench_lock() {
+  mkdir -p "$BENCH_TMP"
+  exec 9> "$BENCH_TMP/.lock"
+  flock -n 9 || die "another benchmark holds $BENCH_TMP/.lock"
+}
+# ports_free PORT... -> fails naming the first port something already listens on (a benchmark
+# with another state dir, a test suite): sharing it would mix the two runs up silently.
+ports_free() {
+  local p
+  for p in "$@"; do
+    if [ -n "$(ss -Hltn "sport = :$p" 2>/dev/null)" ]; then
+      die "port $p is already in use ($(ss -Hltnp "sport = :$p" | grep -o 'users:.*' | head -1)); stop that first"
+    fi
   done
 }

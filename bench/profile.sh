@@ -23,10 +23,13 @@ cleanup() {
   local p
   for p in "${bg_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
   cp "$BENCH_TMP/shoal/shoal/shoald.log" "$RESULTS/shoald-profile.log" 2>/dev/null || true
-  "$HERE/shoal.sh" stop >/dev/null 2>&1 || true
-  "$HERE/lb.sh" stop >/dev/null 2>&1 || true
+  "$HERE/shoal.sh" stop shoal >/dev/null 2>&1 || true
+  "$HERE/lb.sh" stop nginx haproxy >/dev/null 2>&1 || true
   "$HERE/backends.sh" stop >/dev/null 2>&1 || true
 }
+# lock and port check before the cleanup trap: if another benchmark is running, leave it alone
+bench_lock
+ports_free $(seq $((BACKEND_BASE_PORT + 1)) $((BACKEND_BASE_PORT + ${BACKENDS:-4}))) 18080 18081 18090 19490 17490 17990
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 

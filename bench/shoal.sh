@@ -51,6 +51,8 @@ algorithm = "least-conn"
 keepalive = $ka
 EOF
   for p in $(backend_ports); do printf '\n[[upstream.backend]]\naddr = "127.0.0.1:%s"\n' "$p"; done
+  # SHOAL_SEEDS='"127.0.0.1:17991","127.0.0.1:17992"' makes the node a cluster member (skew.sh)
+  if [ -n "${SHOAL_SEEDS:-}" ]; then printf '\n[cluster]\nid = "bench"\nseeds = [%s]\n' "$SHOAL_SEEDS"; fi
 }
 
 start_one() { # name workers port

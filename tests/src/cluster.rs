@@ -4,7 +4,10 @@
 //! cluster secret and data dirs; [`ClusterBuilder::start`] picks every node's gossip address
 //! first, gives *every* node the same `--seed` list (all gossip addresses, its own included,
 //! as an operator would), starts them concurrently and returns once each answers `/live`.
-//! Nodes are named `<prefix>-1`, `<prefix>-2`, ...
+//! Nodes are named `<prefix>-1`, `<prefix>-2`, ... By default every node binds on 127.0.0.1;
+//! [`ClusterBuilder::hosts`] gives each node its own address (another loopback address, or one
+//! inside a network namespace with [`ClusterBuilder::node_wrapper`]) and
+//! [`ClusterBuilder::proxy_port`] one proxy port for all, as DNS round-robin needs.
 //!
 //! Member states are read from the nodes' admin `/status` (cheap enough to poll every 20 ms):
 //! [`member_states`], [`Cluster::wait_member`] (a member reaches a state on every given
@@ -16,7 +19,7 @@
 //! `leave`, which streams its phases) with stdout piped.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::{Index, IndexMut};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,7 +30,7 @@ use serde_json::Value;
 
 use crate::backend::Backend;
 use crate::node::{Node, NodeBuilder, Signal};
-use crate::{TempDir, bins, free_addr};
+use crate::{TempDir, bins, free_port};
 
 /// How to start a cluster (cloneable, so the same cluster can be started again).
 #[derive(Clone)]
@@ -42,9 +45,36 @@ pub struct ClusterBuilder {
     seeded: bool,
     per_node: Vec<(usize, Vec<String>)>,
     per_node_config: Vec<(usize, String)>,
+    hosts: Vec<IpAddr>,
+    proxy_port: Option<u16>,
+    wrappers: Vec<(usize, Vec<String>)>,
 }
 
 impl ClusterBuilder {
+    /// Node `i` binds every listener on `ips[i - 1]` (default 127.0.0.1), e.g. one loopback
+    /// address per node for DNS round-robin, or the nodes' addresses in a [`crate::chaos::NetLab`].
+    pub fn hosts(mut self, ips: &[IpAddr]) -> Self {
+        self.hosts = ips.to_vec();
+        self
+    }
+
+    /// Every node's proxy listens on `port` (on its own host address).
+    pub fn proxy_port(mut self, port: u16) -> Self {
+        self.proxy_port = Some(port);
+        self
+    }
+
+    /// Node `i` (1-based) runs through a command prefix (see [`NodeBuilder::wrapper`]).
+    pub fn node_wrapper(mut self, i: usize, prefix: &[String]) -> Self {
+        self.wrappers.push((i, prefix.to_vec()));
+        self
+    }
+
+    /// The address node `i` (1-based) binds on.
+    pub fn host(&self, i: usize) -> IpAddr {
+        self.hosts.get(i - 1).copied().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    }
+
     /// `--cluster-id` (default `<prefix>-cluster`).
     pub fn cluster_id(mut self, id: &str) -> Self {
         self.cluster_id = id.into();
@@ -118,7 +148,14 @@ impl ClusterBuilder {
 
     /// The builder of node `i` (1-based), gossiping on `gossip` and seeded with `seeds`.
     fn node_builder(&self, i: usize, gossip: SocketAddr, seeds: &[SocketAddr], dir: &Path) -> NodeBuilder {
-        let mut b = Node::builder(&self.id(i)).gossip_addr(gossip).arg("--cluster-id").arg(&self.cluster_id);
+        let mut b =
+            Node::builder(&self.id(i)).host(self.host(i)).gossip_addr(gossip).arg("--cluster-id").arg(&self.cluster_id);
+        if let Some(p) = self.proxy_port {
+            b = b.proxy_port(p);
+        }
+        if let Some((_, w)) = self.wrappers.iter().find(|(n, _)| *n == i) {
+            b = b.wrapper(w);
+        }
         let config = self.per_node_config.iter().find(|(n, _)| *n == i).map(|(_, c)| c).or(self.config.as_ref());
         if let Some(c) = config {
             b = b.config(c.clone());
@@ -191,11 +228,15 @@ impl Cluster {
             seeded: true,
             per_node: Vec::new(),
             per_node_config: Vec::new(),
+            hosts: Vec::new(),
+            proxy_port: None,
+            wrappers: Vec::new(),
         }
     }
 
     async fn start_nodes(&self) -> anyhow::Result<Vec<Node>> {
-        let gossip: Vec<SocketAddr> = (0..self.spec.size).map(|_| free_addr()).collect();
+        let gossip: Vec<SocketAddr> =
+            (1..=self.spec.size).map(|i| SocketAddr::new(self.spec.host(i), free_port())).collect();
         let mut set = tokio::task::JoinSet::new();
         for (i, g) in gossip.iter().enumerate() {
             let b = self.spec.node_builder(i + 1, *g, &gossip, self.dir.path());
@@ -246,7 +287,12 @@ impl Cluster {
     /// A builder for an extra node of this cluster: same cluster id, config, flags, secret
     /// and (if any) data dir scheme, seeded with the current nodes' gossip addresses.
     pub fn extra_node(&self, i: usize) -> NodeBuilder {
-        self.spec.node_builder(i, free_addr(), &self.gossip_addrs(), self.dir.path())
+        self.spec.node_builder(
+            i,
+            SocketAddr::new(self.spec.host(i), free_port()),
+            &self.gossip_addrs(),
+            self.dir.path(),
+        )
     }
 
     /// `shoal` pointed at node `i` (0-based), with the cluster's secret file if it has one.
@@ -303,7 +349,7 @@ impl Cluster {
             .filter(|(k, _)| *k != i - 1)
             .filter_map(|(_, n)| n.exited().is_none().then_some(n.gossip))
             .collect();
-        let g = free_addr();
+        let g = SocketAddr::new(self.spec.host(i), free_port());
         let mut seeds = running;
         seeds.push(g);
         let node = self.spec.node_builder(i, g, &seeds, self.dir.path()).start().await?;

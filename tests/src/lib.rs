@@ -20,6 +20,9 @@
 //!   latencies and per-backend counts taken from the response bodies.
 //! - [`http`]: a small HTTP client ([`http::get`]) and raw-TCP helpers
 //!   ([`http::raw_exchange`], [`http::RawResponse`]) for malformed-input tests.
+//! - [`chaos`]: what the chaos suite adds: a DNS client for Shoal's responder, a DNS
+//!   round-robin load generator that retries the next address like a browser ([`DnsLoad`]),
+//!   network namespaces to partition nodes ([`NetLab`]) and a TCP [`Relay`] into them.
 //! - [`wait_until`]: polls a condition until a deadline; tests never sleep for a condition.
 //!
 //! ## Rules the tests follow
@@ -32,6 +35,7 @@
 
 pub mod backend;
 pub mod bins;
+pub mod chaos;
 pub mod cluster;
 pub mod http;
 pub mod load;
@@ -45,6 +49,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub use backend::Backend;
+pub use chaos::{ChaosSummary, DnsLoad, DnsLoadHandle, Figures, NetLab, Records, Relay};
 pub use cluster::{CliOutput, Cluster, ClusterBuilder, Shoal};
 pub use load::{Load, LoadHandle, LoadSummary};
 pub use node::{Node, NodeBuilder, Signal, shoald_check, shoald_run_to_exit};

@@ -3,14 +3,16 @@
 //! [`Node::builder`] collects flags and an optional TOML config; [`NodeBuilder::start`] picks
 //! four free ports (proxy, admin, control, gossip), writes the config into the node's temp
 //! dir, spawns `shoald run` with stdout and stderr appended to `<dir>/node.log`, and waits
-//! (up to 20 s) until `/live` answers. If the process exits first because a port was taken in
+//! (up to 20 s) until `/live` answers. [`NodeBuilder::host`], [`NodeBuilder::proxy_port`] and
+//! [`NodeBuilder::wrapper`] put a node on another IP, a fixed proxy port, or in a network
+//! namespace (for the chaos tests). If the process exits first because a port was taken in
 //! the meantime, it retries on fresh ports; any other early exit is an error carrying the log.
 //!
 //! Dropping a [`Node`] kills the process (SIGKILL) and reaps it, so a failing test never leaks
 //! one; when the test is failing, the last lines of the log are printed first.
 
 use std::fs::OpenOptions;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -19,7 +21,7 @@ use anyhow::{Context, bail};
 
 use crate::backend::Backend;
 use crate::http::{RawResponse, raw_exchange};
-use crate::{TempDir, bins, free_addr};
+use crate::{TempDir, bins, free_port};
 
 /// Signals a test sends to a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +52,9 @@ pub struct NodeBuilder {
     env: Vec<(String, String)>,
     files: Vec<(String, String)>,
     gossip: Option<SocketAddr>,
+    host: Option<IpAddr>,
+    proxy_port: Option<u16>,
+    wrapper: Vec<String>,
 }
 
 impl NodeBuilder {
@@ -57,6 +62,28 @@ impl NodeBuilder {
     /// before the node runs (see [`crate::cluster`]). A retry after a port clash keeps it.
     pub fn gossip_addr(mut self, addr: SocketAddr) -> Self {
         self.gossip = Some(addr);
+        self
+    }
+
+    /// Binds every listener (proxy, admin, control, gossip when not given) on `ip` instead of
+    /// 127.0.0.1: another loopback address (127.0.0.0/8), or an address inside a network
+    /// namespace (see [`crate::chaos::NetLab`]).
+    pub fn host(mut self, ip: IpAddr) -> Self {
+        self.host = Some(ip);
+        self
+    }
+
+    /// The proxy listens on this port instead of a free one (DNS round-robin needs every node
+    /// on the same port).
+    pub fn proxy_port(mut self, port: u16) -> Self {
+        self.proxy_port = Some(port);
+        self
+    }
+
+    /// Runs `shoald` through this command prefix, e.g. `["ip", "netns", "exec", "NS"]` (which
+    /// execs in place, so the pid and the signals are still shoald's).
+    pub fn wrapper(mut self, prefix: &[String]) -> Self {
+        self.wrapper = prefix.to_vec();
         self
     }
 
@@ -120,9 +147,19 @@ impl NodeBuilder {
         let log_path = dir.path().join("node.log");
         let mut last_log = String::new();
         for attempt in 0..4 {
-            let (proxy, admin, control) = (free_addr(), free_addr(), free_addr());
-            let gossip = self.gossip.unwrap_or_else(free_addr);
-            let mut cmd = Command::new(&shoald);
+            let ip = self.host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            let at = |port| SocketAddr::new(ip, port);
+            let proxy = at(self.proxy_port.unwrap_or_else(free_port));
+            let (admin, control) = (at(free_port()), at(free_port()));
+            let gossip = self.gossip.unwrap_or_else(|| at(free_port()));
+            let mut cmd = match self.wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(&shoald);
+                    c
+                }
+                None => Command::new(&shoald),
+            };
             cmd.arg("run");
             if let Some(p) = &config_path {
                 cmd.arg("--config").arg(p);
@@ -197,7 +234,17 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// A builder for node `id`.
     pub fn builder(id: &str) -> NodeBuilder {
-        NodeBuilder { id: id.into(), config: None, args: Vec::new(), env: Vec::new(), files: Vec::new(), gossip: None }
+        NodeBuilder {
+            id: id.into(),
+            config: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            files: Vec::new(),
+            gossip: None,
+            host: None,
+            proxy_port: None,
+            wrapper: Vec::new(),
+        }
     }
 
     fn take_dir(&mut self) -> TempDir {

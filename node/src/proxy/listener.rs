@@ -16,6 +16,10 @@ use tokio_util::sync::CancellationToken;
 use super::Proxy;
 use super::service::{ClientConn, handle};
 
+/// After accepting stops, how long just-accepted connections get to send their first request
+/// before idle connections are closed.
+const LAST_REQUESTS_WINDOW: Duration = Duration::from_millis(250);
+
 /// Limits applied to every client connection.
 #[derive(Debug, Clone)]
 pub struct ListenerSettings {
@@ -51,20 +55,7 @@ pub async fn serve(
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
     let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, addr) = tokio::select! {
-            biased;
-            _ = stop_accepting.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let serve_one = |stream: tokio::net::TcpStream, addr: std::net::SocketAddr| {
         proxy.stats.accepts.fetch_add(1, Relaxed);
         proxy.stats.handled.fetch_add(1, Relaxed);
         proxy.stats.active.fetch_add(1, Relaxed);
@@ -81,10 +72,42 @@ pub async fn serve(
             }
             drop(active);
         });
+    };
+    loop {
+        let (stream, addr) = tokio::select! {
+            biased;
+            _ = stop_accepting.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        serve_one(stream, addr);
     }
-    drop(listener);
+    // Connections already in the kernel's accept queue were accepted by the kernel: serve
+    // them too (dropping the listener with them queued would reset them). Plain accept(2)
+    // until it would block, so no readiness event can be missed.
+    match listener.into_std() {
+        Ok(std_listener) => {
+            while let Ok((stream, addr)) = std_listener.accept() {
+                let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream));
+                if let Ok(stream) = stream {
+                    serve_one(stream, addr);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot drain the accept queue"),
+    }
     let open = proxy.stats.active.load(Relaxed);
     tracing::info!(open_connections = open, "stopped accepting; draining");
+    // The graceful shutdown closes connections that have not sent a request yet; the last
+    // ones accepted may still have theirs on the wire. Give them a moment to arrive.
+    tokio::time::sleep(LAST_REQUESTS_WINDOW.min(proxy.drain_timeout())).await;
     match tokio::time::timeout(proxy.drain_timeout(), graceful.shutdown()).await {
         Ok(()) => 0,
         Err(_) => {
