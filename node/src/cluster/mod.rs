@@ -145,8 +145,14 @@ impl Cluster {
                 spawn_chitchat(chitchat_config, initial, &SealedTransport::new(secret, counters.clone())).await?
             }
             None => {
-                tracing::warn!(gossip = %config.node.gossip, control = %config.node.control,
-                    "no cluster secret configured: gossip and control plane are unauthenticated; bind them to loopback or set cluster.secret_file");
+                let exposed = !config.node.gossip.ip().is_loopback() || !config.node.control.ip().is_loopback();
+                if exposed {
+                    tracing::warn!(gossip = %config.node.gossip, control = %config.node.control,
+                        "no cluster secret: gossip and control plane are unauthenticated and reachable from other hosts; set cluster.secret_file");
+                } else {
+                    tracing::info!(gossip = %config.node.gossip, control = %config.node.control,
+                        "no cluster secret: gossip and control plane are unauthenticated, bound to loopback only");
+                }
                 spawn_chitchat(chitchat_config, initial, &UdpTransport).await?
             }
         };
