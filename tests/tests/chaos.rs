@@ -15,8 +15,7 @@
 //! iproute2 needed; it fails, never skips, without them).
 //!
 //! The scenarios take a lock and run one at a time (about 45 s in all on 2 cores).
-//! Run: `cargo test -p shoal-tests --test chaos -- --nocapture`. One more test asserts what
-//! shoald does not do yet and is ignored until it does (`-- --ignored` runs it).
+//! Run: `cargo test -p shoal-tests --test chaos -- --nocapture`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -399,7 +398,6 @@ async fn leave_and_sigterm_under_dns_load() -> R {
 /// accepting; each must then get either a refused connection (and move on) or an answer. A
 /// connection the node accepted must not be dropped without a response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: shoald resets connections accepted in the last milliseconds before a leaving node stops accepting (see docs/CHAOS.md)"]
 async fn plain_dns_clients_lose_no_request_when_a_node_leaves() -> R {
     let _serial = serial().await;
     let bs = Backend::start_many(&["a", "b"]).await?;
