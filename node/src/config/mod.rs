@@ -432,8 +432,7 @@ nodelay = true
     #[test]
     fn dns_flags_override_single_keys() {
         let src = "[dns]\nlisten = \"127.0.0.1:5353\"\nname = \"lb.file.internal\"\nttl = \"1s\"\n";
-        let mut flags = flags::RunFlags::default();
-        flags.dns_listen = Some("127.0.0.1:5354".parse().unwrap());
+        let flags = flags::RunFlags { dns_listen: Some("127.0.0.1:5354".parse().unwrap()), ..Default::default() };
         let c = validate(parse_str(src).unwrap(), src, "t.toml", &flags).unwrap();
         let d = c.dns.unwrap();
         assert_eq!(d.listen.port(), 5354);
