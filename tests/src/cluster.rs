@@ -495,3 +495,37 @@ pub fn find_backend(backends: &Value, addr: SocketAddr) -> Option<&Value> {
     let want = addr.to_string();
     backends.as_array()?.iter().find(|b| b["addr"].as_str() == Some(want.as_str()))
 }
+
+/// The `/status` entry of backend `addr` on `node` (`Null` when absent or unreadable).
+pub async fn backend_entry(node: &Node, addr: SocketAddr) -> Value {
+    match node.status_json().await {
+        Ok(s) => find_backend(&s["backends"], addr).cloned().unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+/// Waits until `pred` holds for backend `addr`'s `/status` entry on every observer; returns
+/// the time it took.
+pub async fn wait_backend(
+    observers: &[&Node],
+    addr: SocketAddr,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        seen.clear();
+        for o in observers {
+            seen.push((o.id.clone(), backend_entry(o, addr).await));
+        }
+        if seen.iter().all(|(_, e)| pred(e)) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() >= timeout {
+            anyhow::bail!("timed out after {timeout:?} waiting until backend {addr} {what}; last seen: {seen:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use shoal_tests::chaos::{Figures, dns_addrs, serial, wait_dns};
-use shoal_tests::cluster::{find_backend, member_states};
+use shoal_tests::cluster::{backend_entry, find_backend, member_states, wait_backend};
 use shoal_tests::http::{RawResponse, raw_exchange};
 use shoal_tests::{
     Backend, Cluster, ClusterBuilder, DnsLoad, Load, NetLab, Node, Records, Relay, Shoal, Signal, TempDir, free_port,
@@ -111,39 +111,6 @@ async fn admin_json(admin: SocketAddr, path: &str) -> anyhow::Result<Value> {
     let raw = raw_exchange(admin, req.as_bytes(), Duration::from_secs(3)).await?;
     let r = RawResponse::parse(&raw)?;
     Ok(serde_json::from_slice(&r.body)?)
-}
-
-/// The `/status` entry of backend `addr` on `node` (`Null` when absent or unreadable).
-async fn backend_entry(node: &Node, addr: SocketAddr) -> Value {
-    match node.status_json().await {
-        Ok(s) => find_backend(&s["backends"], addr).cloned().unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    }
-}
-
-/// Waits until `pred` holds for backend `addr` on every observer; returns the time it took.
-async fn wait_backend(
-    observers: &[&Node],
-    addr: SocketAddr,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    let mut seen = Vec::new();
-    loop {
-        seen.clear();
-        for o in observers {
-            seen.push((o.id.clone(), backend_entry(o, addr).await));
-        }
-        if seen.iter().all(|(_, e)| pred(e)) {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() >= timeout {
-            anyhow::bail!("timed out after {timeout:?} waiting until backend {addr} {what}; last seen: {seen:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn secret32(tag: &str) -> String {

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_tests::cluster::{find_backend, member_states, wait_members};
+use shoal_tests::cluster::{backend_entry, find_backend, member_states, wait_backend, wait_members};
 use shoal_tests::http::get;
 use shoal_tests::{
     Backend, Cluster, Load, LoadHandle, LoadSummary, Node, Shoal, Signal, TempDir, free_addr, wait_until,
@@ -31,40 +31,6 @@ const REGISTRY_TARGET: Duration = Duration::from_secs(1);
 /// `n` sequential requests through `proxy` on one keep-alive connection.
 async fn sample(proxy: SocketAddr, n: usize) -> LoadSummary {
     Load::new(proxy).concurrency(1).count(n).run().await
-}
-
-/// The `/status` entry of backend `addr` on `node` (`Null` when absent or unreadable).
-async fn backend_entry(node: &Node, addr: SocketAddr) -> Value {
-    match node.status_json().await {
-        Ok(s) => find_backend(&s["backends"], addr).cloned().unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    }
-}
-
-/// Waits until `pred` holds for backend `addr`'s `/status` entry on every observer; returns
-/// the time it took.
-async fn wait_backend(
-    observers: &[&Node],
-    addr: SocketAddr,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    let mut seen = Vec::new();
-    loop {
-        seen.clear();
-        for o in observers {
-            seen.push((o.id.clone(), backend_entry(o, addr).await));
-        }
-        if seen.iter().all(|(_, e)| pred(e)) {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() >= timeout {
-            anyhow::bail!("timed out after {timeout:?} waiting until backend {addr} {what}; last seen: {seen:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn ids(members: &Value) -> BTreeSet<String> {
