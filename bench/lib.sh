@@ -128,3 +128,14 @@ ports_free() {
     fi
   done
 }
+
+# backend_ports -> the backend ports balancers should use: the running backends.sh backends,
+# or 127.0.0.1:BASE+1..BASE+$LB_BACKENDS when LB_BACKENDS is set.
+backend_ports() {
+  if [ -n "${LB_BACKENDS:-}" ]; then
+    for ((i = 1; i <= LB_BACKENDS; i++)); do echo $((BACKEND_BASE_PORT + i)); done
+  else
+    [ -d "$BENCH_TMP/backends" ] || die "no backends running (./backends.sh start N) and LB_BACKENDS unset"
+    ls "$BENCH_TMP/backends" | sort -n
+  fi
+}

@@ -23,15 +23,6 @@ SDIR=$BENCH_TMP/shoal
 LB2_CPUS=${LB2_CPUS-0,1}
 LB_KEEPALIVE=${LB_KEEPALIVE:-64}
 
-backend_ports() {
-  if [ -n "${LB_BACKENDS:-}" ]; then
-    for ((i = 1; i <= LB_BACKENDS; i++)); do echo $((BACKEND_BASE_PORT + i)); done
-  else
-    [ -d "$BENCH_TMP/backends" ] || die "no backends running (./backends.sh start N) and LB_BACKENDS unset"
-    ls "$BENCH_TMP/backends" | sort -n
-  fi
-}
-
 write_conf() { # name workers port
   local name=$1 w=$2 port=$3 n p ka
   n=$(backend_ports | wc -l)
