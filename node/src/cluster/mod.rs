@@ -184,6 +184,14 @@ impl Cluster {
                 }
             });
         }
+        // The first view (with this node in it) is built at once; wait for it (bounded) so
+        // /status and the control plane never show an empty member list.
+        for _ in 0..50 {
+            if !cluster.view.load().members.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(cluster)
     }
 
