@@ -270,6 +270,28 @@ async fn retries_hide_a_backend_stopped_under_load() -> R {
     Ok(())
 }
 
+/// With passive ejection off (`max_fails=0`) a refusing backend keeps 0 in flight, so
+/// least-conn tries it first on every request; the retry after a refused connect sent nothing
+/// and spends no retry budget, so no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_backend_without_ejection_fails_no_request() -> R {
+    let bs = Backend::start_many(&["a", "b", "c"]).await?;
+    bs[1].stop().await;
+    let node = Node::builder("noeject")
+        .backend_with(&bs[0], "max_fails=0")
+        .backend_with(&bs[1], "max_fails=0")
+        .backend_with(&bs[2], "max_fails=0")
+        .start()
+        .await?;
+    let s = Load::new(node.proxy).concurrency(4).count(600).spawn().finish().await;
+    assert_eq!(s.failed(), 0, "{s}");
+    assert_eq!(s.from("a") + s.from("c"), s.sent, "{s}");
+    let st = node.status_json().await?;
+    assert_eq!(st["errors"]["bad_gateway"], 0, "{st}");
+    assert_eq!(node.backend_state(bs[1].addr).await, "up", "max_fails=0 never ejects");
+    Ok(())
+}
+
 /// The `shoal_backend=<value>` pair of a response's Set-Cookie, if any.
 fn sticky_cookie(set_cookie: &str) -> Option<String> {
     set_cookie.split(';').next().filter(|kv| kv.starts_with("shoal_backend=")).map(str::to_string)

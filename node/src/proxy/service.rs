@@ -4,7 +4,8 @@
 //! Retries (nginx `proxy_next_upstream`): a connect error or connect timeout always moves to
 //! the next backend, since nothing was sent. After sending, only a request without a body can
 //! be replayed: on a broken connection, a read timeout, or a status listed in `retry_on` when
-//! the method is idempotent. Every retry spends from the [`RetryBudget`](super::RetryBudget).
+//! the method is idempotent. Every retry of a request that reached a backend spends from the
+//! [`RetryBudget`](super::RetryBudget); one after a failure that sent nothing is free.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -177,12 +178,17 @@ async fn forward(
     let mut attempt = 0;
     // A status-based retry pays its budget token before the response is dropped.
     let mut prepaid = false;
+    // A retry after a failure that sent nothing (connect error, connection closed before the
+    // request was written) costs the backends nothing extra, so it spends no budget: a pool
+    // with a dead member (even with max_fails = 0) then fails no request.
+    let mut unsent = false;
     loop {
         if attempt > 0 {
             if attempt > settings.retries || !outgoing.available() {
                 break;
             }
-            if !std::mem::take(&mut prepaid) && !proxy.retry_budget.try_withdraw() {
+            let paid = std::mem::take(&mut prepaid) | std::mem::take(&mut unsent);
+            if !paid && !proxy.retry_budget.try_withdraw() {
                 proxy.stats.retries_refused.fetch_add(1, Relaxed);
                 break;
             }
@@ -217,6 +223,7 @@ async fn forward(
                     tracing::debug!(backend = %state.addr, error = %e, "connect failed");
                     let kind = if matches!(e, conn::ConnectError::Io(..)) { Failure::Connect } else { Failure::Other };
                     record_failure(&backend.spec, state, kind);
+                    unsent = true;
                     last_error = if matches!(e, conn::ConnectError::Timeout(_)) {
                         ProxyError::Timeout
                     } else {
@@ -239,6 +246,7 @@ async fn forward(
             Ok(Err(mut e)) => {
                 if let Some(req) = e.take_message() {
                     outgoing.give_back(req);
+                    unsent = true;
                 }
                 tracing::debug!(backend = %state.addr, error = %e.error(), "upstream request failed");
                 record_failure(&backend.spec, state, Failure::Other);
