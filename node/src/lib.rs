@@ -175,6 +175,7 @@ impl Node {
             }
         }
         self.pool.set_keepalive(new.upstream.keepalive);
+        self.proxy.set_drain_timeout(new.node.drain_timeout);
         let runtime = proxy::Runtime::from_config(&new);
         let log = match &new.access_log {
             Some(p) => Some(
