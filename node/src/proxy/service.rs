@@ -176,19 +176,17 @@ async fn forward(
     let mut tried = Tried::default();
     let mut last_error = ProxyError::NoBackend;
     let mut attempt = 0;
-    // A status-based retry pays its budget token before the response is dropped.
-    let mut prepaid = false;
-    // A retry after a failure that sent nothing (connect error, connection closed before the
-    // request was written) costs the backends nothing extra, so it spends no budget: a pool
-    // with a dead member (even with max_fails = 0) then fails no request.
-    let mut unsent = false;
+    // The next retry is already accounted for: a status-based retry pays its budget token
+    // before the response is dropped, and a retry after a failure that sent nothing (connect
+    // error, connection closed before the request was written) costs the backends nothing, so
+    // it spends none (a pool with a dead member then fails no request, even with max_fails=0).
+    let mut retry_paid = false;
     loop {
         if attempt > 0 {
             if attempt > settings.retries || !outgoing.available() {
                 break;
             }
-            let paid = std::mem::take(&mut prepaid) | std::mem::take(&mut unsent);
-            if !paid && !proxy.retry_budget.try_withdraw() {
+            if !std::mem::take(&mut retry_paid) && !proxy.retry_budget.try_withdraw() {
                 proxy.stats.retries_refused.fetch_add(1, Relaxed);
                 break;
             }
@@ -223,7 +221,7 @@ async fn forward(
                     tracing::debug!(backend = %state.addr, error = %e, "connect failed");
                     let kind = if matches!(e, conn::ConnectError::Io(..)) { Failure::Connect } else { Failure::Other };
                     record_failure(&backend.spec, state, kind);
-                    unsent = true;
+                    retry_paid = true;
                     last_error = if matches!(e, conn::ConnectError::Timeout(_)) {
                         ProxyError::Timeout
                     } else {
@@ -246,7 +244,7 @@ async fn forward(
             Ok(Err(mut e)) => {
                 if let Some(req) = e.take_message() {
                     outgoing.give_back(req);
-                    unsent = true;
+                    retry_paid = true;
                 }
                 tracing::debug!(backend = %state.addr, error = %e.error(), "upstream request failed");
                 record_failure(&backend.spec, state, Failure::Other);
@@ -266,7 +264,7 @@ async fn forward(
             record_failure(&backend.spec, state, Failure::Other);
             // Retry only if the budget allows; otherwise the backend's own answer goes back.
             if proxy.retry_budget.try_withdraw() {
-                prepaid = true;
+                retry_paid = true;
                 last_error = ProxyError::BadGateway;
                 continue;
             }
