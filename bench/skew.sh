@@ -49,6 +49,13 @@ cleanup() {
   fi
   [ "${SKIP_BACKENDS:-0}" = 1 ] || "$HERE/backends.sh" stop > /dev/null
 }
+# Lock and port check before the cleanup trap: if another benchmark (or a test suite) is using
+# these ports, leave it alone instead of stopping its backends. skew_all.sh holds the lock itself.
+[ -n "${BENCH_LOCK_HELD:-}" ] || bench_lock
+ports=$(seq $((18090 + 1)) $((18090 + nlb)))
+[ "$LB_KIND" = shoal ] && ports+=" $(for ((i = 1; i <= nlb; i++)); do echo $((18090 + i + 1400)) $((18090 + i - 600)) $((18090 + i - 100)); done)"
+[ "${SKIP_BACKENDS:-0}" = 1 ] || ports+=" $(seq $((BACKEND_BASE_PORT + 1)) $((BACKEND_BASE_PORT + BACKENDS)))"
+[ -n "${LB_URLS:-}" ] || ports_free $ports
 trap cleanup EXIT
 
 slowarg=(); [ -n "$SLOW" ] && slowarg=(--slow "$SLOW" --delay-ms "$DELAY_MS")

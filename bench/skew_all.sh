@@ -14,6 +14,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 export REPEATS=${REPEATS:-3} DURATION=${DURATION:-10} THINK_MS=${THINK_MS:-2} DELAY_MS=${DELAY_MS:-20}
 OUT=${OUT:-$BENCH_TMP/skew-all-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
+bench_lock
+export BENCH_LOCK_HELD=1
 "$HERE/shoal.sh" build
 for kind in nginx haproxy shoal; do
   # BASELINE (all clients to balancer #1) only for nginx: that is the perfect-knowledge run.
