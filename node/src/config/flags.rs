@@ -83,13 +83,6 @@ pub fn parse_backend_flag(s: &str) -> Result<BackendSpec, String> {
     Ok(spec)
 }
 
-impl RunFlags {
-    /// A flag set for tests and `demo`: nothing overridden.
-    pub fn none() -> Self {
-        RunFlags::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

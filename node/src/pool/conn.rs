@@ -93,13 +93,6 @@ impl IdleConns {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Closes every idle connection (the backend left the pool or is draining).
-    pub fn clear(&self) {
-        for q in self.queues.iter().filter_map(|q| q.get()) {
-            while q.pop().is_some() {}
-        }
-    }
 }
 
 /// Opens a new HTTP/1.1 connection to `addr` within `timeout`.

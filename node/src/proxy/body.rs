@@ -104,10 +104,6 @@ impl RespBody {
         RespBody::Full(Some(Bytes::from_static(s.as_bytes())))
     }
 
-    pub fn bytes(b: impl Into<Bytes>) -> Self {
-        RespBody::Full(Some(b.into()))
-    }
-
     pub fn empty() -> Self {
         RespBody::Full(None)
     }
