@@ -1,19 +1,59 @@
 //! Upstream HTTP/1.1 connections: connecting with a timeout, and the per-backend queue of idle
 //! keep-alive connections (`keepalive` in the config). The queue is a lock-free `ArrayQueue`;
-//! a connection goes back only after its response body was read to the end.
+//! a connection goes back only after its response body was read to the end. The HTTP/1.1
+//! exchange on a connection is `proxy::upstream`'s.
 
 use std::net::SocketAddr;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::proxy::body::ReqBody;
+/// Read buffer size of an upstream connection (grown when a response head needs more).
+pub const READ_BUF: usize = 16 * 1024;
 
 /// An HTTP/1.1 connection to a backend, ready to send one request.
-pub type Upstream = SendRequest<ReqBody>;
+#[derive(Debug)]
+pub struct Upstream {
+    pub stream: TcpStream,
+    /// Bytes read from the backend and not yet consumed.
+    pub read_buf: BytesMut,
+    /// The request head being written (kept to reuse its allocation).
+    pub write_buf: Vec<u8>,
+    /// Whether the connection came from the idle queue (it may have been closed meanwhile).
+    pub reused: bool,
+}
+
+impl Upstream {
+    fn new(stream: TcpStream) -> Self {
+        Upstream {
+            stream,
+            read_buf: BytesMut::with_capacity(READ_BUF),
+            write_buf: Vec::with_capacity(512),
+            reused: false,
+        }
+    }
+
+    /// Whether an idle connection can carry a request: the backend has neither closed it nor
+    /// sent anything unasked. Costs no syscall unless the socket was signalled readable since
+    /// its last read (reads that drain the socket clear the readiness).
+    fn still_open(&self) -> bool {
+        if !self.read_buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
 
 /// Why a new upstream connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +62,6 @@ pub enum ConnectError {
     Timeout(SocketAddr),
     #[error("connect to {0}: {1}")]
     Io(SocketAddr, std::io::Error),
-    #[error("handshake with {0}: {1}")]
-    Handshake(SocketAddr, hyper::Error),
 }
 
 /// Most proxy worker threads with their own idle queues; workers beyond share the last one.
@@ -44,8 +82,8 @@ fn worker_index() -> usize {
 }
 
 /// Idle keep-alive connections of one backend, one lock-free queue per proxy worker (like
-/// nginx's per-worker `keepalive`): a connection is driven by its worker's runtime, so reusing
-/// it from the same worker keeps each request on one thread.
+/// nginx's per-worker `keepalive`): a connection is registered with its worker's runtime, so
+/// reusing it from the same worker keeps each request on one thread.
 #[derive(Debug)]
 pub struct IdleConns {
     capacity: usize,
@@ -62,23 +100,19 @@ impl IdleConns {
         (self.capacity > 0).then(|| self.queues[worker_index()].get_or_init(|| ArrayQueue::new(self.capacity)))
     }
 
-    /// Returns a connection for reuse; drops it (closing it) if the queue is full or it closed.
-    pub fn put(&self, conn: Upstream) {
-        if let Some(q) = self.queue()
-            && !conn.is_closed()
-        {
+    /// Returns a connection for reuse; drops it (closing it) if the queue is full.
+    pub fn put(&self, mut conn: Upstream) {
+        if let Some(q) = self.queue() {
+            conn.reused = true;
             let _ = q.push(conn);
         }
     }
 
-    /// Takes an idle connection that is ready for a request, discarding closed ones.
-    pub async fn take(&self) -> Option<Upstream> {
+    /// Takes an idle connection that is still open, closing the ones the backend closed.
+    pub fn take(&self) -> Option<Upstream> {
         let q = self.queue()?;
-        while let Some(mut conn) = q.pop() {
-            if conn.is_closed() {
-                continue;
-            }
-            if conn.ready().await.is_ok() {
+        while let Some(conn) = q.pop() {
+            if conn.still_open() {
                 return Some(conn);
             }
         }
@@ -95,7 +129,7 @@ impl IdleConns {
     }
 }
 
-/// Opens a new HTTP/1.1 connection to `addr` within `timeout`.
+/// Opens a new connection to `addr` within `timeout`.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Upstream, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => return Err(ConnectError::Timeout(addr)),
@@ -103,12 +137,5 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Upstream, Co
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
-    let (sender, conn) =
-        http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| ConnectError::Handshake(addr, e))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(backend = %addr, error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
+    Ok(Upstream::new(stream))
 }

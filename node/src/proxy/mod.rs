@@ -8,6 +8,7 @@ pub mod error;
 pub mod headers;
 pub mod listener;
 pub mod service;
+pub mod upstream;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};

@@ -13,19 +13,22 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 
 use super::Proxy;
-use super::body::{InFlight, ReqBody, RespBody, UpstreamBody};
+use super::body::{InFlight, RespBody};
 use super::error::ProxyError;
 use super::headers::{self, ClientHeaders};
+use super::upstream::{self, ExchangeError, UpstreamBody};
 use crate::balance::PickRequest;
 use crate::config::AllDown;
 use crate::health::{Failure, record_failure};
 use crate::limit::Verdict;
-use crate::pool::{Backend, PoolSnapshot, conn, now_ms};
+use crate::pool::conn::{self, Upstream};
+use crate::pool::{Backend, PoolSnapshot, now_ms};
 
 /// What is known about the client connection a request came on.
 pub struct ClientConn {
@@ -41,39 +44,21 @@ impl ClientConn {
     }
 }
 
-/// The request as it will be sent upstream, kept replayable when it has no body.
-enum Outgoing {
-    /// No body: rebuilt for every attempt.
-    Replayable(Parts),
-    /// Has a body: can be sent once; returned by hyper if it was never written.
-    Once(Option<Request<ReqBody>>),
+/// The request as it will be sent upstream: the head is rewritten once and serialised again
+/// for every attempt; a body can be sent once.
+struct Outgoing {
+    parts: Parts,
+    body: Option<Incoming>,
+    /// The request has a body (sent at most once).
+    has_body: bool,
+    /// The body has no length: send it chunk-encoded.
+    chunked: bool,
 }
 
 impl Outgoing {
-    fn take(&mut self) -> Option<Request<ReqBody>> {
-        match self {
-            Outgoing::Replayable(parts) => {
-                let mut req = Request::new(ReqBody::Empty);
-                *req.method_mut() = parts.method.clone();
-                *req.uri_mut() = parts.uri.clone();
-                *req.headers_mut() = parts.headers.clone();
-                Some(req)
-            }
-            Outgoing::Once(r) => r.take(),
-        }
-    }
-
-    fn give_back(&mut self, req: Request<ReqBody>) {
-        if let Outgoing::Once(slot) = self {
-            *slot = Some(req);
-        }
-    }
-
+    /// Whether another attempt can send the whole request.
     fn available(&self) -> bool {
-        match self {
-            Outgoing::Replayable(_) => true,
-            Outgoing::Once(r) => r.is_some(),
-        }
+        !self.has_body || self.body.is_some()
     }
 }
 
@@ -154,18 +139,15 @@ async fn forward(
     {
         parts.headers.insert(header::HOST, auth);
     }
-    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
-    }
-    parts.version = Version::HTTP_11;
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     headers::add_forwarding(&mut parts.headers, &client.headers);
     let idempotent = is_idempotent(&parts.method);
-    let mut outgoing = if body.is_end_stream() && !upgrade {
-        Outgoing::Replayable(parts)
-    } else {
-        Outgoing::Once(Some(Request::from_parts(parts, ReqBody::Incoming(body))))
+    let has_body = !body.is_end_stream();
+    let mut outgoing = Outgoing {
+        chunked: has_body && !parts.headers.contains_key(header::CONTENT_LENGTH),
+        parts,
+        body: has_body.then_some(body),
+        has_body,
     };
 
     let settings = &runtime.upstream;
@@ -178,8 +160,9 @@ async fn forward(
     let mut attempt = 0;
     // The next retry is already accounted for: a status-based retry pays its budget token
     // before the response is dropped, and a retry after a failure that sent nothing (connect
-    // error, connection closed before the request was written) costs the backends nothing, so
-    // it spends none (a pool with a dead member then fails no request, even with max_fails=0).
+    // error, a head that could not be written, a kept-alive connection the backend had closed)
+    // costs the backends nothing, so it spends none (a pool with a dead member then fails no
+    // request, even with max_fails=0).
     let mut retry_paid = false;
     loop {
         if attempt > 0 {
@@ -213,7 +196,7 @@ async fn forward(
         state.requests.fetch_add(1, Relaxed);
         let in_flight = InFlight::new(state);
 
-        let mut upstream = match state.idle.take().await {
+        let mut conn = match state.idle.take() {
             Some(c) => c,
             None => match conn::connect(state.addr, settings.connect_timeout).await {
                 Ok(c) => c,
@@ -231,29 +214,41 @@ async fn forward(
                 }
             },
         };
-        let Some(request) = outgoing.take() else { break };
+        upstream::write_head(&mut conn.write_buf, &outgoing.parts, outgoing.has_body);
+        let mut body = outgoing.body.take();
         let sent_at = Instant::now();
-        let result = tokio::time::timeout(settings.read_timeout, upstream.try_send_request(request)).await;
-        let mut resp = match result {
+        let exchange = upstream::exchange(&mut conn, body.as_mut(), outgoing.chunked, &outgoing.parts.method);
+        let head = match tokio::time::timeout(settings.read_timeout, exchange).await {
+            Ok(Ok(head)) => head,
             Err(_) => {
                 tracing::debug!(backend = %state.addr, "read timeout");
                 record_failure(&backend.spec, state, Failure::Other);
                 last_error = ProxyError::Timeout;
                 continue;
             }
-            Ok(Err(mut e)) => {
-                if let Some(req) = e.take_message() {
-                    outgoing.give_back(req);
-                    retry_paid = true;
-                }
-                tracing::debug!(backend = %state.addr, error = %e.error(), "upstream request failed");
-                record_failure(&backend.spec, state, Failure::Other);
+            Ok(Err(e)) => {
+                tracing::debug!(backend = %state.addr, reused = conn.reused, error = %e, "upstream request failed");
                 last_error = ProxyError::BadGateway;
+                match e {
+                    // Nothing was sent: the body (if any) is still whole.
+                    ExchangeError::Unsent(_) => {
+                        outgoing.body = body;
+                        retry_paid = true;
+                        if !conn.reused {
+                            record_failure(&backend.spec, state, Failure::Other);
+                        }
+                    }
+                    // The backend closed an idle connection as it was reused (keep-alive
+                    // race): like nginx, send an idempotent request again.
+                    ExchangeError::Stale if idempotent && !outgoing.has_body => retry_paid = true,
+                    // The client's body broke off: not the backend's fault, and nothing to resend.
+                    ExchangeError::ClientBody(_) => {}
+                    _ => record_failure(&backend.spec, state, Failure::Other),
+                }
                 continue;
             }
-            Ok(Ok(resp)) => resp,
         };
-        let status = resp.status();
+        let status = head.status;
         state.latency.record(sent_at.elapsed());
         if status.is_server_error()
             && settings.retry_on.contains(&status.as_u16())
@@ -276,22 +271,28 @@ async fn forward(
             let (Some(client_upgrade), true) = (client_upgrade, upgrade) else {
                 return (error(ProxyError::BadGateway), Some(state.addr_text.clone()));
             };
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, in_flight));
-            let (parts, _) = resp.into_parts();
-            return (Response::from_parts(parts, RespBody::empty()), Some(state.addr_text.clone()));
+            tokio::spawn(tunnel(client_upgrade, conn, in_flight));
+            let mut resp = Response::new(RespBody::empty());
+            *resp.status_mut() = status;
+            *resp.headers_mut() = head.headers;
+            return (resp, Some(state.addr_text.clone()));
         }
 
-        let (mut parts, body) = resp.into_parts();
-        parts.version = client_version;
-        headers::strip_hop_by_hop(&mut parts.headers, false);
+        let mut body = UpstreamBody::new(&head, conn, in_flight);
+        let body = match body.take_buffered() {
+            Some(whole) => RespBody::Full(Some(whole)),
+            None => RespBody::Upstream(body),
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        *resp.version_mut() = client_version;
+        *resp.headers_mut() = head.headers;
         if let Some(sticky) = &runtime.sticky
             && sticky_cookie.as_deref() != Some(&*backend.sticky_id)
         {
-            set_sticky_cookie(&mut parts.headers, sticky, backend);
+            set_sticky_cookie(resp.headers_mut(), sticky, backend);
         }
-        let body = RespBody::Upstream(UpstreamBody::new(body, upstream, in_flight));
-        return (Response::from_parts(parts, body), Some(state.addr_text.clone()));
+        return (resp, Some(state.addr_text.clone()));
     }
     (error(last_error), None)
 }
@@ -339,17 +340,22 @@ fn set_sticky_cookie(headers: &mut http::HeaderMap, sticky: &crate::config::Stic
 }
 
 /// Copies bytes both ways between an upgraded client and backend (WebSocket and friends).
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, in_flight: InFlight) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: Upstream, in_flight: InFlight) {
+    let client = match client.await {
+        Ok(c) => c,
         Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
+            tracing::debug!(error = %e, "client upgrade failed");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    let Upstream { mut stream, read_buf, .. } = upstream;
+    // Bytes the backend sent right after its 101 belong to the new protocol.
+    let result = match client.write_all(&read_buf).await {
+        Ok(()) => tokio::io::copy_bidirectional(&mut client, &mut stream).await.map(drop),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
         tracing::debug!(backend = %in_flight.backend().addr, error = %e, "tunnel ended with an error");
     }
     drop(in_flight);

@@ -1,0 +1,628 @@
+//! The HTTP/1.1 client side of the proxy, run on the request's own task: write the request
+//! head (and stream its body), read and parse the response head (httparse), and decode the
+//! response body (`Content-Length`, chunked, or until close) straight from the connection's
+//! read buffer. No connection task and no channels sit between a request and its backend;
+//! a connection whose response ended cleanly goes back to its backend's idle queue.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+
+use super::body::InFlight;
+use crate::pool::conn::{READ_BUF, Upstream};
+
+/// Largest response head accepted from a backend.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header lines in a response head.
+const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (with extensions) or trailer line.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Why an exchange with a backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// Nothing reached the backend: writing the head failed. Safe to send elsewhere.
+    #[error("request not sent: {0}")]
+    Unsent(io::Error),
+    /// A reused keep-alive connection closed before any byte of a response: the backend most
+    /// likely closed it while idle, but it may have seen the request.
+    #[error("kept-alive connection closed before a response")]
+    Stale,
+    #[error("connection closed before a complete response head")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("invalid response head: {0}")]
+    Invalid(&'static str),
+    #[error("reading the request body: {0}")]
+    ClientBody(hyper::Error),
+}
+
+/// Writes the request head for `parts` into `out`: request line, the headers as they are after
+/// rewriting (minus `Expect`, which the client side answers), and chunked framing when the
+/// body has no length.
+pub fn write_head(out: &mut Vec<u8>, parts: &Parts, has_body: bool) {
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_length = false;
+    for (name, value) in &parts.headers {
+        if name == header::EXPECT {
+            continue;
+        }
+        has_length |= name == header::CONTENT_LENGTH;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if has_body && !has_length {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// A parsed response head, ready to go to the client.
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    framing: Framing,
+    /// Whether the connection may carry another request once the body is read.
+    keep_alive: bool,
+}
+
+/// Sends the request (head already in `conn.write_buf`, then `body` if any) and reads the
+/// response head, skipping interim 1xx responses other than 101.
+pub async fn exchange(
+    conn: &mut Upstream,
+    body: Option<&mut Incoming>,
+    chunked: bool,
+    method: &Method,
+) -> Result<ResponseHead, ExchangeError> {
+    conn.stream.write_all(&conn.write_buf).await.map_err(ExchangeError::Unsent)?;
+    if let Some(body) = body {
+        send_body(conn, body, chunked).await?;
+    }
+    let reused = conn.reused;
+    let mut first = true;
+    loop {
+        let head = read_head(conn, method, reused && first).await?;
+        first = false;
+        if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+            continue;
+        }
+        return Ok(head);
+    }
+}
+
+/// Streams the client's request body to the backend, chunk-encoded when it has no length.
+async fn send_body(conn: &mut Upstream, body: &mut Incoming, chunked: bool) -> Result<(), ExchangeError> {
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ExchangeError::ClientBody)?;
+        let Ok(data) = frame.into_data() else { continue };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            let size = format!("{:x}\r\n", data.len());
+            conn.stream.write_all(size.as_bytes()).await?;
+            conn.stream.write_all(&data).await?;
+            conn.stream.write_all(b"\r\n").await?;
+        } else {
+            conn.stream.write_all(&data).await?;
+        }
+    }
+    if chunked {
+        conn.stream.write_all(b"0\r\n\r\n").await?;
+    }
+    Ok(())
+}
+
+/// Reads into the connection's buffer; `Ok(0)` is end of stream.
+async fn fill(conn: &mut Upstream) -> io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    if conn.read_buf.capacity() - conn.read_buf.len() < 1024 {
+        conn.read_buf.reserve(READ_BUF);
+    }
+    conn.stream.read_buf(&mut conn.read_buf).await
+}
+
+async fn read_head(conn: &mut Upstream, method: &Method, may_be_stale: bool) -> Result<ResponseHead, ExchangeError> {
+    loop {
+        if !conn.read_buf.is_empty() {
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut slots);
+            match resp.parse(&conn.read_buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let head = conn.read_buf.split_to(len).freeze();
+                    return build_head(&head, method);
+                }
+                Ok(httparse::Status::Partial) if conn.read_buf.len() >= MAX_HEAD => {
+                    return Err(ExchangeError::Invalid("response head too large"));
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(httparse::Error::TooManyHeaders) => return Err(ExchangeError::Invalid("too many headers")),
+                Err(_) => return Err(ExchangeError::Invalid("malformed status line or header")),
+            }
+        }
+        let empty_before = conn.read_buf.is_empty();
+        match fill(conn).await {
+            Ok(0) if empty_before && may_be_stale => return Err(ExchangeError::Stale),
+            Ok(0) => return Err(ExchangeError::Closed),
+            Ok(_) => {}
+            Err(e) if empty_before && may_be_stale && e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(ExchangeError::Stale);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Turns a complete head (whose bytes `head` owns) into status, client-bound headers (hop-by-hop
+/// ones removed) and body framing.
+fn build_head(head: &Bytes, method: &Method) -> Result<ResponseHead, ExchangeError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    // Parsed before: cannot fail now.
+    let _ = resp.parse(head).map_err(|_| ExchangeError::Invalid("malformed head"))?;
+    let code = resp.code.ok_or(ExchangeError::Invalid("no status code"))?;
+    let status = StatusCode::from_u16(code).map_err(|_| ExchangeError::Invalid("status code out of range"))?;
+    let http11 = resp.version == Some(1);
+
+    let mut keep_alive = http11;
+    let mut chunked = false;
+    let mut other_coding = false;
+    let mut length: Option<u64> = None;
+    let mut named_in_connection = false;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                } else if !token.eq_ignore_ascii_case(b"upgrade") && !token.is_empty() {
+                    named_in_connection = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            for coding in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|c| !c.is_empty()) {
+                // chunked must be the last coding; anything after it is read until close
+                if coding.eq_ignore_ascii_case(b"chunked") {
+                    chunked = true;
+                    other_coding = false;
+                } else {
+                    other_coding = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or(ExchangeError::Invalid("invalid content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ExchangeError::Invalid("conflicting content-length headers"));
+            }
+            length = Some(n);
+        }
+    }
+    let te = chunked || other_coding;
+    let framing = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else if te {
+        if chunked && !other_coding { Framing::Chunked } else { Framing::UntilClose }
+    } else if let Some(n) = length {
+        if n == 0 { Framing::Empty } else { Framing::Length(n) }
+    } else {
+        Framing::UntilClose
+    };
+    if framing == Framing::UntilClose {
+        keep_alive = false;
+    }
+
+    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            return Err(ExchangeError::Invalid("invalid header name"));
+        };
+        if is_hop_by_hop(&name, upgrade) || (te && name == header::CONTENT_LENGTH) {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+            .map_err(|_| ExchangeError::Invalid("invalid header value"))?;
+        headers.append(name, value);
+    }
+    if named_in_connection {
+        // Headers the backend named in Connection are hop-by-hop too (rare: a second pass).
+        for h in resp.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
+            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if let Ok(n) = HeaderName::from_bytes(token)
+                    && !(upgrade && n == header::UPGRADE)
+                {
+                    headers.remove(n);
+                }
+            }
+        }
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    Ok(ResponseHead { status, headers, framing, keep_alive })
+}
+
+fn is_hop_by_hop(name: &HeaderName, upgrade: bool) -> bool {
+    match *name {
+        header::CONNECTION | header::UPGRADE => !upgrade,
+        header::TE
+        | header::TRAILER
+        | header::TRANSFER_ENCODING
+        | header::PROXY_AUTHENTICATE
+        | header::PROXY_AUTHORIZATION => true,
+        _ => name.as_str() == "keep-alive" || name.as_str() == "proxy-connection",
+    }
+}
+
+/// Where the chunked decoder is.
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside chunk data, this many bytes left.
+    Data(u64),
+    /// After chunk data: expecting CRLF.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Decode {
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+    Done,
+}
+
+/// A backend's response body, decoded from the connection as the client side polls it. Owns
+/// the connection and the request's in-flight guard until the body ends.
+pub struct UpstreamBody {
+    conn: Option<Upstream>,
+    in_flight: Option<InFlight>,
+    decode: Decode,
+    keep_alive: bool,
+}
+
+/// A response body that broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("backend closed the connection in the middle of the body")]
+    Truncated,
+    #[error("invalid chunked encoding from the backend")]
+    BadChunk,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl UpstreamBody {
+    pub fn new(head: &ResponseHead, conn: Upstream, in_flight: InFlight) -> Self {
+        let decode = match head.framing {
+            Framing::Empty => Decode::Done,
+            Framing::Length(n) => Decode::Length(n),
+            Framing::Chunked => Decode::Chunked(Chunk::Size),
+            Framing::UntilClose => Decode::UntilClose,
+        };
+        let mut body =
+            UpstreamBody { conn: Some(conn), in_flight: Some(in_flight), decode, keep_alive: head.keep_alive };
+        if matches!(body.decode, Decode::Done) {
+            body.finish();
+        }
+        body
+    }
+
+    /// Reads the whole body now if it is already buffered (the common small response), so the
+    /// connection goes back to the idle queue before the client is even answered.
+    pub fn take_buffered(&mut self) -> Option<Bytes> {
+        let Decode::Length(n) = self.decode else { return None };
+        let conn = self.conn.as_mut()?;
+        if (conn.read_buf.len() as u64) < n {
+            return None;
+        }
+        let data = conn.read_buf.split_to(n as usize).freeze();
+        self.decode = Decode::Done;
+        self.finish();
+        Some(data)
+    }
+
+    /// The body ended: the connection may carry another request unless the backend said
+    /// otherwise or sent more than it announced.
+    fn finish(&mut self) {
+        self.decode = Decode::Done;
+        let conn = self.conn.take();
+        if let (Some(conn), Some(guard)) = (conn, self.in_flight.take())
+            && self.keep_alive
+            && conn.read_buf.is_empty()
+        {
+            guard.backend().idle.put(conn);
+        }
+    }
+
+    fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.decode = Decode::Done;
+        self.conn = None;
+        self.in_flight = None;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    /// Polls one read into the buffer; `Ready(Ok(0))` is end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let conn = self.conn.as_mut().expect("a body that is not done owns its connection");
+        if conn.read_buf.capacity() - conn.read_buf.len() < 1024 {
+            conn.read_buf.reserve(READ_BUF);
+        }
+        let spare = conn.read_buf.spare_capacity_mut();
+        let mut buf = ReadBuf::uninit(spare);
+        ready!(Pin::new(&mut conn.stream).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        // SAFETY: poll_read initialised the first `n` bytes of the spare capacity.
+        unsafe { conn.read_buf.set_len(conn.read_buf.len() + n) };
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// One step of chunked decoding over `buf`: what it produced, or that it needs more bytes.
+enum Step {
+    Data(Bytes),
+    /// Progress without data (a size line, a CRLF, a trailer line).
+    Advanced,
+    End,
+    NeedMore,
+}
+
+fn chunk_step(state: &mut Chunk, buf: &mut BytesMut) -> Result<Step, BodyError> {
+    match *state {
+        Chunk::Size => {
+            let Some(eol) = find_crlf(buf) else {
+                return if buf.len() > MAX_CHUNK_LINE { Err(BodyError::BadChunk) } else { Ok(Step::NeedMore) };
+            };
+            let line = &buf[..eol];
+            let hex = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+            if hex.is_empty() || hex.len() > 15 {
+                return Err(BodyError::BadChunk);
+            }
+            let mut size: u64 = 0;
+            for &b in hex {
+                let d = (b as char).to_digit(16).ok_or(BodyError::BadChunk)?;
+                size = size * 16 + d as u64;
+            }
+            buf.advance(eol + 2);
+            *state = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+            Ok(Step::Advanced)
+        }
+        Chunk::Data(left) => {
+            if buf.is_empty() {
+                return Ok(Step::NeedMore);
+            }
+            let n = (buf.len() as u64).min(left) as usize;
+            let data = buf.split_to(n).freeze();
+            *state = if left == n as u64 { Chunk::DataEnd } else { Chunk::Data(left - n as u64) };
+            Ok(Step::Data(data))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Step::NeedMore);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err(BodyError::BadChunk);
+            }
+            buf.advance(2);
+            *state = Chunk::Size;
+            Ok(Step::Advanced)
+        }
+        Chunk::Trailers => {
+            // Trailer fields are dropped (nginx does the same by default).
+            let Some(eol) = find_crlf(buf) else {
+                return if buf.len() > MAX_CHUNK_LINE { Err(BodyError::BadChunk) } else { Ok(Step::NeedMore) };
+            };
+            buf.advance(eol + 2);
+            Ok(if eol == 0 { Step::End } else { Step::Advanced })
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        loop {
+            match this.decode {
+                Decode::Done => return Poll::Ready(None),
+                Decode::Length(left) => {
+                    let buffered = this.conn.as_ref().map_or(0, |c| c.read_buf.len());
+                    if buffered > 0 {
+                        let conn = this.conn.as_mut().expect("checked above");
+                        let n = (buffered as u64).min(left) as usize;
+                        let data = conn.read_buf.split_to(n).freeze();
+                        if left == n as u64 {
+                            this.finish();
+                        } else {
+                            this.decode = Decode::Length(left - n as u64);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Decode::UntilClose => {
+                    let conn = this.conn.as_mut().expect("a body that is not done owns its connection");
+                    if !conn.read_buf.is_empty() {
+                        let data = conn.read_buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Decode::Chunked(mut state) => {
+                    let conn = this.conn.as_mut().expect("a body that is not done owns its connection");
+                    let step = chunk_step(&mut state, &mut conn.read_buf);
+                    this.decode = Decode::Chunked(state);
+                    match step {
+                        Err(e) => return this.fail(e),
+                        Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Ok(Step::Advanced) => continue,
+                        Ok(Step::End) => {
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                        Ok(Step::NeedMore) => {}
+                    }
+                }
+            }
+            match ready!(this.poll_fill(cx)) {
+                Ok(0) if matches!(this.decode, Decode::UntilClose) => {
+                    this.keep_alive = false;
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(BodyError::Truncated),
+                Ok(_) => {}
+                Err(e) => return this.fail(e.into()),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.decode, Decode::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decode {
+            Decode::Done => SizeHint::with_exact(0),
+            Decode::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// A connection after a `101 Switching Protocols`: the stream and the bytes already read past
+/// the head (they belong to the new protocol).
+pub fn into_tunnel(body: &mut UpstreamBody) -> Option<(tokio::net::TcpStream, Bytes)> {
+    let conn = body.conn.take()?;
+    body.decode = Decode::Done;
+    Some((conn.stream, conn.read_buf.freeze()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8], method: Method) -> Result<ResponseHead, ExchangeError> {
+        build_head(&Bytes::copy_from_slice(raw), &method)
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let h = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::GET).unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Length(5), true));
+        let h =
+            parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", Method::GET).unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH), "TE wins and CL is dropped");
+        let h = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::HEAD).unwrap();
+        assert_eq!(h.framing, Framing::Empty);
+        assert_eq!(h.headers[header::CONTENT_LENGTH], "5", "HEAD keeps the length of what GET would send");
+        let h = parse(b"HTTP/1.1 204 No Content\r\n\r\n", Method::GET).unwrap();
+        assert_eq!(h.framing, Framing::Empty);
+        let h = parse(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET).unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::UntilClose, false));
+        let h = parse(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", Method::GET).unwrap();
+        assert!(!h.keep_alive);
+        let h = parse(b"HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: 1\r\n\r\n", Method::GET).unwrap();
+        assert!(!h.keep_alive);
+        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", Method::GET).is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", Method::GET).is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_behind() {
+        let h = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=5\r\nx-hop: 1\r\nx-end: 2\r\ncontent-length: 0\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap();
+        assert_eq!(h.headers.len(), 2, "{:?}", h.headers);
+        assert_eq!(h.headers["x-end"], "2");
+        let h = parse(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap();
+        assert_eq!(h.headers[header::UPGRADE], "websocket");
+        assert_eq!(h.headers[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn chunked_decoding() {
+        let mut buf = BytesMut::from(&b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\nNEXT"[..]);
+        let mut state = Chunk::Size;
+        let mut out = Vec::new();
+        loop {
+            match chunk_step(&mut state, &mut buf).unwrap() {
+                Step::Data(d) => out.extend_from_slice(&d),
+                Step::Advanced => {}
+                Step::End => break,
+                Step::NeedMore => panic!("all input was there"),
+            }
+        }
+        assert_eq!(out, b"hello world");
+        assert_eq!(&buf[..], b"NEXT");
+        for bad in [&b"zz\r\n"[..], b"5\r\nhelloXX", b"\r\n", b"ffffffffffffffffff\r\n"] {
+            let mut buf = BytesMut::from(bad);
+            let mut state = Chunk::Size;
+            let r = (0..4).try_for_each(|_| chunk_step(&mut state, &mut buf).map(|_| ()));
+            assert!(r.is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn request_head() {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("/a?b=1")
+            .header("host", "x")
+            .header("expect", "100-continue")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let mut out = Vec::new();
+        write_head(&mut out, &parts, true);
+        assert_eq!(out, b"POST /a?b=1 HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n");
+    }
+}
