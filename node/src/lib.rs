@@ -207,7 +207,7 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
     node.apply_backends();
 
     let stop_accepting = CancellationToken::new();
-    let listener_settings = proxy::listener::ListenerSettings {
+    let listener_settings = proxy::h1::Limits {
         header_timeout: config.node.client_header_timeout,
         max_header_bytes: config.node.max_header_bytes,
     };

@@ -8,8 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body::Body;
+use http::{HeaderValue, Request, StatusCode, header};
 
 use super::service::ClientConn;
 
@@ -22,6 +21,7 @@ pub struct AccessLog {
 }
 
 /// The request half of a log line, captured before the request is consumed.
+#[derive(Debug)]
 pub struct RequestLine {
     remote: std::net::IpAddr,
     request: String,
@@ -30,14 +30,23 @@ pub struct RequestLine {
 }
 
 impl RequestLine {
-    pub fn of<B>(req: &Request<B>, client: &ClientConn) -> Self {
-        let h = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok()).unwrap_or("-").to_string();
+    pub fn new(remote: std::net::IpAddr, request: String, referer: Option<&str>, user_agent: Option<&str>) -> Self {
         RequestLine {
-            remote: client.addr.ip(),
-            request: format!("{} {} {:?}", req.method(), req.uri(), req.version()),
-            referer: h(header::REFERER),
-            user_agent: h(header::USER_AGENT),
+            remote,
+            request,
+            referer: referer.unwrap_or("-").to_owned(),
+            user_agent: user_agent.unwrap_or("-").to_owned(),
         }
+    }
+
+    pub fn of<B>(req: &Request<B>, client: &ClientConn) -> Self {
+        let h = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+        RequestLine::new(
+            client.addr.ip(),
+            format!("{} {} {:?}", req.method(), req.uri(), req.version()),
+            h(header::REFERER),
+            h(header::USER_AGENT),
+        )
     }
 }
 
@@ -59,16 +68,17 @@ impl AccessLog {
         Ok(AccessLog { tx, dropped: AtomicU64::new(0) })
     }
 
-    pub fn write<B: Body>(
+    /// Queues one line; `bytes` is the response body size when known.
+    pub fn write(
         &self,
         line: &RequestLine,
         status: StatusCode,
-        resp: &Response<B>,
+        bytes: Option<u64>,
         backend: Option<&str>,
         upstream: Duration,
         node: &HeaderValue,
     ) {
-        let bytes = resp.body().size_hint().exact().map_or_else(|| "-".to_string(), |n| n.to_string());
+        let bytes = bytes.map_or_else(|| "-".to_string(), |n| n.to_string());
         let text = format!(
             "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" backend={} upstream_time={:.3} node={}\n",
             line.remote,

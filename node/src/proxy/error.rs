@@ -1,6 +1,8 @@
 //! Errors a client can see, each mapped to one status and a short body in one place
 //! (PRODUCT.md §5.5). Every error response names the node in `x-shoal-node`.
 
+use std::borrow::Cow;
+
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::body::RespBody;
@@ -20,6 +22,10 @@ pub enum ProxyError {
     RateLimited,
     /// The request head is larger than `max_header_bytes`.
     HeadersTooLarge,
+    /// The request head is malformed or ambiguous (what is wrong).
+    BadRequest(&'static str),
+    /// The request head did not arrive within `client_header_timeout`.
+    HeaderTimeout,
 }
 
 impl ProxyError {
@@ -30,23 +36,54 @@ impl ProxyError {
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
-    pub fn body(self) -> &'static str {
-        match self {
+    pub fn body(self) -> Cow<'static, str> {
+        Cow::Borrowed(match self {
             ProxyError::NoBackend => "503 no usable backend\n",
             ProxyError::AllBusy => "503 all backends at max_conns\n",
             ProxyError::BadGateway => "502 no backend answered\n",
             ProxyError::Timeout => "504 backend timed out\n",
             ProxyError::RateLimited => "429 too many requests\n",
             ProxyError::HeadersTooLarge => "431 request header fields too large\n",
+            ProxyError::HeaderTimeout => "408 request head not received in time\n",
+            ProxyError::BadRequest(why) => return Cow::Owned(format!("400 bad request: {why}\n")),
+        })
+    }
+
+    /// The response as HTTP/1.1 bytes (the HTTP/1.1 client side writes it itself).
+    pub fn write_h1(self, out: &mut Vec<u8>, node: &HeaderValue, close: bool) {
+        use std::io::Write;
+        let body = self.body();
+        let _ = write!(
+            out,
+            "HTTP/1.1 {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+            self.status(),
+            body.len()
+        );
+        out.extend_from_slice(b"x-shoal-node: ");
+        out.extend_from_slice(node.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if self == ProxyError::RateLimited {
+            out.extend_from_slice(b"retry-after: 1\r\n");
         }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body.as_bytes());
     }
 
     /// The response sent to the client.
     pub fn response(self, node: &HeaderValue) -> Response<RespBody> {
-        let mut resp = Response::new(RespBody::text(self.body()));
+        let body = match self.body() {
+            Cow::Borrowed(text) => RespBody::text(text),
+            Cow::Owned(text) => RespBody::Full(Some(text.into())),
+        };
+        let mut resp = Response::new(body);
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));

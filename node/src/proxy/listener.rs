@@ -1,31 +1,30 @@
-//! The client-facing listener: accepts connections, serves HTTP/1.1 and h2c on each (with
-//! upgrades), enforces the header timeout and size limit, and drains on shutdown: stop
-//! accepting, let in-flight requests finish within the drain timeout, close idle keep-alives.
+//! The client-facing listener: accepts connections, tells HTTP/2 (prior knowledge, the
+//! connection preface) from HTTP/1.1, hands the first to hyper and the second to `h1`, and
+//! drains on shutdown: stop accepting, serve what the kernel already accepted, let in-flight
+//! requests finish within the drain timeout, close idle keep-alives.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::Proxy;
+use super::h1::{self, ClientIo, Limits};
 use super::service::{ClientConn, handle};
 
 /// After accepting stops, how long just-accepted connections get to send their first request
 /// before idle connections are closed.
 const LAST_REQUESTS_WINDOW: Duration = Duration::from_millis(250);
-
-/// Limits applied to every client connection.
-#[derive(Debug, Clone)]
-pub struct ListenerSettings {
-    pub header_timeout: Duration,
-    pub max_header_bytes: usize,
-}
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Decrements the active-connection gauge when a connection ends.
 struct Active(Arc<Proxy>);
@@ -41,37 +40,19 @@ impl Drop for Active {
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
-    settings: ListenerSettings,
+    limits: Limits,
     stop_accepting: CancellationToken,
 ) -> usize {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
-        // hyper's own limit is a backstop above ours: the service answers 431 (with
-        // x-shoal-node) for heads over max_header_bytes; hyper's bare 431 only beyond twice that.
-        .max_buf_size((settings.max_header_bytes * 2).max(8192))
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
-    let graceful = GracefulShutdown::new();
-    let serve_one = |stream: tokio::net::TcpStream, addr: std::net::SocketAddr| {
+    // Cancelled once the last-requests window after stop_accepting has passed: idle
+    // connections close, busy ones close after their response.
+    let close_idle = CancellationToken::new();
+    let serve_one = |stream: TcpStream, addr: std::net::SocketAddr| {
         proxy.stats.accepts.fetch_add(1, Relaxed);
         proxy.stats.handled.fetch_add(1, Relaxed);
         proxy.stats.active.fetch_add(1, Relaxed);
         let _ = stream.set_nodelay(true);
-        let client = Arc::new(ClientConn::new(addr));
         let active = Active(proxy.clone());
-        let svc_proxy = proxy.clone();
-        let service = service_fn(move |req| handle(svc_proxy.clone(), client.clone(), req));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::trace!(client = %addr, error = %e, "client connection ended with an error");
-            }
-            drop(active);
-        });
+        tokio::spawn(connection(proxy.clone(), stream, addr, limits.clone(), close_idle.clone(), active));
     };
     loop {
         let (stream, addr) = tokio::select! {
@@ -95,7 +76,7 @@ pub async fn serve(
     match listener.into_std() {
         Ok(std_listener) => {
             while let Ok((stream, addr)) = std_listener.accept() {
-                let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream));
+                let stream = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream));
                 if let Ok(stream) = stream {
                     serve_one(stream, addr);
                 }
@@ -105,15 +86,125 @@ pub async fn serve(
     }
     let open = proxy.stats.active.load(Relaxed);
     tracing::info!(open_connections = open, "stopped accepting; draining");
-    // The graceful shutdown closes connections that have not sent a request yet; the last
-    // ones accepted may still have theirs on the wire. Give them a moment to arrive.
+    // The last connections accepted may still have their first request on the wire.
     tokio::time::sleep(LAST_REQUESTS_WINDOW.min(proxy.drain_timeout())).await;
-    match tokio::time::timeout(proxy.drain_timeout(), graceful.shutdown()).await {
+    close_idle.cancel();
+    let drained = async {
+        while proxy.stats.active.load(Relaxed) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    match tokio::time::timeout(proxy.drain_timeout(), drained).await {
         Ok(()) => 0,
         Err(_) => {
             let left = proxy.stats.active.load(Relaxed) as usize;
             tracing::warn!(connections = left, "drain timeout: closing connections that are still busy");
             left
         }
+    }
+}
+
+/// One client connection: reads until it can tell the protocol, then serves it.
+async fn connection(
+    proxy: Arc<Proxy>,
+    mut stream: TcpStream,
+    addr: std::net::SocketAddr,
+    limits: Limits,
+    stop: CancellationToken,
+    active: Active,
+) {
+    let client = ClientConn::new(addr);
+    let mut buf = BytesMut::with_capacity(4096);
+    // Enough bytes to tell the HTTP/2 preface from an HTTP/1.1 request line (usually the
+    // first read); bounded by the header timeout like any request head.
+    let sniff = async {
+        loop {
+            let n = buf.len().min(H2_PREFACE.len());
+            if buf[..n] != H2_PREFACE[..n] || n == H2_PREFACE.len() {
+                return Ok::<bool, std::io::Error>(n == H2_PREFACE.len() && buf[..n] == *H2_PREFACE);
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Ok(false);
+            }
+        }
+    };
+    let is_h2 = tokio::select! {
+        r = tokio::time::timeout(limits.header_timeout, sniff) => r,
+        _ = stop.cancelled() => return,
+    };
+    match is_h2 {
+        Ok(Ok(true)) => serve_h2(proxy, client, Prefixed { prefix: buf, inner: stream }, stop).await,
+        Ok(Ok(false)) if buf.is_empty() => {}
+        Ok(Ok(false)) => h1::serve(proxy, client, ClientIo::new(stream, buf), limits, stop).await,
+        Ok(Err(e)) => tracing::trace!(client = %addr, error = %e, "client connection failed"),
+        Err(_) => tracing::debug!(client = %addr, "no request within the header timeout"),
+    }
+    drop(active);
+}
+
+/// Serves an HTTP/2 (prior knowledge) connection through hyper.
+async fn serve_h2(proxy: Arc<Proxy>, client: ClientConn, io: Prefixed, stop: CancellationToken) {
+    let client = Arc::new(client);
+    let svc_proxy = proxy.clone();
+    let service = service_fn(move |req| handle(svc_proxy.clone(), client.clone(), req));
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::trace!(error = %e, "HTTP/2 client connection ended with an error");
+    }
+}
+
+/// A stream whose first bytes were already read (the sniffed preface): they are read again.
+struct Prefixed {
+    prefix: BytesMut,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

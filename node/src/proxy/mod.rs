@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod body;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod listener;
 pub mod service;

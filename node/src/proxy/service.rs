@@ -1,5 +1,7 @@
-//! One request's path: rate limit -> headers -> pick (cluster-wide load) -> forward over a
-//! pooled upstream connection -> retry on the next backend when allowed -> response.
+//! One request's path, whichever protocol it came on: size and rate checks -> pick
+//! (cluster-wide load) -> exchange over a pooled upstream connection -> retry on the next
+//! backend when allowed -> a [`Forwarded`] response (or a [`ProxyError`]) for the client side
+//! to write. `h1` feeds it HTTP/1.1 requests; [`handle`] feeds it hyper's (HTTP/2) ones.
 //!
 //! Retries (nginx `proxy_next_upstream`): a connect error or connect timeout always moves to
 //! the next backend, since nothing was sent. After sending, only a request without a body can
@@ -12,22 +14,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::{Body as _, Incoming};
-use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
 
-use super::Proxy;
 use super::body::{InFlight, RespBody};
 use super::error::ProxyError;
 use super::headers::{self, ClientHeaders};
-use super::upstream::{self, ExchangeError, UpstreamBody};
+use super::upstream::{self, ExchangeError, RequestBody, ResponseHead, UpstreamBody};
+use super::{Proxy, Runtime};
 use crate::balance::PickRequest;
 use crate::config::AllDown;
 use crate::health::{Failure, record_failure};
 use crate::limit::Verdict;
-use crate::pool::conn::{self, Upstream};
+use crate::pool::conn;
 use crate::pool::{Backend, PoolSnapshot, now_ms};
 
 /// What is known about the client connection a request came on.
@@ -44,22 +43,39 @@ impl ClientConn {
     }
 }
 
-/// The request as it will be sent upstream: the head is rewritten once and serialised again
-/// for every attempt; a body can be sent once.
-struct Outgoing {
-    parts: Parts,
-    body: Option<Incoming>,
-    /// The request has a body (sent at most once).
-    has_body: bool,
-    /// The body has no length: send it chunk-encoded.
-    chunked: bool,
+/// A request on its way upstream: its head, serialised once and written again on every
+/// attempt, and its body, which can be sent once.
+pub struct Outgoing<'a> {
+    pub method: Method,
+    /// Size of the head as the client sent it (for `max_header_bytes`).
+    pub client_head_size: usize,
+    /// The sticky cookie's value, if the client sent one.
+    pub sticky_cookie: Option<&'a str>,
+    /// The client asked for a protocol upgrade (WebSocket).
+    pub upgrade: bool,
+    /// The upstream request head (see `upstream::write_head`).
+    pub head: Vec<u8>,
+    pub body: Option<RequestBody<'a>>,
+    /// The body has no length: it goes upstream chunk-encoded.
+    pub chunked: bool,
 }
 
-impl Outgoing {
+impl Outgoing<'_> {
     /// Whether another attempt can send the whole request.
-    fn available(&self) -> bool {
-        !self.has_body || self.body.is_some()
+    fn available(&self, has_body: bool) -> bool {
+        !has_body || self.body.is_some()
     }
+}
+
+/// A backend's answer, ready for the client side.
+pub struct Forwarded {
+    pub head: ResponseHead,
+    /// The body (for a `101`, the connection to tunnel).
+    pub body: UpstreamBody,
+    /// The backend that answered, for the access log.
+    pub backend: Arc<str>,
+    /// A sticky cookie to set.
+    pub set_cookie: Option<String>,
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -81,80 +97,59 @@ impl Tried {
     }
 }
 
-/// Handles one client request. Never fails: errors become responses.
-pub async fn handle(
-    proxy: Arc<Proxy>,
-    client: Arc<ClientConn>,
-    req: Request<Incoming>,
-) -> Result<Response<RespBody>, std::convert::Infallible> {
-    let started = Instant::now();
-    proxy.stats.requests.fetch_add(1, Relaxed);
-    let log_line = proxy.access_log.load().as_ref().as_ref().map(|_| super::access_log::RequestLine::of(&req, &client));
-    let (resp, backend) = forward(&proxy, &client, req).await;
-    if let (Some(line), Some(log)) = (log_line, proxy.access_log.load().as_ref()) {
-        log.write(&line, resp.status(), &resp, backend.as_deref(), started.elapsed(), &proxy.node_id);
-    }
-    Ok(resp)
-}
-
-async fn forward(
-    proxy: &Proxy,
-    client: &ClientConn,
-    mut req: Request<Incoming>,
-) -> (Response<RespBody>, Option<Arc<str>>) {
-    let runtime = proxy.runtime.load();
-    let error = |e: ProxyError| {
+impl Proxy {
+    /// Counts an answer the proxy gives itself, by cause.
+    pub fn count_error(&self, e: ProxyError) {
         let stat = match e {
-            ProxyError::NoBackend | ProxyError::AllBusy => &proxy.stats.no_backend,
-            ProxyError::BadGateway => &proxy.stats.bad_gateway,
-            ProxyError::Timeout => &proxy.stats.timeouts,
-            ProxyError::RateLimited => &proxy.stats.rate_limited,
-            ProxyError::HeadersTooLarge => &proxy.stats.bad_requests,
+            ProxyError::NoBackend | ProxyError::AllBusy => &self.stats.no_backend,
+            ProxyError::BadGateway => &self.stats.bad_gateway,
+            ProxyError::Timeout => &self.stats.timeouts,
+            ProxyError::RateLimited => &self.stats.rate_limited,
+            ProxyError::HeadersTooLarge | ProxyError::BadRequest(_) | ProxyError::HeaderTimeout => {
+                &self.stats.bad_requests
+            }
         };
         stat.fetch_add(1, Relaxed);
-        e.response(&proxy.node_id)
-    };
+    }
+}
 
-    if headers::head_size(req.method(), req.uri(), req.headers()) > proxy.max_header_bytes {
-        return (error(ProxyError::HeadersTooLarge), None);
+/// Forwards one request: checks, picks, exchanges, retries. The error is counted already.
+pub async fn forward(
+    proxy: &Proxy,
+    runtime: &Runtime,
+    client: &ClientConn,
+    mut outgoing: Outgoing<'_>,
+) -> Result<Forwarded, ProxyError> {
+    let result = attempts(proxy, runtime, client, &mut outgoing).await;
+    if let Err(e) = result {
+        proxy.count_error(e);
+    }
+    result
+}
+
+async fn attempts(
+    proxy: &Proxy,
+    runtime: &Runtime,
+    client: &ClientConn,
+    outgoing: &mut Outgoing<'_>,
+) -> Result<Forwarded, ProxyError> {
+    if outgoing.client_head_size > proxy.max_header_bytes {
+        return Err(ProxyError::HeadersTooLarge);
     }
     if let Some(limiter) = &runtime.limiter {
         match limiter.check(client.addr.ip()) {
             Verdict::Pass => {}
             Verdict::Delay(d) => tokio::time::sleep(d).await,
-            Verdict::Reject => return (error(ProxyError::RateLimited), None),
+            Verdict::Reject => return Err(ProxyError::RateLimited),
         }
     }
-
-    let upgrade = headers::wants_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let sticky_cookie =
-        runtime.sticky.as_ref().and_then(|s| headers::cookie_value(req.headers(), &s.cookie).map(str::to_owned));
-
-    let (mut parts, body) = req.into_parts();
-    let client_version = parts.version;
-    // Host: HTTP/2 clients send :authority instead; HTTP/1 backends need a Host header.
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(auth) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        parts.headers.insert(header::HOST, auth);
-    }
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    headers::add_forwarding(&mut parts.headers, &client.headers);
-    let idempotent = is_idempotent(&parts.method);
-    let has_body = !body.is_end_stream();
-    let mut outgoing = Outgoing {
-        chunked: has_body && !parts.headers.contains_key(header::CONTENT_LENGTH),
-        parts,
-        body: has_body.then_some(body),
-        has_body,
-    };
-
+    let idempotent = is_idempotent(&outgoing.method);
+    let has_body = outgoing.body.is_some();
     let settings = &runtime.upstream;
     proxy.retry_budget.deposit(settings.retry_budget);
     let pool = proxy.pool.snapshot();
     let serving_nodes = proxy.pool.serving_nodes();
-    let pick_req = PickRequest { client_ip: client.addr.ip(), sticky: sticky_cookie.as_deref() };
+    let pick_req = PickRequest { client_ip: client.addr.ip(), sticky: outgoing.sticky_cookie };
     let mut tried = Tried::default();
     let mut last_error = ProxyError::NoBackend;
     let mut attempt = 0;
@@ -166,7 +161,7 @@ async fn forward(
     let mut retry_paid = false;
     loop {
         if attempt > 0 {
-            if attempt > settings.retries || !outgoing.available() {
+            if attempt > settings.retries || !outgoing.available(has_body) {
                 break;
             }
             if !std::mem::take(&mut retry_paid) && !proxy.retry_budget.try_withdraw() {
@@ -177,7 +172,7 @@ async fn forward(
         }
         attempt += 1;
 
-        let Some(index) = pick(&pool, serving_nodes, &tried, &pick_req, &runtime, settings.when_all_down) else {
+        let Some(index) = pick(&pool, serving_nodes, &tried, &pick_req, runtime, settings.when_all_down) else {
             if attempt == 1 {
                 last_error = if pool.backends.iter().any(|b| b.state.is_healthy(now_ms())) {
                     ProxyError::AllBusy
@@ -214,10 +209,9 @@ async fn forward(
                 }
             },
         };
-        upstream::write_head(&mut conn.write_buf, &outgoing.parts, outgoing.has_body);
         let mut body = outgoing.body.take();
         let sent_at = Instant::now();
-        let exchange = upstream::exchange(&mut conn, body.as_mut(), outgoing.chunked, &outgoing.parts.method);
+        let exchange = upstream::exchange(&mut conn, &outgoing.head, body.as_mut(), outgoing.chunked, &outgoing.method);
         let head = match tokio::time::timeout(settings.read_timeout, exchange).await {
             Ok(Ok(head)) => head,
             Err(_) => {
@@ -240,8 +234,8 @@ async fn forward(
                     }
                     // The backend closed an idle connection as it was reused (keep-alive
                     // race): like nginx, send an idempotent request again.
-                    ExchangeError::Stale if idempotent && !outgoing.has_body => retry_paid = true,
-                    // The client's body broke off: not the backend's fault, and nothing to resend.
+                    ExchangeError::Stale if idempotent && !has_body => retry_paid = true,
+                    // The client's body broke off: not the backend's fault, nothing to resend.
                     ExchangeError::ClientBody(_) => {}
                     _ => record_failure(&backend.spec, state, Failure::Other),
                 }
@@ -254,7 +248,7 @@ async fn forward(
             && settings.retry_on.contains(&status.as_u16())
             && idempotent
             && attempt <= settings.retries
-            && outgoing.available()
+            && outgoing.available(has_body)
         {
             record_failure(&backend.spec, state, Failure::Other);
             // Retry only if the budget allows; otherwise the backend's own answer goes back.
@@ -266,35 +260,79 @@ async fn forward(
             proxy.stats.retries_refused.fetch_add(1, Relaxed);
         }
         state.responses[(status.as_u16() / 100).clamp(1, 5) as usize - 1].fetch_add(1, Relaxed);
-
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            let (Some(client_upgrade), true) = (client_upgrade, upgrade) else {
-                return (error(ProxyError::BadGateway), Some(state.addr_text.clone()));
-            };
-            tokio::spawn(tunnel(client_upgrade, conn, in_flight));
-            let mut resp = Response::new(RespBody::empty());
-            *resp.status_mut() = status;
-            *resp.headers_mut() = head.headers;
-            return (resp, Some(state.addr_text.clone()));
+        if status == StatusCode::SWITCHING_PROTOCOLS && !outgoing.upgrade {
+            return Err(ProxyError::BadGateway);
         }
-
-        let mut body = UpstreamBody::new(&head, conn, in_flight);
-        let body = match body.take_buffered() {
-            Some(whole) => RespBody::Full(Some(whole)),
-            None => RespBody::Upstream(body),
-        };
-        let mut resp = Response::new(body);
-        *resp.status_mut() = status;
-        *resp.version_mut() = client_version;
-        *resp.headers_mut() = head.headers;
-        if let Some(sticky) = &runtime.sticky
-            && sticky_cookie.as_deref() != Some(&*backend.sticky_id)
-        {
-            set_sticky_cookie(resp.headers_mut(), sticky, backend);
-        }
-        return (resp, Some(state.addr_text.clone()));
+        let set_cookie = runtime
+            .sticky
+            .as_ref()
+            .filter(|_| outgoing.sticky_cookie != Some(&*backend.sticky_id))
+            .map(|s| sticky_cookie(s, backend));
+        let body = UpstreamBody::new(&head, conn, in_flight);
+        return Ok(Forwarded { head, body, backend: state.addr_text.clone(), set_cookie });
     }
-    (error(last_error), None)
+    Err(last_error)
+}
+
+/// Handles one request that came through hyper (HTTP/2 clients). Never fails: errors become
+/// responses.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    client: Arc<ClientConn>,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, std::convert::Infallible> {
+    let started = Instant::now();
+    proxy.stats.requests.fetch_add(1, Relaxed);
+    let runtime = proxy.runtime.load();
+    let log_line = proxy.access_log.load().as_ref().as_ref().map(|_| super::access_log::RequestLine::of(&req, &client));
+    let sticky =
+        runtime.sticky.as_ref().and_then(|s| headers::cookie_value(req.headers(), &s.cookie).map(str::to_owned));
+    let client_head_size = headers::head_size(req.method(), req.uri(), req.headers());
+    let (mut parts, body) = req.into_parts();
+    // HTTP/2 clients send :authority instead of Host; HTTP/1 backends need a Host header.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(auth) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, auth);
+    }
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    headers::add_forwarding(&mut parts.headers, &client.headers);
+    let has_body = !body.is_end_stream();
+    let mut head = Vec::with_capacity(512);
+    upstream::write_head(&mut head, &parts, has_body);
+    let outgoing = Outgoing {
+        client_head_size,
+        sticky_cookie: sticky.as_deref(),
+        upgrade: false,
+        head,
+        chunked: has_body && !parts.headers.contains_key(header::CONTENT_LENGTH),
+        body: has_body.then_some(RequestBody::Hyper(body)),
+        method: parts.method,
+    };
+    let (resp, backend) = match forward(&proxy, &runtime, &client, outgoing).await {
+        Err(e) => (e.response(&proxy.node_id), None),
+        Ok(f) => {
+            let mut headers = f.head.header_map();
+            if let Some(cookie) = f.set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                headers.append(header::SET_COOKIE, cookie);
+            }
+            let mut body = f.body;
+            let body = match body.take_buffered() {
+                Some(whole) => RespBody::Full(Some(whole)),
+                None => RespBody::Upstream(body),
+            };
+            let mut resp = Response::new(body);
+            *resp.status_mut() = f.head.status;
+            *resp.version_mut() = parts.version;
+            *resp.headers_mut() = headers;
+            (resp, Some(f.backend))
+        }
+    };
+    if let (Some(line), Some(log)) = (log_line, proxy.access_log.load().as_ref()) {
+        let bytes = resp.body().size_hint().exact();
+        log.write(&line, resp.status(), bytes, backend.as_deref(), started.elapsed(), &proxy.node_id);
+    }
+    Ok(resp)
 }
 
 /// Picks among primaries, then backups; with `when_all_down = "open"`, then any untried one.
@@ -303,7 +341,7 @@ fn pick(
     nodes: u32,
     tried: &Tried,
     req: &PickRequest,
-    runtime: &super::Runtime,
+    runtime: &Runtime,
     all_down: AllDown,
 ) -> Option<usize> {
     let now = now_ms();
@@ -329,34 +367,11 @@ fn pick(
         })
 }
 
-fn set_sticky_cookie(headers: &mut http::HeaderMap, sticky: &crate::config::StickySettings, backend: &Backend) {
+/// The `Set-Cookie` value that pins a client to `backend`.
+fn sticky_cookie(sticky: &crate::config::StickySettings, backend: &Backend) -> String {
     let mut cookie = format!("{}={}; Path=/; HttpOnly", sticky.cookie, backend.sticky_id);
     if let Some(exp) = sticky.expires {
         cookie.push_str(&format!("; Max-Age={}", exp.as_secs()));
     }
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
-        headers.append(header::SET_COOKIE, v);
-    }
-}
-
-/// Copies bytes both ways between an upgraded client and backend (WebSocket and friends).
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: Upstream, in_flight: InFlight) {
-    let client = match client.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "client upgrade failed");
-            return;
-        }
-    };
-    let mut client = TokioIo::new(client);
-    let Upstream { mut stream, read_buf, .. } = upstream;
-    // Bytes the backend sent right after its 101 belong to the new protocol.
-    let result = match client.write_all(&read_buf).await {
-        Ok(()) => tokio::io::copy_bidirectional(&mut client, &mut stream).await.map(drop),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = result {
-        tracing::debug!(backend = %in_flight.backend().addr, error = %e, "tunnel ended with an error");
-    }
-    drop(in_flight);
+    cookie
 }

@@ -43,7 +43,7 @@ pub enum ExchangeError {
     #[error("invalid response head: {0}")]
     Invalid(&'static str),
     #[error("reading the request body: {0}")]
-    ClientBody(hyper::Error),
+    ClientBody(String),
 }
 
 /// Writes the request head for `parts` into `out`: request line, the headers as they are after
@@ -84,23 +84,46 @@ enum Framing {
 /// A parsed response head, ready to go to the client.
 pub struct ResponseHead {
     pub status: StatusCode,
-    pub headers: HeaderMap,
+    /// The head as the backend sent it (status line and header lines).
+    raw: Bytes,
     framing: Framing,
     /// Whether the connection may carry another request once the body is read.
     keep_alive: bool,
+    /// The body is framed by Transfer-Encoding (so Content-Length is not forwarded).
+    te: bool,
+    /// Connection named other headers, which are hop-by-hop too.
+    named_in_connection: bool,
 }
 
-/// Sends the request (head already in `conn.write_buf`, then `body` if any) and reads the
-/// response head, skipping interim 1xx responses other than 101.
+/// The request body to send upstream, from whichever client side the request came.
+pub enum RequestBody<'a> {
+    /// An HTTP/2 client's body, through hyper.
+    Hyper(Incoming),
+    /// An HTTP/1.1 client's body, read from its connection.
+    H1(super::h1::ClientBody<'a>),
+}
+
+impl RequestBody<'_> {
+    async fn send(&mut self, conn: &mut Upstream, chunked: bool) -> Result<(), ExchangeError> {
+        match self {
+            RequestBody::Hyper(body) => send_body(conn, body, chunked).await,
+            RequestBody::H1(body) => body.send(&mut conn.stream, chunked).await,
+        }
+    }
+}
+
+/// Sends the request (`head`, then `body` if any) and reads the response head, skipping
+/// interim 1xx responses other than 101.
 pub async fn exchange(
     conn: &mut Upstream,
-    body: Option<&mut Incoming>,
+    head: &[u8],
+    body: Option<&mut RequestBody<'_>>,
     chunked: bool,
     method: &Method,
 ) -> Result<ResponseHead, ExchangeError> {
-    conn.stream.write_all(&conn.write_buf).await.map_err(ExchangeError::Unsent)?;
+    conn.stream.write_all(head).await.map_err(ExchangeError::Unsent)?;
     if let Some(body) = body {
-        send_body(conn, body, chunked).await?;
+        body.send(conn, chunked).await?;
     }
     let reused = conn.reused;
     let mut first = true;
@@ -118,7 +141,7 @@ pub async fn exchange(
 async fn send_body(conn: &mut Upstream, body: &mut Incoming, chunked: bool) -> Result<(), ExchangeError> {
     use http_body_util::BodyExt;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(ExchangeError::ClientBody)?;
+        let frame = frame.map_err(|e| ExchangeError::ClientBody(e.to_string()))?;
         let Ok(data) = frame.into_data() else { continue };
         if data.is_empty() {
             continue;
@@ -155,7 +178,7 @@ async fn read_head(conn: &mut Upstream, method: &Method, may_be_stale: bool) -> 
             match resp.parse(&conn.read_buf) {
                 Ok(httparse::Status::Complete(len)) => {
                     let head = conn.read_buf.split_to(len).freeze();
-                    return build_head(&head, method);
+                    return build_head(head, method);
                 }
                 Ok(httparse::Status::Partial) if conn.read_buf.len() >= MAX_HEAD => {
                     return Err(ExchangeError::Invalid("response head too large"));
@@ -178,13 +201,11 @@ async fn read_head(conn: &mut Upstream, method: &Method, may_be_stale: bool) -> 
     }
 }
 
-/// Turns a complete head (whose bytes `head` owns) into status, client-bound headers (hop-by-hop
-/// ones removed) and body framing.
-fn build_head(head: &Bytes, method: &Method) -> Result<ResponseHead, ExchangeError> {
+/// Reads status and body framing from a complete head (RFC 9112 §6.3).
+fn build_head(raw: Bytes, method: &Method) -> Result<ResponseHead, ExchangeError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut slots);
-    // Parsed before: cannot fail now.
-    let _ = resp.parse(head).map_err(|_| ExchangeError::Invalid("malformed head"))?;
+    let _ = resp.parse(&raw).map_err(|_| ExchangeError::Invalid("malformed head"))?;
     let code = resp.code.ok_or(ExchangeError::Invalid("no status code"))?;
     let status = StatusCode::from_u16(code).map_err(|_| ExchangeError::Invalid("status code out of range"))?;
     let http11 = resp.version == Some(1);
@@ -196,6 +217,9 @@ fn build_head(head: &Bytes, method: &Method) -> Result<ResponseHead, ExchangeErr
     let mut named_in_connection = false;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
+        if HeaderName::from_bytes(name).is_err() {
+            return Err(ExchangeError::Invalid("invalid header name"));
+        }
         if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 if token.eq_ignore_ascii_case(b"close") {
@@ -244,53 +268,114 @@ fn build_head(head: &Bytes, method: &Method) -> Result<ResponseHead, ExchangeErr
     if framing == Framing::UntilClose {
         keep_alive = false;
     }
-
-    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
-            return Err(ExchangeError::Invalid("invalid header name"));
-        };
-        if is_hop_by_hop(&name, upgrade) || (te && name == header::CONTENT_LENGTH) {
-            continue;
-        }
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
-            .map_err(|_| ExchangeError::Invalid("invalid header value"))?;
-        headers.append(name, value);
-    }
-    if named_in_connection {
-        // Headers the backend named in Connection are hop-by-hop too (rare: a second pass).
-        for h in resp.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
-            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                if let Ok(n) = HeaderName::from_bytes(token)
-                    && !(upgrade && n == header::UPGRADE)
-                {
-                    headers.remove(n);
-                }
-            }
-        }
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    Ok(ResponseHead { status, headers, framing, keep_alive })
+    Ok(ResponseHead { status, raw, framing, keep_alive, te, named_in_connection })
 }
 
-fn is_hop_by_hop(name: &HeaderName, upgrade: bool) -> bool {
-    match *name {
-        header::CONNECTION | header::UPGRADE => !upgrade,
-        header::TE
-        | header::TRAILER
-        | header::TRANSFER_ENCODING
-        | header::PROXY_AUTHENTICATE
-        | header::PROXY_AUTHORIZATION => true,
-        _ => name.as_str() == "keep-alive" || name.as_str() == "proxy-connection",
+impl ResponseHead {
+    fn is_upgrade(&self) -> bool {
+        self.status == StatusCode::SWITCHING_PROTOCOLS
     }
+
+    /// Calls `f` with every header that goes on to the client: all but the hop-by-hop ones (and
+    /// Content-Length when Transfer-Encoding framed the body). For a 101, `Upgrade` and
+    /// `Connection` stay.
+    fn for_each_field(&self, mut f: impl FnMut(&str, &[u8])) {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut slots);
+        // Parsed when it was read: cannot fail now.
+        if resp.parse(&self.raw).is_err() {
+            return;
+        }
+        let upgrade = self.is_upgrade();
+        let named = |name: &str| {
+            self.named_in_connection
+                && resp.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")).any(|h| {
+                    h.value
+                        .split(|&b| b == b',')
+                        .map(<[u8]>::trim_ascii)
+                        .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+                })
+        };
+        for h in resp.headers.iter() {
+            if is_hop_by_hop(h.name, upgrade)
+                || (self.te && h.name.eq_ignore_ascii_case("content-length"))
+                || (self.named_in_connection && named(h.name))
+            {
+                continue;
+            }
+            f(h.name, h.value);
+        }
+    }
+
+    /// The reason phrase the backend sent (may be empty).
+    pub fn reason(&self) -> &[u8] {
+        // "HTTP/1.1 200 OK\r\n": the reason starts after the second space.
+        let line = self.raw.split(|&b| b == b'\r').next().unwrap_or_default();
+        line.splitn(3, |&b| b == b' ').nth(2).unwrap_or_default()
+    }
+
+    /// The client-bound headers as a map (for hyper's HTTP/2 side).
+    pub fn header_map(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        self.for_each_field(|name, value| {
+            if let (Ok(n), Ok(v)) =
+                (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_maybe_shared(self.raw.slice_ref(value)))
+            {
+                headers.append(n, v);
+            }
+        });
+        if self.is_upgrade() {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        headers
+    }
+
+    /// Writes the client-bound header lines (HTTP/1.1 side).
+    pub fn write_fields(&self, out: &mut Vec<u8>) {
+        self.for_each_field(|name, value| {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        });
+    }
+
+    /// Whether the body is framed by chunked encoding (passed on as such to HTTP/1.1 clients).
+    pub fn is_chunked(&self) -> bool {
+        self.framing == Framing::Chunked
+    }
+
+    /// Whether the body ends only when the backend closes the connection.
+    pub fn until_close(&self) -> bool {
+        self.framing == Framing::UntilClose
+    }
+
+    /// Whether the response has a body at all.
+    pub fn has_body(&self) -> bool {
+        self.framing != Framing::Empty
+    }
+}
+
+/// Hop-by-hop response headers (RFC 9110 §7.6.1); `upgrade` keeps the 101 handshake ones.
+fn is_hop_by_hop(name: &str, upgrade: bool) -> bool {
+    const ALWAYS: [&str; 7] = [
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+    ];
+    if name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("upgrade") {
+        return !upgrade;
+    }
+    ALWAYS.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// Where the chunked decoder is.
-#[derive(Debug, Clone, Copy)]
-enum Chunk {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
     /// Expecting a chunk-size line.
     Size,
     /// Inside chunk data, this many bytes left.
@@ -318,7 +403,7 @@ pub struct UpstreamBody {
     keep_alive: bool,
 }
 
-/// A response body that broke off.
+/// A body that broke off or was framed wrongly.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("backend closed the connection in the middle of the body")]
@@ -339,7 +424,8 @@ impl UpstreamBody {
         };
         let mut body =
             UpstreamBody { conn: Some(conn), in_flight: Some(in_flight), decode, keep_alive: head.keep_alive };
-        if matches!(body.decode, Decode::Done) {
+        // After a 101 the connection belongs to the tunnel (see `into_tunnel`).
+        if matches!(body.decode, Decode::Done) && !head.is_upgrade() {
             body.finish();
         }
         body
@@ -396,7 +482,7 @@ impl UpstreamBody {
 }
 
 /// One step of chunked decoding over `buf`: what it produced, or that it needs more bytes.
-enum Step {
+pub enum Step {
     Data(Bytes),
     /// Progress without data (a size line, a CRLF, a trailer line).
     Advanced,
@@ -404,7 +490,7 @@ enum Step {
     NeedMore,
 }
 
-fn chunk_step(state: &mut Chunk, buf: &mut BytesMut) -> Result<Step, BodyError> {
+pub fn chunk_step(state: &mut Chunk, buf: &mut BytesMut) -> Result<Step, BodyError> {
     match *state {
         Chunk::Size => {
             let Some(eol) = find_crlf(buf) else {
@@ -531,12 +617,14 @@ impl Body for UpstreamBody {
     }
 }
 
-/// A connection after a `101 Switching Protocols`: the stream and the bytes already read past
-/// the head (they belong to the new protocol).
-pub fn into_tunnel(body: &mut UpstreamBody) -> Option<(tokio::net::TcpStream, Bytes)> {
-    let conn = body.conn.take()?;
-    body.decode = Decode::Done;
-    Some((conn.stream, conn.read_buf.freeze()))
+impl UpstreamBody {
+    /// The connection after a `101 Switching Protocols`: the stream, the bytes already read past
+    /// the head (they belong to the new protocol) and the request's in-flight guard.
+    pub fn into_tunnel(mut self) -> Option<(tokio::net::TcpStream, Bytes, InFlight)> {
+        let conn = self.conn.take()?;
+        let in_flight = self.in_flight.take()?;
+        Some((conn.stream, conn.read_buf.freeze(), in_flight))
+    }
 }
 
 #[cfg(test)]
@@ -544,7 +632,7 @@ mod tests {
     use super::*;
 
     fn parse(raw: &[u8], method: Method) -> Result<ResponseHead, ExchangeError> {
-        build_head(&Bytes::copy_from_slice(raw), &method)
+        build_head(Bytes::copy_from_slice(raw), &method)
     }
 
     #[test]
@@ -554,10 +642,10 @@ mod tests {
         let h =
             parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", Method::GET).unwrap();
         assert_eq!(h.framing, Framing::Chunked);
-        assert!(!h.headers.contains_key(header::CONTENT_LENGTH), "TE wins and CL is dropped");
+        assert!(!h.header_map().contains_key(header::CONTENT_LENGTH), "TE wins and CL is dropped");
         let h = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::HEAD).unwrap();
         assert_eq!(h.framing, Framing::Empty);
-        assert_eq!(h.headers[header::CONTENT_LENGTH], "5", "HEAD keeps the length of what GET would send");
+        assert_eq!(h.header_map()[header::CONTENT_LENGTH], "5", "HEAD keeps the length of what GET would send");
         let h = parse(b"HTTP/1.1 204 No Content\r\n\r\n", Method::GET).unwrap();
         assert_eq!(h.framing, Framing::Empty);
         let h = parse(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET).unwrap();
@@ -577,15 +665,21 @@ mod tests {
             Method::GET,
         )
         .unwrap();
-        assert_eq!(h.headers.len(), 2, "{:?}", h.headers);
-        assert_eq!(h.headers["x-end"], "2");
+        let map = h.header_map();
+        assert_eq!(map.len(), 2, "{map:?}");
+        assert_eq!(map["x-end"], "2");
+        let mut lines = Vec::new();
+        h.write_fields(&mut lines);
+        assert_eq!(lines, b"x-end: 2\r\ncontent-length: 0\r\n");
+        assert_eq!(h.reason(), b"OK");
         let h = parse(
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
             Method::GET,
         )
         .unwrap();
-        assert_eq!(h.headers[header::UPGRADE], "websocket");
-        assert_eq!(h.headers[header::CONNECTION], "upgrade");
+        let map = h.header_map();
+        assert_eq!(map[header::UPGRADE], "websocket");
+        assert_eq!(map[header::CONNECTION], "upgrade");
     }
 
     #[test]
