@@ -415,7 +415,9 @@ pub async fn serve(proxy: Arc<Proxy>, client: ClientConn, mut io: ClientIo, limi
             Err(NoRequest::Gone) => return,
             Err(NoRequest::Timeout) => {
                 proxy.count_error(ProxyError::HeaderTimeout);
-                let _ = write_error(&mut io, ProxyError::HeaderTimeout, &proxy, true).await;
+                if write_error(&mut io, ProxyError::HeaderTimeout, &proxy, true).await.is_ok() {
+                    linger(&mut io).await;
+                }
                 return;
             }
             Err(NoRequest::Refused(r)) => {
@@ -425,16 +427,40 @@ pub async fn serve(proxy: Arc<Proxy>, client: ClientConn, mut io: ClientIo, limi
                 };
                 proxy.count_error(e);
                 tracing::debug!(client = %client.addr, error = %e.body(), "request refused");
-                let _ = write_error(&mut io, e, &proxy, true).await;
+                if write_error(&mut io, e, &proxy, true).await.is_ok() {
+                    linger(&mut io).await;
+                }
                 return;
             }
         };
         first = false;
         match exchange(&proxy, &client, &mut io, parsed, &stop).await {
             Ok(true) => {}
+            // Answered without reading the whole body: let the client see the answer.
+            Ok(false) if io.body != BodyLeft::None => return linger(&mut io).await,
             Ok(false) | Err(_) => return,
         }
     }
+}
+
+/// Closes after an answer while the client may still be sending (nginx's lingering close):
+/// closing with unread input would reset the connection, and the client could lose the answer.
+/// Sends FIN, then reads and discards for a short while.
+async fn linger(io: &mut ClientIo) {
+    const LINGER: Duration = Duration::from_secs(1);
+    const MAX_DISCARD: usize = 1 << 20;
+    let _ = io.stream.shutdown().await;
+    let discard = async {
+        let mut scratch = [0u8; 8192];
+        let mut total = 0;
+        while let Ok(n) = io.stream.read(&mut scratch).await
+            && n > 0
+            && total < MAX_DISCARD
+        {
+            total += n;
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, discard).await;
 }
 
 /// Waits for the next complete request head and takes it off the buffer.
