@@ -67,8 +67,8 @@ pub struct ClusterFile {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamFile {
     pub algorithm: Option<Algorithm>,
-    /// Idle upstream connections kept per backend per proxy worker (like nginx's per-worker
-    /// `keepalive`).
+    /// Idle upstream connections kept per backend per proxy worker, on average: a worker keeps
+    /// up to `keepalive` x backends, shared (like nginx's per-worker `keepalive`).
     pub keepalive: Option<usize>,
     pub connect_timeout: Option<Dur>,
     pub read_timeout: Option<Dur>,

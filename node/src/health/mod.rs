@@ -196,7 +196,7 @@ mod tests {
 
     #[test]
     fn rise_and_fall_need_streaks() {
-        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1);
+        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1, Default::default());
         let cfg = settings();
         let bad = Probe::Bad("x".into());
         assert!(apply_probe(&s, &cfg, &bad));
@@ -211,7 +211,7 @@ mod tests {
 
     #[test]
     fn own_good_checks_clear_a_cluster_report() {
-        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1);
+        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1, Default::default());
         s.health.cluster_down.store(true, Relaxed);
         let cfg = settings();
         apply_probe(&s, &cfg, &Probe::Good);
@@ -222,7 +222,7 @@ mod tests {
 
     #[test]
     fn passive_ejection_after_max_fails() {
-        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1);
+        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1, Default::default());
         let mut spec = BackendSpec::new(s.addr);
         spec.max_fails = 2;
         spec.fail_timeout = Duration::from_secs(5);

@@ -4,6 +4,8 @@
 //! exchange on a connection is `proxy::upstream`'s.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -81,37 +83,86 @@ fn worker_index() -> usize {
     WORKER.with(|w| w.get())
 }
 
+/// How many idle connections each proxy worker may keep over all backends of the pool:
+/// `keepalive` per backend on average, so a backend that is momentarily busier than the others
+/// keeps more instead of closing connections it will open again a moment later (nginx's
+/// `keepalive` is likewise one cache per worker for the whole upstream).
+#[derive(Debug, Default)]
+pub struct IdleBudget {
+    limit: AtomicUsize,
+    used: [AtomicUsize; MAX_WORKER_QUEUES],
+}
+
+impl IdleBudget {
+    /// Sets the per-worker limit (`keepalive` times the number of backends).
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Relaxed);
+    }
+
+    fn try_reserve(&self, worker: usize) -> bool {
+        let used = &self.used[worker];
+        // Only `worker`'s thread adds to its counter, so load-then-add cannot overshoot.
+        if used.load(Relaxed) >= self.limit.load(Relaxed) {
+            return false;
+        }
+        used.fetch_add(1, Relaxed);
+        true
+    }
+
+    fn release(&self, worker: usize, n: usize) {
+        self.used[worker].fetch_sub(n, Relaxed);
+    }
+}
+
+/// One backend may keep up to this many times its `keepalive` share while the pool's budget
+/// allows.
+const MAX_SHARE: usize = 4;
+
 /// Idle keep-alive connections of one backend, one lock-free queue per proxy worker (like
 /// nginx's per-worker `keepalive`): a connection is registered with its worker's runtime, so
 /// reusing it from the same worker keeps each request on one thread.
 #[derive(Debug)]
 pub struct IdleConns {
     capacity: usize,
+    budget: Arc<IdleBudget>,
     queues: Vec<std::sync::OnceLock<ArrayQueue<Upstream>>>,
 }
 
 impl IdleConns {
-    /// `capacity` (per worker) = 0 turns keep-alive off (every request gets a new connection).
-    pub fn new(capacity: usize) -> Self {
-        IdleConns { capacity, queues: (0..MAX_WORKER_QUEUES).map(|_| std::sync::OnceLock::new()).collect() }
+    /// `keepalive` (per worker, on average) = 0 turns keep-alive off (every request gets a new
+    /// connection). `budget` is shared by the backends of one pool.
+    pub fn new(keepalive: usize, budget: Arc<IdleBudget>) -> Self {
+        IdleConns {
+            capacity: keepalive * MAX_SHARE,
+            budget,
+            queues: (0..MAX_WORKER_QUEUES).map(|_| std::sync::OnceLock::new()).collect(),
+        }
     }
 
     fn queue(&self) -> Option<&ArrayQueue<Upstream>> {
         (self.capacity > 0).then(|| self.queues[worker_index()].get_or_init(|| ArrayQueue::new(self.capacity)))
     }
 
-    /// Returns a connection for reuse; drops it (closing it) if the queue is full.
+    /// Returns a connection for reuse; drops it (closing it) if this backend's queue or the
+    /// pool's budget is full.
     pub fn put(&self, mut conn: Upstream) {
-        if let Some(q) = self.queue() {
-            conn.reused = true;
-            let _ = q.push(conn);
+        let Some(q) = self.queue() else { return };
+        let worker = worker_index();
+        if q.is_full() || !self.budget.try_reserve(worker) {
+            return;
+        }
+        conn.reused = true;
+        if q.push(conn).is_err() {
+            self.budget.release(worker, 1);
         }
     }
 
     /// Takes an idle connection that is still open, closing the ones the backend closed.
     pub fn take(&self) -> Option<Upstream> {
         let q = self.queue()?;
+        let worker = worker_index();
         while let Some(conn) = q.pop() {
+            self.budget.release(worker, 1);
             if conn.still_open() {
                 return Some(conn);
             }
@@ -129,6 +180,17 @@ impl IdleConns {
     }
 }
 
+impl Drop for IdleConns {
+    /// A removed backend's idle connections close; they no longer count against the budget.
+    fn drop(&mut self) {
+        for (worker, q) in self.queues.iter().enumerate() {
+            if let Some(q) = q.get() {
+                self.budget.release(worker, q.len());
+            }
+        }
+    }
+}
+
 /// Opens a new connection to `addr` within `timeout`.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Upstream, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
@@ -138,4 +200,20 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Upstream, Co
     };
     let _ = stream.set_nodelay(true);
     Ok(Upstream::new(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_budget_is_shared_and_given_back() {
+        let budget = IdleBudget::default();
+        budget.set_limit(2);
+        assert!(budget.try_reserve(0) && budget.try_reserve(0));
+        assert!(!budget.try_reserve(0), "the limit holds over all backends of a worker");
+        assert!(budget.try_reserve(1), "each worker has its own");
+        budget.release(0, 1);
+        assert!(budget.try_reserve(0));
+    }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::config::BackendSpec;
-pub use conn::IdleConns;
+pub use conn::{IdleBudget, IdleConns};
 
 /// Milliseconds since this process started: a cheap monotonic clock for atomics.
 pub fn now_ms() -> u64 {
@@ -123,7 +123,7 @@ pub struct BackendState {
 }
 
 impl BackendState {
-    pub fn new(addr: SocketAddr, keepalive: usize) -> Self {
+    pub fn new(addr: SocketAddr, keepalive: usize, idle_budget: Arc<IdleBudget>) -> Self {
         BackendState {
             addr,
             addr_text: addr.to_string().into(),
@@ -135,7 +135,7 @@ impl BackendState {
             retries: AtomicU64::new(0),
             latency: Latency::default(),
             health: Health::default(),
-            idle: IdleConns::new(keepalive),
+            idle: IdleConns::new(keepalive, idle_budget),
         }
     }
 
@@ -254,6 +254,8 @@ pub struct Pool {
     serving_nodes: AtomicU32,
     states: Mutex<HashMap<SocketAddr, Arc<BackendState>>>,
     keepalive: std::sync::atomic::AtomicUsize,
+    /// Idle connections per worker over all backends (`keepalive` x backends).
+    idle_budget: Arc<IdleBudget>,
     sticky_key: [u8; 16],
 }
 
@@ -264,6 +266,7 @@ impl Pool {
             serving_nodes: AtomicU32::new(1),
             states: Mutex::new(HashMap::new()),
             keepalive: keepalive.into(),
+            idle_budget: Arc::default(),
             sticky_key,
         }
     }
@@ -299,7 +302,7 @@ impl Pool {
             .map(|spec| {
                 let state = states
                     .entry(spec.addr)
-                    .or_insert_with(|| Arc::new(BackendState::new(spec.addr, keepalive)))
+                    .or_insert_with(|| Arc::new(BackendState::new(spec.addr, keepalive, self.idle_budget.clone())))
                     .clone();
                 state.health.draining.store(draining.contains(&spec.addr), Relaxed);
                 Backend { spec: spec.clone(), state, sticky_id: sticky_id(&self.sticky_key, spec.addr).into() }
@@ -307,6 +310,7 @@ impl Pool {
             .collect();
         // Forget removed backends: their idle connections close when the last snapshot goes.
         states.retain(|addr, _| specs.iter().any(|s| s.addr == *addr));
+        self.idle_budget.set_limit(keepalive * specs.len());
         let weights: Vec<u32> = backends.iter().map(|b| b.spec.weight).collect();
         let snapshot = Arc::new(PoolSnapshot { rr_schedule: smooth_wrr_schedule(&weights), backends });
         self.current.store(snapshot.clone());
