@@ -1,6 +1,6 @@
-//! Body types of the proxy: responses go to clients as [`RespBody`] (the backend's streaming
+//! Body types of the HTTP/2 side: responses go to hyper as [`RespBody`] (the backend's streaming
 //! body, or a whole small one, or a short error text), frame by frame; nothing is buffered
-//! whole. [`InFlight`] counts a request against its backend for as long as it lives.
+//! whole. [`InFlight`] counts a request against its backend for as long as it lives (both sides).
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -532,7 +532,8 @@ async fn exchange(
     parsed: Parsed,
     stop: &CancellationToken,
 ) -> std::io::Result<bool> {
-    let started = Instant::now();
+    // Only the access log needs the request's duration.
+    let started = parsed.log.is_some().then(Instant::now);
     proxy.stats.requests.fetch_add(1, Relaxed);
     let runtime = proxy.runtime.load();
     io.body = parsed.body;
@@ -574,8 +575,15 @@ async fn exchange(
     Ok(keep_alive)
 }
 
-fn log(proxy: &Proxy, line: Option<RequestLine>, status: u16, bytes: Option<u64>, backend: Option<&str>, t: Instant) {
-    if let (Some(line), Some(log)) = (line, proxy.access_log.load().as_ref()) {
+fn log(
+    proxy: &Proxy,
+    line: Option<RequestLine>,
+    status: u16,
+    bytes: Option<u64>,
+    backend: Option<&str>,
+    started: Option<Instant>,
+) {
+    if let (Some(line), Some(t), Some(log)) = (line, started, proxy.access_log.load().as_ref()) {
         let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
         log.write(&line, status, bytes, backend, t.elapsed(), &proxy.node_id);
     }

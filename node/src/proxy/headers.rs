@@ -1,6 +1,7 @@
-//! Header rewriting between client and backend: hop-by-hop headers removed (RFC 9110 §7.6.1),
-//! `X-Real-IP`, `X-Forwarded-For` (appended), `X-Forwarded-Proto` added, `Host` kept, and the
-//! `Upgrade` handshake passed through for WebSocket.
+//! Header rewriting for requests that come through hyper (HTTP/2 clients), on `HeaderMap`s:
+//! hop-by-hop headers removed (RFC 9110 §7.6.1), `X-Real-IP`, `X-Forwarded-For` (appended),
+//! `X-Forwarded-Proto` added, `Host` kept. `h1` does the same for HTTP/1.1 in one pass over the
+//! raw header lines.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -16,42 +17,23 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Whether the request asks for a protocol upgrade (`Connection: upgrade` + `Upgrade`).
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
-}
-
-/// Removes hop-by-hop headers, including any the `Connection` header names. With `upgrade`,
-/// `Upgrade` and `Connection: upgrade` stay (the handshake must reach the other side).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers listed in Connection are hop-by-hop too; the common case has none.
     if let Some(conn) = headers.get(header::CONNECTION)
         && let Ok(list) = conn.to_str()
     {
-        let named: Vec<HeaderName> = list
-            .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(upgrade && n == header::UPGRADE))
-            .collect();
+        let named: Vec<HeaderName> =
+            list.split(',').filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()).collect();
         for n in named {
             headers.remove(n);
         }
     }
     for name in &HOP_BY_HOP {
-        if upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
-            continue;
-        }
         headers.remove(name);
     }
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
 }
 
 /// Per-connection forwarding headers, built once per client connection.
@@ -114,20 +96,9 @@ mod tests {
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         h.insert(header::HOST, "example.com".parse().unwrap());
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::HOST));
-    }
-
-    #[test]
-    fn keeps_upgrade_handshake() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "Upgrade".parse().unwrap());
-        h.insert(header::UPGRADE, "websocket".parse().unwrap());
-        assert!(wants_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
-        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
     }
 
     #[test]

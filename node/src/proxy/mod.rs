@@ -1,6 +1,7 @@
-//! The data plane: accept client connections (`listener`), turn each request into a pick and
-//! a forward (`service`), rewrite headers (`headers`), stream bodies (`body`) and map failures
-//! to statuses (`error`).
+//! The data plane: accept client connections and tell HTTP/1.1 from HTTP/2 (`listener`), speak
+//! HTTP/1.1 to clients (`h1`, Shoal's own codec) and HTTP/2 through hyper (`service::handle`,
+//! with `headers` and `body`), turn each request into picks and attempts (`service`), speak
+//! HTTP/1.1 to backends (`upstream`), map failures to statuses (`error`) and log (`access_log`).
 
 pub mod access_log;
 pub mod body;

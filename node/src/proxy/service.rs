@@ -295,7 +295,7 @@ pub async fn handle(
     {
         parts.headers.insert(header::HOST, auth);
     }
-    headers::strip_hop_by_hop(&mut parts.headers, false);
+    headers::strip_hop_by_hop(&mut parts.headers);
     headers::add_forwarding(&mut parts.headers, &client.headers);
     let has_body = !body.is_end_stream();
     let mut head = Vec::with_capacity(512);

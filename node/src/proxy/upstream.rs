@@ -177,8 +177,9 @@ async fn read_head(conn: &mut Upstream, method: &Method, may_be_stale: bool) -> 
             let mut resp = httparse::Response::new(&mut slots);
             match resp.parse(&conn.read_buf) {
                 Ok(httparse::Status::Complete(len)) => {
-                    let head = conn.read_buf.split_to(len).freeze();
-                    return build_head(head, method);
+                    let mut head = describe(&resp, method)?;
+                    head.raw = conn.read_buf.split_to(len).freeze();
+                    return Ok(head);
                 }
                 Ok(httparse::Status::Partial) if conn.read_buf.len() >= MAX_HEAD => {
                     return Err(ExchangeError::Invalid("response head too large"));
@@ -201,11 +202,19 @@ async fn read_head(conn: &mut Upstream, method: &Method, may_be_stale: bool) -> 
     }
 }
 
-/// Reads status and body framing from a complete head (RFC 9112 §6.3).
+/// Parses a complete head held in `raw`.
+#[cfg(test)]
 fn build_head(raw: Bytes, method: &Method) -> Result<ResponseHead, ExchangeError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut slots);
     let _ = resp.parse(&raw).map_err(|_| ExchangeError::Invalid("malformed head"))?;
+    let mut head = describe(&resp, method)?;
+    head.raw = raw;
+    Ok(head)
+}
+
+/// Reads status and body framing from a parsed head (RFC 9112 §6.3); the caller sets `raw`.
+fn describe(resp: &httparse::Response<'_, '_>, method: &Method) -> Result<ResponseHead, ExchangeError> {
     let code = resp.code.ok_or(ExchangeError::Invalid("no status code"))?;
     let status = StatusCode::from_u16(code).map_err(|_| ExchangeError::Invalid("status code out of range"))?;
     let http11 = resp.version == Some(1);
@@ -216,10 +225,8 @@ fn build_head(raw: Bytes, method: &Method) -> Result<ResponseHead, ExchangeError
     let mut length: Option<u64> = None;
     let mut named_in_connection = false;
     for h in resp.headers.iter() {
+        // httparse accepted the name as a token, which every HeaderName is.
         let name = h.name.as_bytes();
-        if HeaderName::from_bytes(name).is_err() {
-            return Err(ExchangeError::Invalid("invalid header name"));
-        }
         if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 if token.eq_ignore_ascii_case(b"close") {
@@ -268,7 +275,7 @@ fn build_head(raw: Bytes, method: &Method) -> Result<ResponseHead, ExchangeError
     if framing == Framing::UntilClose {
         keep_alive = false;
     }
-    Ok(ResponseHead { status, raw, framing, keep_alive, te, named_in_connection })
+    Ok(ResponseHead { status, raw: Bytes::new(), framing, keep_alive, te, named_in_connection })
 }
 
 impl ResponseHead {
