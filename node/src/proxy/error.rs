@@ -26,6 +26,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     /// The request head did not arrive within `client_header_timeout`.
     HeaderTimeout,
+    /// The request uses something the proxy cannot pass on faithfully (what).
+    NotImplemented(&'static str),
 }
 
 impl ProxyError {
@@ -38,6 +40,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -51,6 +54,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge => "431 request header fields too large\n",
             ProxyError::HeaderTimeout => "408 request head not received in time\n",
             ProxyError::BadRequest(why) => return Cow::Owned(format!("400 bad request: {why}\n")),
+            ProxyError::NotImplemented(what) => return Cow::Owned(format!("501 not implemented: {what}\n")),
         })
     }
 

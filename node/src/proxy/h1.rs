@@ -166,6 +166,7 @@ struct Parsed {
 enum Refusal {
     TooLarge,
     Bad(&'static str),
+    Unsupported(&'static str),
 }
 
 /// What the head parser needs to know besides the bytes.
@@ -205,7 +206,7 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
     // origin-form as is; absolute-form reduced to its path (its authority stands in for Host).
     let (path, authority) = if target.starts_with('/') || target == "*" {
         (target, None)
-    } else if let Some(rest) = target.strip_prefix("http://").or_else(|| target.strip_prefix("https://")) {
+    } else if let Some(rest) = strip_scheme(target) {
         let (auth, path) = rest.find(['/', '?']).map_or((rest, "/"), |i| rest.split_at(i));
         (if path.starts_with('?') { "/" } else { path }, Some(auth))
     } else {
@@ -274,9 +275,14 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
         (Some(_), Some(_)) => return Err(Refusal::Bad("both Content-Length and Transfer-Encoding")),
         (Some(_), None) if !http11 => return Err(Refusal::Bad("Transfer-Encoding in an HTTP/1.0 request")),
         (Some(codings), None) => {
-            let last = codings.rsplit(|&b| b == b',').next().unwrap_or_default().trim_ascii();
+            let mut codings = codings.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|c| !c.is_empty());
+            let last = codings.next_back().unwrap_or_default();
             if !last.eq_ignore_ascii_case(b"chunked") {
                 return Err(Refusal::Bad("Transfer-Encoding does not end in chunked"));
+            }
+            if codings.next().is_some() {
+                // RFC 9112 §6.1: a coding the proxy cannot pass on faithfully gets 501.
+                return Err(Refusal::Unsupported("transfer codings other than chunked"));
             }
             BodyLeft::Chunked(Chunk::Size)
         }
@@ -308,7 +314,9 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
             || name.eq_ignore_ascii_case("x-real-ip")
             || name.eq_ignore_ascii_case("x-forwarded-proto")
             || name.eq_ignore_ascii_case("expect")
-            || (named_in_connection && named_in(&req.headers[..], name))
+            || (named_in_connection && !pinned(name) && named_in(&req.headers[..], name))
+            // absolute-form: the target's authority replaces Host (RFC 9112 §3.2.2)
+            || (authority.is_some() && name.eq_ignore_ascii_case("host"))
         {
             continue;
         }
@@ -317,9 +325,7 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
         out.extend_from_slice(h.value);
         out.extend_from_slice(b"\r\n");
     }
-    if hosts == 0
-        && let Some(auth) = authority
-    {
+    if let Some(auth) = authority {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(auth.as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -357,13 +363,27 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
         http11,
         keep_alive,
         body,
-        expect_continue: expect_continue && body != BodyLeft::None,
+        // HTTP/1.0 clients never get a 1xx (RFC 9110 §15.2).
+        expect_continue: expect_continue && http11 && body != BodyLeft::None,
         upgrade,
         upstream_head: out,
         sticky,
         head_size,
         log,
     }))
+}
+
+/// The rest of an absolute-form target after `http://` or `https://` (any case).
+fn strip_scheme(target: &str) -> Option<&str> {
+    ["http://", "https://"].iter().find_map(|scheme| {
+        target.get(..scheme.len()).filter(|p| p.eq_ignore_ascii_case(scheme)).map(|_| &target[scheme.len()..])
+    })
+}
+
+/// Headers that `Connection` cannot make hop-by-hop: dropping them would change how the
+/// backend frames the message or which site it serves.
+fn pinned(name: &str) -> bool {
+    name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("host")
 }
 
 /// Hop-by-hop request headers (RFC 9110 §7.6.1); `upgrade` keeps the WebSocket handshake's
@@ -424,6 +444,7 @@ pub async fn serve(proxy: Arc<Proxy>, client: ClientConn, mut io: ClientIo, limi
                 let e = match r {
                     Refusal::TooLarge => ProxyError::HeadersTooLarge,
                     Refusal::Bad(why) => ProxyError::BadRequest(why),
+                    Refusal::Unsupported(what) => ProxyError::NotImplemented(what),
                 };
                 proxy.count_error(e);
                 tracing::debug!(client = %client.addr, error = %e.body(), "request refused");
@@ -497,11 +518,16 @@ async fn next_request(
             head_deadline.get_or_insert_with(|| tokio::time::Instant::now() + limits.header_timeout);
         }
         let read = match head_deadline {
-            Some(deadline) => tokio::select! {
-                biased;
-                r = io.fill() => r,
-                _ = tokio::time::sleep_until(deadline) => return Err(NoRequest::Timeout),
-            },
+            Some(deadline) => {
+                // Draining: a connection that has not started a request is closed.
+                let idle_since_accept = io.buf.is_empty();
+                tokio::select! {
+                    biased;
+                    r = io.fill() => r,
+                    _ = tokio::time::sleep_until(deadline) => return Err(NoRequest::Timeout),
+                    _ = stop.cancelled(), if idle_since_accept => return Err(NoRequest::Gone),
+                }
+            }
             None => {
                 // Re-arm the idle timer only when it is well past its start (a reset per
                 // request would cost a timer-wheel update per request).
@@ -561,6 +587,15 @@ async fn exchange(
             log(proxy, parsed.log, 101, None, Some(&backend), started);
             tunnel(io, f).await;
             return Ok(false);
+        }
+        // Transfer codings other than chunked cannot be expressed to an HTTP/1.0 client.
+        Ok(f) if f.head.codings().is_some() && !parsed.http11 && f.head.has_body() => {
+            tracing::debug!(backend = %f.backend, "transfer-coded response for an HTTP/1.0 client");
+            let e = ProxyError::BadGateway;
+            proxy.count_error(e);
+            write_error(io, e, proxy, true).await?;
+            keep_alive = false;
+            (e.status().as_u16(), Some(e.body().len() as u64), Some(f.backend))
         }
         Ok(f) => {
             let status = f.head.status.as_u16();
@@ -625,7 +660,12 @@ async fn write_response(
         out.extend_from_slice(b"\r\n");
     }
     if chunk_to_client {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        out.extend_from_slice(b"transfer-encoding: ");
+        if let Some(codings) = head.codings() {
+            out.extend_from_slice(codings);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(b"chunked\r\n");
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -762,6 +802,24 @@ mod tests {
         assert!(matches!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None)), "incomplete");
         let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
         assert_eq!(parse(big.as_bytes()).unwrap_err(), Refusal::TooLarge);
+    }
+
+    #[test]
+    fn connection_cannot_drop_framing_or_host_and_authority_wins() {
+        let head = upstream_head(
+            b"POST /a HTTP/1.1\r\nHost: x\r\nConnection: Content-Length, Host, X-Hop\r\nX-Hop: 1\r\nContent-Length: 3\r\n\r\n",
+        );
+        assert!(head.contains("Host: x\r\n") && head.contains("Content-Length: 3\r\n"), "{head}");
+        assert!(!head.contains("X-Hop"), "{head}");
+        let head = upstream_head(b"GET HTTP://example.test/p HTTP/1.1\r\nHost: other.test\r\n\r\n");
+        assert!(head.starts_with("GET /p HTTP/1.1\r\n") && head.contains("host: example.test\r\n"), "{head}");
+        assert!(!head.contains("other.test"), "absolute-form authority replaces Host: {head}");
+        assert_eq!(
+            parse(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap_err(),
+            Refusal::Unsupported("transfer codings other than chunked")
+        );
+        let p = parse(b"POST / HTTP/1.0\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n").unwrap().unwrap();
+        assert!(!p.expect_continue, "no 1xx for HTTP/1.0 clients");
     }
 
     #[test]

@@ -105,9 +105,10 @@ impl Proxy {
             ProxyError::BadGateway => &self.stats.bad_gateway,
             ProxyError::Timeout => &self.stats.timeouts,
             ProxyError::RateLimited => &self.stats.rate_limited,
-            ProxyError::HeadersTooLarge | ProxyError::BadRequest(_) | ProxyError::HeaderTimeout => {
-                &self.stats.bad_requests
-            }
+            ProxyError::HeadersTooLarge
+            | ProxyError::BadRequest(_)
+            | ProxyError::HeaderTimeout
+            | ProxyError::NotImplemented(_) => &self.stats.bad_requests,
         };
         stat.fetch_add(1, Relaxed);
     }
@@ -235,8 +236,11 @@ async fn attempts(
                     // The backend closed an idle connection as it was reused (keep-alive
                     // race): like nginx, send an idempotent request again.
                     ExchangeError::Stale if idempotent && !has_body => retry_paid = true,
-                    // The client's body broke off: not the backend's fault, nothing to resend.
-                    ExchangeError::ClientBody(_) => {}
+                    // The client's body broke off or was malformed: not the backend's fault,
+                    // and nothing to resend.
+                    ExchangeError::ClientBody(_) => {
+                        return Err(ProxyError::BadRequest("invalid or incomplete request body"));
+                    }
                     _ => record_failure(&backend.spec, state, Failure::Other),
                 }
                 continue;
@@ -311,6 +315,11 @@ pub async fn handle(
     };
     let (resp, backend) = match forward(&proxy, &runtime, &client, outgoing).await {
         Err(e) => (e.response(&proxy.node_id), None),
+        // HTTP/2 has no transfer codings: a gzip-coded stream cannot be passed on as such.
+        Ok(f) if f.head.codings().is_some() && f.head.has_body() => {
+            proxy.count_error(ProxyError::BadGateway);
+            (ProxyError::BadGateway.response(&proxy.node_id), Some(f.backend))
+        }
         Ok(f) => {
             let mut headers = f.head.header_map();
             if let Some(cookie) = f.set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {

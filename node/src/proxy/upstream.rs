@@ -93,6 +93,9 @@ pub struct ResponseHead {
     te: bool,
     /// Connection named other headers, which are hop-by-hop too.
     named_in_connection: bool,
+    /// Transfer codings other than chunked (e.g. `gzip`), to pass on in order; only an
+    /// HTTP/1.1 client can receive them.
+    codings: Option<Vec<u8>>,
 }
 
 /// The request body to send upstream, from whichever client side the request came.
@@ -224,6 +227,7 @@ fn describe(resp: &httparse::Response<'_, '_>, method: &Method) -> Result<Respon
     let mut other_coding = false;
     let mut length: Option<u64> = None;
     let mut named_in_connection = false;
+    let mut codings: Option<Vec<u8>> = None;
     for h in resp.headers.iter() {
         // httparse accepted the name as a token, which every HeaderName is.
         let name = h.name.as_bytes();
@@ -245,6 +249,11 @@ fn describe(resp: &httparse::Response<'_, '_>, method: &Method) -> Result<Respon
                     other_coding = false;
                 } else {
                     other_coding = true;
+                    let list = codings.get_or_insert_with(Vec::new);
+                    if !list.is_empty() {
+                        list.extend_from_slice(b", ");
+                    }
+                    list.extend_from_slice(coding);
                 }
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
@@ -275,7 +284,7 @@ fn describe(resp: &httparse::Response<'_, '_>, method: &Method) -> Result<Respon
     if framing == Framing::UntilClose {
         keep_alive = false;
     }
-    Ok(ResponseHead { status, raw: Bytes::new(), framing, keep_alive, te, named_in_connection })
+    Ok(ResponseHead { status, raw: Bytes::new(), framing, keep_alive, te, named_in_connection, codings })
 }
 
 impl ResponseHead {
@@ -304,9 +313,11 @@ impl ResponseHead {
                 })
         };
         for h in resp.headers.iter() {
+            let content_length = h.name.eq_ignore_ascii_case("content-length");
             if is_hop_by_hop(h.name, upgrade)
-                || (self.te && h.name.eq_ignore_ascii_case("content-length"))
-                || (self.named_in_connection && named(h.name))
+                || (self.te && content_length)
+                // Connection cannot make the body's length hop-by-hop.
+                || (self.named_in_connection && !content_length && named(h.name))
             {
                 continue;
             }
@@ -355,6 +366,11 @@ impl ResponseHead {
     /// Whether the body ends only when the backend closes the connection.
     pub fn until_close(&self) -> bool {
         self.framing == Framing::UntilClose
+    }
+
+    /// Transfer codings besides chunked the body carries (`gzip, ...`), if any.
+    pub fn codings(&self) -> Option<&[u8]> {
+        self.codings.as_deref()
     }
 
     /// Whether the response has a body at all.
