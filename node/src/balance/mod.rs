@@ -92,7 +92,10 @@ impl Picker for RoundRobin {
                 return Some(i);
             }
         }
-        None
+        // Other workers' picks interleave with the draws above, so they may all have landed on
+        // ineligible slots while an eligible one exists: scan the whole schedule once.
+        let start = self.next.load(Relaxed);
+        (0..schedule.len()).map(|k| schedule[(start + k) % schedule.len()] as usize).find(|&i| eligible(i))
     }
 }
 
@@ -228,6 +231,29 @@ mod tests {
             counts[rr.pick(&p, &|i| i != 1, &req([1, 1, 1, 1])).unwrap()] += 1;
         }
         assert_eq!(counts, [300, 0, 300]);
+    }
+
+    #[test]
+    fn round_robin_finds_the_only_eligible_backend_while_other_workers_pick() {
+        // Two workers share the counter; one picks freely, the other may only take backend 2
+        // (the backup when both primaries are down). Interleaved draws must never make the
+        // second one miss it.
+        let p = pool(&[1, 1, 1]);
+        let rr = std::sync::Arc::new(RoundRobin::default());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = {
+            let (rr, p, stop) = (rr.clone(), p.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    let _ = rr.pick(&p, &|_| true, &req([1, 1, 1, 1]));
+                }
+            })
+        };
+        for _ in 0..200_000 {
+            assert_eq!(rr.pick(&p, &|i| i == 2, &req([1, 1, 1, 1])), Some(2));
+        }
+        stop.store(true, Relaxed);
+        other.join().unwrap();
     }
 
     #[test]
