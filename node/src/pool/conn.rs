@@ -22,20 +22,13 @@ pub struct Upstream {
     pub stream: TcpStream,
     /// Bytes read from the backend and not yet consumed.
     pub read_buf: BytesMut,
-    /// The request head being written (kept to reuse its allocation).
-    pub write_buf: Vec<u8>,
     /// Whether the connection came from the idle queue (it may have been closed meanwhile).
     pub reused: bool,
 }
 
 impl Upstream {
     fn new(stream: TcpStream) -> Self {
-        Upstream {
-            stream,
-            read_buf: BytesMut::with_capacity(READ_BUF),
-            write_buf: Vec::with_capacity(512),
-            reused: false,
-        }
+        Upstream { stream, read_buf: BytesMut::with_capacity(READ_BUF), reused: false }
     }
 
     /// Whether an idle connection can carry a request: the backend has neither closed it nor

@@ -59,7 +59,8 @@ impl ProxyError {
     }
 
     /// The response as HTTP/1.1 bytes (the HTTP/1.1 client side writes it itself).
-    pub fn write_h1(self, out: &mut Vec<u8>, node: &HeaderValue, close: bool) {
+    /// `head_request`: the head only (a HEAD response has no body).
+    pub fn write_h1(self, out: &mut Vec<u8>, node: &HeaderValue, close: bool, head_request: bool) {
         use std::io::Write;
         let body = self.body();
         let _ = write!(
@@ -78,7 +79,9 @@ impl ProxyError {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(body.as_bytes());
+        if !head_request {
+            out.extend_from_slice(body.as_bytes());
+        }
     }
 
     /// The response sent to the client.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::Method;
 use http_body::Body as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -23,12 +23,15 @@ use super::Proxy;
 use super::access_log::RequestLine;
 use super::error::ProxyError;
 use super::service::{ClientConn, Forwarded, Outgoing, forward};
-use super::upstream::{Chunk, ExchangeError, RequestBody, Step, chunk_step};
+use super::upstream::{Chunk, ExchangeError, RequestBody, Step, chunk_step, write_chunk, write_upstream};
 
 /// Most header lines in a request head (hyper's default too).
 const MAX_HEADERS: usize = 100;
 /// How long a kept-alive connection may sit idle between requests (nginx's default).
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// How long a client may send nothing while its request body is expected (nginx's
+/// `client_body_timeout`).
+const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Read buffer of a client connection (grown for large heads, up to `max_header_bytes`).
 const READ_BUF: usize = 4096;
 
@@ -77,8 +80,15 @@ pub struct ClientBody<'a> {
 }
 
 impl ClientBody<'_> {
-    /// Streams the rest of the body to `upstream` (chunk-encoded when `chunked`).
-    pub async fn send(&mut self, upstream: &mut TcpStream, chunked: bool) -> Result<(), ExchangeError> {
+    /// Streams the rest of the body to `upstream` (chunk-encoded when `chunked`). A client that
+    /// sends nothing for `CLIENT_BODY_TIMEOUT` fails the request as its own fault; a backend
+    /// that takes nothing for `timeout` fails it as the backend's.
+    pub async fn send<W: AsyncWrite + Unpin>(
+        &mut self,
+        upstream: &mut W,
+        chunked: bool,
+        timeout: Duration,
+    ) -> Result<(), ExchangeError> {
         let client_err = |e: &dyn std::fmt::Display| ExchangeError::ClientBody(e.to_string());
         if std::mem::take(&mut self.expect_continue) {
             self.io.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.map_err(|e| client_err(&e))?;
@@ -92,9 +102,9 @@ impl ClientBody<'_> {
                     let data = io.buf.split_to(n);
                     io.body = if left == n as u64 { BodyLeft::None } else { BodyLeft::Length(left - n as u64) };
                     if chunked {
-                        write_chunk(upstream, &data).await?;
+                        write_chunk(upstream, &data, timeout).await?;
                     } else {
-                        upstream.write_all(&data).await?;
+                        write_upstream(upstream, &data, timeout).await?;
                     }
                     continue;
                 }
@@ -105,9 +115,9 @@ impl ClientBody<'_> {
                     match step {
                         Step::Data(data) => {
                             if chunked {
-                                write_chunk(upstream, &data).await?;
+                                write_chunk(upstream, &data, timeout).await?;
                             } else {
-                                upstream.write_all(&data).await?;
+                                write_upstream(upstream, &data, timeout).await?;
                             }
                             continue;
                         }
@@ -115,7 +125,7 @@ impl ClientBody<'_> {
                         Step::End => {
                             io.body = BodyLeft::None;
                             if chunked {
-                                upstream.write_all(b"0\r\n\r\n").await?;
+                                write_upstream(upstream, b"0\r\n\r\n", timeout).await?;
                             }
                             return Ok(());
                         }
@@ -123,23 +133,14 @@ impl ClientBody<'_> {
                     }
                 }
             }
-            match io.fill().await {
-                Ok(0) => return Err(ExchangeError::ClientBody("client closed before the end of its body".into())),
-                Ok(_) => {}
-                Err(e) => return Err(client_err(&e)),
+            match tokio::time::timeout(CLIENT_BODY_TIMEOUT, io.fill()).await {
+                Err(_) => return Err(client_err(&"no request body data within 60s")),
+                Ok(Ok(0)) => return Err(client_err(&"client closed before the end of its body")),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(client_err(&e)),
             }
         }
     }
-}
-
-async fn write_chunk(upstream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    let size = format!("{:x}\r\n", data.len());
-    upstream.write_all(size.as_bytes()).await?;
-    upstream.write_all(data).await?;
-    upstream.write_all(b"\r\n").await
 }
 
 /// A parsed request head, with the head for the backend already written.
@@ -208,6 +209,9 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
         (target, None)
     } else if let Some(rest) = strip_scheme(target) {
         let (auth, path) = rest.find(['/', '?']).map_or((rest, "/"), |i| rest.split_at(i));
+        if auth.is_empty() || auth.contains('@') {
+            return Err(Refusal::Bad("absolute-form target without a host, or with userinfo"));
+        }
         (if path.starts_with('?') { "/" } else { path }, Some(auth))
     } else {
         return Err(Refusal::Bad("invalid request target"));
@@ -311,6 +315,9 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
             continue;
         }
         if is_request_hop_by_hop(name, upgrade)
+            // nginx's `underscores_in_headers off`: X_Real_IP would reach CGI-style backends
+            // as HTTP_X_REAL_IP, next to (or instead of) the proxy's own X-Real-IP.
+            || name.contains('_')
             || name.eq_ignore_ascii_case("x-real-ip")
             || name.eq_ignore_ascii_case("x-forwarded-proto")
             || name.eq_ignore_ascii_case("expect")
@@ -435,7 +442,7 @@ pub async fn serve(proxy: Arc<Proxy>, client: ClientConn, mut io: ClientIo, limi
             Err(NoRequest::Gone) => return,
             Err(NoRequest::Timeout) => {
                 proxy.count_error(ProxyError::HeaderTimeout);
-                if write_error(&mut io, ProxyError::HeaderTimeout, &proxy, true).await.is_ok() {
+                if write_error(&mut io, ProxyError::HeaderTimeout, &proxy, true, false).await.is_ok() {
                     linger(&mut io).await;
                 }
                 return;
@@ -448,7 +455,7 @@ pub async fn serve(proxy: Arc<Proxy>, client: ClientConn, mut io: ClientIo, limi
                 };
                 proxy.count_error(e);
                 tracing::debug!(client = %client.addr, error = %e.body(), "request refused");
-                if write_error(&mut io, e, &proxy, true).await.is_ok() {
+                if write_error(&mut io, e, &proxy, true, false).await.is_ok() {
                     linger(&mut io).await;
                 }
                 return;
@@ -579,7 +586,7 @@ async fn exchange(
     let (status, sent, backend) = match result {
         Err(e) => {
             keep_alive &= !matches!(e, ProxyError::HeadersTooLarge);
-            write_error(io, e, proxy, !keep_alive).await?;
+            write_error(io, e, proxy, !keep_alive, parsed.method == Method::HEAD).await?;
             (e.status().as_u16(), Some(e.body().len() as u64), None)
         }
         Ok(f) if f.head.status == http::StatusCode::SWITCHING_PROTOCOLS => {
@@ -593,7 +600,7 @@ async fn exchange(
             tracing::debug!(backend = %f.backend, "transfer-coded response for an HTTP/1.0 client");
             let e = ProxyError::BadGateway;
             proxy.count_error(e);
-            write_error(io, e, proxy, true).await?;
+            write_error(io, e, proxy, true, parsed.method == Method::HEAD).await?;
             keep_alive = false;
             (e.status().as_u16(), Some(e.body().len() as u64), Some(f.backend))
         }
@@ -625,10 +632,16 @@ fn log(
 }
 
 /// Writes one of the proxy's own answers.
-async fn write_error(io: &mut ClientIo, e: ProxyError, proxy: &Proxy, close: bool) -> std::io::Result<()> {
+async fn write_error(
+    io: &mut ClientIo,
+    e: ProxyError,
+    proxy: &Proxy,
+    close: bool,
+    head_request: bool,
+) -> std::io::Result<()> {
     let out = &mut io.out;
     out.clear();
-    e.write_h1(out, &proxy.node_id, close);
+    e.write_h1(out, &proxy.node_id, close, head_request);
     io.stream.write_all(out).await
 }
 

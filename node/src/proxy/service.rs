@@ -160,39 +160,51 @@ async fn attempts(
     // costs the backends nothing, so it spends none (a pool with a dead member then fails no
     // request, even with max_fails=0).
     let mut retry_paid = false;
+    // A backend to send to again on a new connection (its kept-alive one was stale), once.
+    let mut fresh_on: Option<usize> = None;
+    let mut fresh_retried = false;
     loop {
-        if attempt > 0 {
-            if attempt > settings.retries || !outgoing.available(has_body) {
-                break;
-            }
-            if !std::mem::take(&mut retry_paid) && !proxy.retry_budget.try_withdraw() {
-                proxy.stats.retries_refused.fetch_add(1, Relaxed);
-                break;
-            }
-            proxy.stats.retries.fetch_add(1, Relaxed);
-        }
-        attempt += 1;
-
-        let Some(index) = pick(&pool, serving_nodes, &tried, &pick_req, runtime, settings.when_all_down) else {
-            if attempt == 1 {
-                last_error = if pool.backends.iter().any(|b| b.state.is_healthy(now_ms())) {
-                    ProxyError::AllBusy
-                } else {
-                    ProxyError::NoBackend
+        // The same backend again on a new connection: not a new attempt.
+        let again = fresh_on.take();
+        fresh_retried |= again.is_some();
+        let index = match again {
+            Some(index) => index,
+            None => {
+                if attempt > 0 {
+                    if attempt > settings.retries || !outgoing.available(has_body) {
+                        break;
+                    }
+                    if !std::mem::take(&mut retry_paid) && !proxy.retry_budget.try_withdraw() {
+                        proxy.stats.retries_refused.fetch_add(1, Relaxed);
+                        break;
+                    }
+                    proxy.stats.retries.fetch_add(1, Relaxed);
+                }
+                attempt += 1;
+                let Some(index) = pick(&pool, serving_nodes, &tried, &pick_req, runtime, settings.when_all_down) else {
+                    if attempt == 1 {
+                        last_error = if pool.backends.iter().any(|b| b.state.is_healthy(now_ms())) {
+                            ProxyError::AllBusy
+                        } else {
+                            ProxyError::NoBackend
+                        };
+                    }
+                    break;
                 };
+                tried.add(index);
+                if attempt > 1 {
+                    pool.backends[index].state.retries.fetch_add(1, Relaxed);
+                }
+                pool.backends[index].state.requests.fetch_add(1, Relaxed);
+                index
             }
-            break;
         };
-        tried.add(index);
         let backend = &pool.backends[index];
         let state = &backend.state;
-        if attempt > 1 {
-            state.retries.fetch_add(1, Relaxed);
-        }
-        state.requests.fetch_add(1, Relaxed);
         let in_flight = InFlight::new(state);
 
-        let mut conn = match state.idle.take() {
+        let idle = if again.is_some() { None } else { state.idle.take() };
+        let mut conn = match idle {
             Some(c) => c,
             None => match conn::connect(state.addr, settings.connect_timeout).await {
                 Ok(c) => c,
@@ -212,36 +224,52 @@ async fn attempts(
         };
         let mut body = outgoing.body.take();
         let sent_at = Instant::now();
-        let exchange = upstream::exchange(&mut conn, &outgoing.head, body.as_mut(), outgoing.chunked, &outgoing.method);
-        let head = match tokio::time::timeout(settings.read_timeout, exchange).await {
-            Ok(Ok(head)) => head,
-            Err(_) => {
-                tracing::debug!(backend = %state.addr, "read timeout");
-                record_failure(&backend.spec, state, Failure::Other);
-                last_error = ProxyError::Timeout;
-                continue;
-            }
-            Ok(Err(e)) => {
+        let exchange = upstream::exchange(
+            &mut conn,
+            &outgoing.head,
+            body.as_mut(),
+            outgoing.chunked,
+            &outgoing.method,
+            settings.read_timeout,
+        );
+        let head = match exchange.await {
+            Ok(head) => head,
+            Err(e) => {
                 tracing::debug!(backend = %state.addr, reused = conn.reused, error = %e, "upstream request failed");
                 last_error = ProxyError::BadGateway;
                 match e {
-                    // Nothing was sent: the body (if any) is still whole.
+                    // A kept-alive connection the backend had closed (keep-alive race): the
+                    // backend is fine; send again to it on a new connection, once, for free.
+                    // After a Stale read that is safe only for idempotent requests without a
+                    // body (the backend may have seen it); after an Unsent write always.
+                    ExchangeError::Unsent(_) if conn.reused && !fresh_retried => {
+                        outgoing.body = body;
+                        fresh_on = Some(index);
+                    }
+                    ExchangeError::Stale if idempotent && !has_body && !fresh_retried => fresh_on = Some(index),
+                    ExchangeError::Stale => break,
+                    // Nothing was sent on a new connection: the next backend, free.
                     ExchangeError::Unsent(_) => {
                         outgoing.body = body;
                         retry_paid = true;
-                        if !conn.reused {
-                            record_failure(&backend.spec, state, Failure::Other);
-                        }
+                        record_failure(&backend.spec, state, Failure::Other);
                     }
-                    // The backend closed an idle connection as it was reused (keep-alive
-                    // race): like nginx, send an idempotent request again.
-                    ExchangeError::Stale if idempotent && !has_body => retry_paid = true,
-                    // The client's body broke off or was malformed: not the backend's fault,
-                    // and nothing to resend.
+                    // The client's body broke off, stalled or was malformed: not the backend's
+                    // fault, and nothing to resend.
                     ExchangeError::ClientBody(_) => {
                         return Err(ProxyError::BadRequest("invalid or incomplete request body"));
                     }
-                    _ => record_failure(&backend.spec, state, Failure::Other),
+                    // The request reached the backend: only an idempotent one is sent again
+                    // (nginx's default; a POST is never replayed).
+                    e => {
+                        record_failure(&backend.spec, state, Failure::Other);
+                        if matches!(e, ExchangeError::Timeout) {
+                            last_error = ProxyError::Timeout;
+                        }
+                        if !idempotent {
+                            break;
+                        }
+                    }
                 }
                 continue;
             }
@@ -272,7 +300,7 @@ async fn attempts(
             .as_ref()
             .filter(|_| outgoing.sticky_cookie != Some(&*backend.sticky_id))
             .map(|s| sticky_cookie(s, backend));
-        let body = UpstreamBody::new(&head, conn, in_flight);
+        let body = UpstreamBody::new(&head, conn, in_flight, settings.read_timeout);
         return Ok(Forwarded { head, body, backend: state.addr_text.clone(), set_cookie });
     }
     Err(last_error)

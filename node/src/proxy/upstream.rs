@@ -7,6 +7,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -14,7 +15,7 @@ use http::request::Parts;
 use http::{Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::body::InFlight;
 use crate::pool::conn::{READ_BUF, Upstream};
@@ -44,6 +45,8 @@ pub enum ExchangeError {
     Invalid(&'static str),
     #[error("reading the request body: {0}")]
     ClientBody(String),
+    #[error("backend did not answer or read within the timeout")]
+    Timeout,
 }
 
 /// Writes the request head for `parts` into `out`: request line, the headers as they are after
@@ -107,31 +110,107 @@ pub enum RequestBody<'a> {
 }
 
 impl RequestBody<'_> {
-    async fn send(&mut self, conn: &mut Upstream, chunked: bool) -> Result<(), ExchangeError> {
+    async fn send<W: AsyncWrite + Unpin>(
+        &mut self,
+        up: &mut W,
+        chunked: bool,
+        timeout: Duration,
+    ) -> Result<(), ExchangeError> {
         match self {
-            RequestBody::Hyper(body) => send_body(conn, body, chunked).await,
-            RequestBody::H1(body) => body.send(&mut conn.stream, chunked).await,
+            RequestBody::Hyper(body) => send_body(up, body, chunked, timeout).await,
+            RequestBody::H1(body) => body.send(up, chunked, timeout).await,
         }
     }
 }
 
+/// Writes `data` to the backend within `timeout` (nginx's `proxy_send_timeout`).
+pub async fn write_upstream<W: AsyncWrite + Unpin>(
+    up: &mut W,
+    data: &[u8],
+    timeout: Duration,
+) -> Result<(), ExchangeError> {
+    match tokio::time::timeout(timeout, up.write_all(data)).await {
+        Ok(r) => r.map_err(ExchangeError::Io),
+        Err(_) => Err(ExchangeError::Timeout),
+    }
+}
+
+/// Writes one chunk of a chunk-encoded body (small ones in one write).
+pub async fn write_chunk<W: AsyncWrite + Unpin>(
+    up: &mut W,
+    data: &[u8],
+    timeout: Duration,
+) -> Result<(), ExchangeError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let mut framed = Vec::with_capacity(data.len().min(16 * 1024) + 24);
+    framed.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    if data.len() <= 16 * 1024 {
+        framed.extend_from_slice(data);
+        framed.extend_from_slice(b"\r\n");
+        return write_upstream(up, &framed, timeout).await;
+    }
+    write_upstream(up, &framed, timeout).await?;
+    write_upstream(up, data, timeout).await?;
+    write_upstream(up, b"\r\n", timeout).await
+}
+
 /// Sends the request (`head`, then `body` if any) and reads the response head, skipping
-/// interim 1xx responses other than 101.
+/// interim 1xx responses other than 101. The body is sent while watching for an early answer
+/// (a 413 or 401 before the body is read): that answer is returned, the rest of the body is
+/// not sent, and the connection is not reused. Writes and the wait for the head after the
+/// request was sent are each bounded by `timeout`.
 pub async fn exchange(
     conn: &mut Upstream,
     head: &[u8],
     body: Option<&mut RequestBody<'_>>,
     chunked: bool,
     method: &Method,
+    timeout: Duration,
 ) -> Result<ResponseHead, ExchangeError> {
+    // A head fits the socket buffer of an idle connection: no timer needed.
     conn.stream.write_all(head).await.map_err(ExchangeError::Unsent)?;
+    let may_be_stale = conn.reused;
     if let Some(body) = body {
-        body.send(conn, chunked).await?;
+        let Upstream { stream, read_buf, .. } = conn;
+        let (mut rd, mut wr) = stream.split();
+        let send = body.send(&mut wr, chunked, timeout);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                sent = &mut send => match sent {
+                    Ok(()) => break,
+                    // The backend may have answered and closed: its answer is what counts.
+                    Err(ExchangeError::Io(e)) => {
+                        return match tokio::time::timeout(timeout, read_head(&mut rd, read_buf, method, false)).await {
+                            Ok(Ok(mut head)) if !head.status.is_informational() => {
+                                head.keep_alive = false;
+                                Ok(head)
+                            }
+                            _ => Err(ExchangeError::Io(e)),
+                        };
+                    }
+                    Err(e) => return Err(e),
+                },
+                early = read_head(&mut rd, read_buf, method, false) => {
+                    let mut head = early?;
+                    if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                        continue;
+                    }
+                    head.keep_alive = false;
+                    return Ok(head);
+                }
+            }
+        }
     }
-    let reused = conn.reused;
     let mut first = true;
     loop {
-        let head = read_head(conn, method, reused && first).await?;
+        let read = read_head(&mut conn.stream, &mut conn.read_buf, method, may_be_stale && first);
+        let head = match tokio::time::timeout(timeout, read).await {
+            Ok(head) => head?,
+            Err(_) => return Err(ExchangeError::Timeout),
+        };
         first = false;
         if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
             continue;
@@ -140,51 +219,56 @@ pub async fn exchange(
     }
 }
 
-/// Streams the client's request body to the backend, chunk-encoded when it has no length.
-async fn send_body(conn: &mut Upstream, body: &mut Incoming, chunked: bool) -> Result<(), ExchangeError> {
+/// Streams an HTTP/2 client's request body to the backend, chunk-encoded when it has no length.
+async fn send_body<W: AsyncWrite + Unpin>(
+    up: &mut W,
+    body: &mut Incoming,
+    chunked: bool,
+    timeout: Duration,
+) -> Result<(), ExchangeError> {
     use http_body_util::BodyExt;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ExchangeError::ClientBody(e.to_string()))?;
         let Ok(data) = frame.into_data() else { continue };
-        if data.is_empty() {
-            continue;
-        }
         if chunked {
-            let size = format!("{:x}\r\n", data.len());
-            conn.stream.write_all(size.as_bytes()).await?;
-            conn.stream.write_all(&data).await?;
-            conn.stream.write_all(b"\r\n").await?;
-        } else {
-            conn.stream.write_all(&data).await?;
+            write_chunk(up, &data, timeout).await?;
+        } else if !data.is_empty() {
+            write_upstream(up, &data, timeout).await?;
         }
     }
     if chunked {
-        conn.stream.write_all(b"0\r\n\r\n").await?;
+        write_upstream(up, b"0\r\n\r\n", timeout).await?;
     }
     Ok(())
 }
 
-/// Reads into the connection's buffer; `Ok(0)` is end of stream.
-async fn fill(conn: &mut Upstream) -> io::Result<usize> {
+/// Reads into `buf`; `Ok(0)` is end of stream.
+async fn fill<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
     use tokio::io::AsyncReadExt;
-    if conn.read_buf.capacity() - conn.read_buf.len() < 1024 {
-        conn.read_buf.reserve(READ_BUF);
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_BUF);
     }
-    conn.stream.read_buf(&mut conn.read_buf).await
+    reader.read_buf(buf).await
 }
 
-async fn read_head(conn: &mut Upstream, method: &Method, may_be_stale: bool) -> Result<ResponseHead, ExchangeError> {
+/// Reads a response head into `buf` and takes it off. Cancel-safe: bytes read stay in `buf`.
+async fn read_head<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    method: &Method,
+    may_be_stale: bool,
+) -> Result<ResponseHead, ExchangeError> {
     loop {
-        if !conn.read_buf.is_empty() {
+        if !buf.is_empty() {
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut resp = httparse::Response::new(&mut slots);
-            match resp.parse(&conn.read_buf) {
+            match resp.parse(buf) {
                 Ok(httparse::Status::Complete(len)) => {
                     let mut head = describe(&resp, method)?;
-                    head.raw = conn.read_buf.split_to(len).freeze();
+                    head.raw = buf.split_to(len).freeze();
                     return Ok(head);
                 }
-                Ok(httparse::Status::Partial) if conn.read_buf.len() >= MAX_HEAD => {
+                Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
                     return Err(ExchangeError::Invalid("response head too large"));
                 }
                 Ok(httparse::Status::Partial) => {}
@@ -192,8 +276,8 @@ async fn read_head(conn: &mut Upstream, method: &Method, may_be_stale: bool) -> 
                 Err(_) => return Err(ExchangeError::Invalid("malformed status line or header")),
             }
         }
-        let empty_before = conn.read_buf.is_empty();
-        match fill(conn).await {
+        let empty_before = buf.is_empty();
+        match fill(reader, buf).await {
             Ok(0) if empty_before && may_be_stale => return Err(ExchangeError::Stale),
             Ok(0) => return Err(ExchangeError::Closed),
             Ok(_) => {}
@@ -223,6 +307,7 @@ fn describe(resp: &httparse::Response<'_, '_>, method: &Method) -> Result<Respon
     let http11 = resp.version == Some(1);
 
     let mut keep_alive = http11;
+    let mut close = false;
     let mut chunked = false;
     let mut other_coding = false;
     let mut length: Option<u64> = None;
@@ -234,7 +319,7 @@ fn describe(resp: &httparse::Response<'_, '_>, method: &Method) -> Result<Respon
         if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
+                    close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     keep_alive = true;
                 } else if !token.eq_ignore_ascii_case(b"upgrade") && !token.is_empty() {
@@ -243,23 +328,23 @@ fn describe(resp: &httparse::Response<'_, '_>, method: &Method) -> Result<Respon
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             for coding in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|c| !c.is_empty()) {
-                // chunked must be the last coding; anything after it is read until close
-                if coding.eq_ignore_ascii_case(b"chunked") {
-                    chunked = true;
-                    other_coding = false;
-                } else {
+                // chunked must be the last coding; anything after it is read until close, and
+                // a chunked that is not last stays in the list passed on
+                if chunked {
+                    push_coding(&mut codings, b"chunked");
+                }
+                chunked = coding.eq_ignore_ascii_case(b"chunked");
+                if !chunked {
                     other_coding = true;
-                    let list = codings.get_or_insert_with(Vec::new);
-                    if !list.is_empty() {
-                        list.extend_from_slice(b", ");
-                    }
-                    list.extend_from_slice(coding);
+                    push_coding(&mut codings, coding);
                 }
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
                 .ok_or(ExchangeError::Invalid("invalid content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(ExchangeError::Invalid("conflicting content-length headers"));
@@ -275,13 +360,14 @@ fn describe(resp: &httparse::Response<'_, '_>, method: &Method) -> Result<Respon
     {
         Framing::Empty
     } else if te {
-        if chunked && !other_coding { Framing::Chunked } else { Framing::UntilClose }
+        if chunked { Framing::Chunked } else { Framing::UntilClose }
     } else if let Some(n) = length {
         if n == 0 { Framing::Empty } else { Framing::Length(n) }
     } else {
         Framing::UntilClose
     };
-    if framing == Framing::UntilClose {
+    // Framing the connection cannot be trusted after (RFC 9112 §6.1, §6.3): close it.
+    if framing == Framing::UntilClose || close || (te && (length.is_some() || !http11)) {
         keep_alive = false;
     }
     Ok(ResponseHead { status, raw: Bytes::new(), framing, keep_alive, te, named_in_connection, codings })
@@ -327,9 +413,12 @@ impl ResponseHead {
 
     /// The reason phrase the backend sent (may be empty).
     pub fn reason(&self) -> &[u8] {
-        // "HTTP/1.1 200 OK\r\n": the reason starts after the second space.
-        let line = self.raw.split(|&b| b == b'\r').next().unwrap_or_default();
-        line.splitn(3, |&b| b == b' ').nth(2).unwrap_or_default()
+        // "HTTP/1.1 200 OK\r\n" (or a bare LF, which httparse accepts): the reason starts after
+        // the second space and ends at the line's end. It never contains CR or LF.
+        let line = self.raw.split(|&b| b == b'\n').next().unwrap_or_default();
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let reason = line.splitn(3, |&b| b == b' ').nth(2).unwrap_or_default();
+        if reason.iter().any(|&b| b == b'\r' || b == b'\n') { b"" } else { reason }
     }
 
     /// The client-bound headers as a map (for hyper's HTTP/2 side).
@@ -379,6 +468,14 @@ impl ResponseHead {
     }
 }
 
+fn push_coding(list: &mut Option<Vec<u8>>, coding: &[u8]) {
+    let list = list.get_or_insert_with(Vec::new);
+    if !list.is_empty() {
+        list.extend_from_slice(b", ");
+    }
+    list.extend_from_slice(coding);
+}
+
 /// Hop-by-hop response headers (RFC 9110 §7.6.1); `upgrade` keeps the 101 handshake ones.
 fn is_hop_by_hop(name: &str, upgrade: bool) -> bool {
     const ALWAYS: [&str; 7] = [
@@ -424,6 +521,12 @@ pub struct UpstreamBody {
     in_flight: Option<InFlight>,
     decode: Decode,
     keep_alive: bool,
+    /// Longest wait for the next bytes of the body (`read_timeout`, like nginx's
+    /// `proxy_read_timeout` between two reads).
+    timeout: Duration,
+    /// The timer for that wait, made on the first wait and re-armed after each read.
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
 }
 
 /// A body that broke off or was framed wrongly.
@@ -438,15 +541,22 @@ pub enum BodyError {
 }
 
 impl UpstreamBody {
-    pub fn new(head: &ResponseHead, conn: Upstream, in_flight: InFlight) -> Self {
+    pub fn new(head: &ResponseHead, conn: Upstream, in_flight: InFlight, timeout: Duration) -> Self {
         let decode = match head.framing {
             Framing::Empty => Decode::Done,
             Framing::Length(n) => Decode::Length(n),
             Framing::Chunked => Decode::Chunked(Chunk::Size),
             Framing::UntilClose => Decode::UntilClose,
         };
-        let mut body =
-            UpstreamBody { conn: Some(conn), in_flight: Some(in_flight), decode, keep_alive: head.keep_alive };
+        let mut body = UpstreamBody {
+            conn: Some(conn),
+            in_flight: Some(in_flight),
+            decode,
+            keep_alive: head.keep_alive,
+            timeout,
+            waiting: None,
+            armed: false,
+        };
         // After a 101 the connection belongs to the tunnel (see `into_tunnel`).
         if matches!(body.decode, Decode::Done) && !head.is_upgrade() {
             body.finish();
@@ -490,17 +600,31 @@ impl UpstreamBody {
 
     /// Polls one read into the buffer; `Ready(Ok(0))` is end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let conn = self.conn.as_mut().expect("a body that is not done owns its connection");
+        let UpstreamBody { conn, timeout, waiting, armed, .. } = self;
+        let conn = conn.as_mut().expect("a body that is not done owns its connection");
         if conn.read_buf.capacity() - conn.read_buf.len() < 1024 {
             conn.read_buf.reserve(READ_BUF);
         }
-        let spare = conn.read_buf.spare_capacity_mut();
-        let mut buf = ReadBuf::uninit(spare);
-        ready!(Pin::new(&mut conn.stream).poll_read(cx, &mut buf))?;
-        let n = buf.filled().len();
-        // SAFETY: poll_read initialised the first `n` bytes of the spare capacity.
-        unsafe { conn.read_buf.set_len(conn.read_buf.len() + n) };
-        Poll::Ready(Ok(n))
+        let mut buf = ReadBuf::uninit(conn.read_buf.spare_capacity_mut());
+        match Pin::new(&mut conn.stream).poll_read(cx, &mut buf) {
+            Poll::Ready(result) => {
+                result?;
+                let n = buf.filled().len();
+                // SAFETY: poll_read initialised the first `n` bytes of the spare capacity.
+                unsafe { conn.read_buf.set_len(conn.read_buf.len() + n) };
+                *armed = false;
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                let sleep = waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(*timeout)));
+                if !*armed {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + *timeout);
+                    *armed = true;
+                }
+                ready!(sleep.as_mut().poll(cx));
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "backend sent nothing within read_timeout")))
+            }
+        }
     }
 }
 
@@ -679,6 +803,16 @@ mod tests {
         assert!(!h.keep_alive);
         assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", Method::GET).is_err());
         assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", Method::GET).is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: +1\r\n\r\n", Method::GET).is_err());
+        let h = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Method::GET).unwrap();
+        assert_eq!((h.framing, h.codings()), (Framing::Chunked, Some(&b"gzip"[..])));
+        let h = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", Method::GET).unwrap();
+        assert_eq!((h.framing, h.codings()), (Framing::UntilClose, Some(&b"chunked, gzip"[..])));
+        let h = parse(b"HTTP/1.1 200 OK\r\nConnection: close, keep-alive\r\ncontent-length: 1\r\n\r\n", Method::GET)
+            .unwrap();
+        assert!(!h.keep_alive, "close wins");
+        let h = parse(b"HTTP/1.1 200 OK\nContent-Length: 5\n\n", Method::GET).unwrap();
+        assert_eq!(h.reason(), b"OK", "a bare-LF head's reason stops at the line's end");
     }
 
     #[test]
