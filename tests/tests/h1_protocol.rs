@@ -3,13 +3,17 @@
 //! proxy port, every byte of the answer checked. Pipelining, keep-alive and HTTP/1.0, response
 //! framing (chunked, close-delimited, large lengths) for both client versions, HEAD/204/304,
 //! `Expect: 100-continue`, absolute-form targets, hop-by-hop headers both ways, chunked request
-//! bodies with extensions and trailers, and answers given before a large body was read.
+//! bodies with extensions and trailers, and answers given before a large body was read; then
+//! the upstream exchange: the proxy's own errors answering HEAD, bare-LF response heads, a
+//! backend answering before it read the body, `read_timeout` against slow client bodies and
+//! stalled response bodies, and kept-alive upstream connections the backend closed.
 //!
 //! Besides the harness's hyper backend, the tests use [`RawBackend`], a small HTTP/1.1 server
 //! on raw TCP defined here: it records every request exactly as it arrived (head and decoded
 //! body) and answers with framings hyper would not produce on demand (a chunked body with
 //! extensions and trailers, a close-delimited body, a 204/304 without length, hop-by-hop
-//! response headers).
+//! response headers) or misbehaves on demand (bare-LF heads, early answers, stalls, closed
+//! keep-alive connections).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -354,9 +358,8 @@ impl<S: AsyncRead + Unpin> Wire<S> {
         }
     }
 
-    /// Reads one request (as the raw backend does): head and decoded body.
-    async fn read_request(&mut self) -> anyhow::Result<Option<Seen>> {
-        let Some(head) = self.read_head().await? else { return Ok(None) };
+    /// Reads the body of a request whose head was read (as the raw backend does), decoded.
+    async fn read_request_body(&mut self, head: Head) -> anyhow::Result<Seen> {
         let (body, chunked, trailers) = if let Some(te) = head.header("transfer-encoding") {
             ensure!(ends_in_chunked(te), "request transfer-encoding {te:?}: {head:?}");
             ensure!(head.header("content-length").is_none(), "request with both CL and TE: {head:?}");
@@ -368,7 +371,7 @@ impl<S: AsyncRead + Unpin> Wire<S> {
         } else {
             (Vec::new(), false, Vec::new())
         };
-        Ok(Some(Seen { head, body, chunked, trailers }))
+        Ok(Seen { head, body, chunked, trailers })
     }
 }
 
@@ -454,6 +457,18 @@ impl Seen {
 /// - `/interim`: a 100 and a 103 before the final 200;
 /// - `/hop`: hop-by-hop response headers (named in `Connection`, `Keep-Alive`,
 ///   `Proxy-Authenticate`) next to `X-Backend-Kept`;
+/// - `/bare-lf`: `HTTP/1.1 200 OK\nContent-Length: 5\n\nhello` (bare LF line ends, which
+///   RFC 9112 §2.2 lets a recipient accept);
+/// - `/early-413[?hold_ms=N]`: reads the head only, answers `413` with `Connection: close`
+///   and closes its side at once; the socket is then closed at once (a reset if body bytes
+///   arrive), or after N ms (at most 3 s) of reading nothing;
+/// - `/stall`: announces `content-length: 10`, sends 5 bytes, then sends nothing for 20 s
+///   without closing;
+/// - `/ka-close`: the default answer, kept-alive by its head, but the connection is closed
+///   right after it (a backend with a very short keep-alive timeout);
+/// - `/ka-stale`: the default answer, kept-alive; the next request on that connection is met
+///   with a close as its first bytes arrive (the keep-alive race, made certain: the backend
+///   closed the idle connection just as the proxy reused it). Counted in `hangups`;
 /// - anything else: 200 with body `<method> <target> <body length>`.
 ///
 /// `ms=<n>` in any query delays the answer by n ms (at most 2 s).
@@ -464,6 +479,8 @@ struct RawBackend {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     connections: Arc<AtomicUsize>,
+    /// Requests met with a close after `/ka-stale`.
+    hangups: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -473,8 +490,9 @@ impl RawBackend {
         let addr = listener.local_addr()?;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(raw_accept(listener, seen.clone(), connections.clone()));
-        Ok(RawBackend { addr, seen, connections, task })
+        let hangups = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(raw_accept(listener, seen.clone(), connections.clone(), hangups.clone()));
+        Ok(RawBackend { addr, seen, connections, hangups, task })
     }
 
     /// Every request received so far.
@@ -498,7 +516,12 @@ impl Drop for RawBackend {
     }
 }
 
-async fn raw_accept(listener: TcpListener, seen: Arc<Mutex<Vec<Seen>>>, connections: Arc<AtomicUsize>) {
+async fn raw_accept(
+    listener: TcpListener,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<AtomicUsize>,
+    hangups: Arc<AtomicUsize>,
+) {
     // Dropped with the task on abort: every connection task is aborted with it.
     let mut conns = JoinSet::new();
     loop {
@@ -509,24 +532,52 @@ async fn raw_accept(listener: TcpListener, seen: Arc<Mutex<Vec<Seen>>>, connecti
                 let _ = stream.set_nodelay(true);
                 let mut wire = Wire::new(stream, "raw backend");
                 wire.timeout = BACKEND_IDLE;
-                conns.spawn(raw_serve(wire, seen.clone()));
+                conns.spawn(raw_serve(wire, seen.clone(), hangups.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
 }
 
-async fn raw_serve(mut wire: Wire, seen: Arc<Mutex<Vec<Seen>>>) {
+async fn raw_serve(mut wire: Wire, seen: Arc<Mutex<Vec<Seen>>>, hangups: Arc<AtomicUsize>) {
+    let record = |req: &Seen| seen.lock().unwrap_or_else(|e| e.into_inner()).push(req.clone());
+    // Set after answering `/ka-stale`.
+    let mut hang_up_next = false;
     for _ in 0..10_000 {
-        let req = match wire.read_request().await {
-            Ok(Some(req)) => req,
+        if hang_up_next {
+            // The first bytes of the next request: close without answering (dropping `wire`).
+            if matches!(wire.fill_io().await, Ok(n) if n > 0) {
+                hangups.fetch_add(1, SeqCst);
+            }
+            return;
+        }
+        let head = match wire.read_head().await {
+            Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
-                eprintln!("[raw backend] bad request: {e:#}");
+                eprintln!("[raw backend] bad request head: {e:#}");
                 return;
             }
         };
-        seen.lock().unwrap_or_else(|e| e.into_inner()).push(req.clone());
+        let path = head.line[1].split('?').next().unwrap_or_default().to_string();
+        if path == "/early-413" {
+            // Answered from the head alone: the body is never read.
+            let req = Seen { head, body: Vec::new(), chunked: false, trailers: Vec::new() };
+            record(&req);
+            if let Err(e) = raw_answer_early(&mut wire, &req).await {
+                eprintln!("[raw backend] answering {}: {e:#}", req.target());
+            }
+            return;
+        }
+        let req = match wire.read_request_body(head).await {
+            Ok(req) => req,
+            Err(e) => {
+                eprintln!("[raw backend] bad request body: {e:#}");
+                return;
+            }
+        };
+        record(&req);
+        hang_up_next = path == "/ka-stale";
         match raw_respond(&mut wire, &req).await {
             Ok(true) => {}
             Ok(false) => {
@@ -539,6 +590,22 @@ async fn raw_serve(mut wire: Wire, seen: Arc<Mutex<Vec<Seen>>>) {
             }
         }
     }
+}
+
+/// `/early-413`: a 413 as soon as the head arrived, `Connection: close`, FIN; then the socket
+/// is closed at once, or after `hold_ms` of reading nothing.
+async fn raw_answer_early(wire: &mut Wire, req: &Seen) -> anyhow::Result<()> {
+    let body = "413 request body too large\n";
+    let answer = format!(
+        "HTTP/1.1 413 Payload Too Large\r\nx-kind: early\r\nConnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    wire.send(answer.as_bytes()).await?;
+    wire.stream.shutdown().await?;
+    if let Some(ms) = query_param(req.target(), "hold_ms").and_then(|v| v.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms.min(3000))).await;
+    }
+    Ok(())
 }
 
 /// Answers one request; `Ok(false)` when the connection is to be closed.
@@ -660,6 +727,15 @@ async fn raw_respond(wire: &mut Wire, req: &Seen) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
+        "/bare-lf" => {
+            wire.send(b"HTTP/1.1 200 OK\nContent-Length: 5\n\nhello").await?;
+            Ok(true)
+        }
+        "/stall" => {
+            wire.send(b"HTTP/1.1 200 OK\r\nx-kind: stall\r\ncontent-length: 10\r\n\r\n01234").await?;
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            Ok(false)
+        }
         _ => {
             let body = format!("{} {} {}", req.method(), target, req.body.len());
             let mut out = format!("HTTP/1.1 200 OK\r\nx-kind: default\r\ncontent-length: {}\r\n\r\n", body.len());
@@ -667,7 +743,8 @@ async fn raw_respond(wire: &mut Wire, req: &Seen) -> anyhow::Result<bool> {
                 out.push_str(&body);
             }
             wire.send(out.as_bytes()).await?;
-            Ok(true)
+            // `/ka-close`: nothing in the answer says so, but the connection closes now.
+            Ok(path != "/ka-close")
         }
     }
 }
@@ -1407,5 +1484,346 @@ async fn answer_before_the_body_was_read_reaches_the_client_intact() -> R {
     assert_eq!(r.header("x-shoal-node"), Some("refused"), "{r:?}");
     assert_eq!(r.text(), "502 no backend answered\n", "the body arrived whole: {r:?}");
     assert!(r.says_close(), "{r:?}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. The proxy's own answers to HEAD
+// ---------------------------------------------------------------------------------------------
+
+/// Checks that nothing more arrives on `c` within `quiet` (a body after a HEAD response would),
+/// and that the connection stays open.
+async fn expect_nothing_more(c: &mut Wire, quiet: Duration, what: &str) -> anyhow::Result<()> {
+    ensure!(c.buf.is_empty(), "{}: {what}: bytes after the head: {:?}", c.label, lossy(&c.buf));
+    let timeout = std::mem::replace(&mut c.timeout, quiet);
+    let read = c.fill_io().await;
+    c.timeout = timeout;
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Ok(()),
+        Ok(0) => bail!("{}: {what}: the connection closed", c.label),
+        Ok(n) => bail!("{}: {what}: {n} bytes after the head: {:?}", c.label, lossy(&c.buf)),
+        Err(e) => Err(e).with_context(|| format!("{}: {what}", c.label)),
+    }
+}
+
+/// Checks the proxy's answer `r` to a HEAD: the status and headers a GET gets (the length of
+/// the body it would have, `body`), and no body.
+fn check_head_error(r: &Response, status: u16, body: &str, node: &str, what: &str) -> anyhow::Result<()> {
+    ensure!(r.status == status, "{what}: want {status}: {r:?}");
+    ensure!(r.header("x-shoal-node") == Some(node), "{what}: x-shoal-node: {r:?}");
+    ensure!(r.header("content-type").is_some_and(|t| t.starts_with("text/plain")), "{what}: content-type: {r:?}");
+    let len = body.len().to_string();
+    ensure!(r.header("content-length") == Some(len.as_str()), "{what}: the GET's content-length ({len}): {r:?}");
+    ensure!(r.body.is_empty(), "{what}: {r:?}");
+    Ok(())
+}
+
+/// RFC 9110 §9.3.2: a response to HEAD has no body, also when the proxy answers itself. A body
+/// there is read by the client as the start of its next response (desync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_errors_answering_head_have_no_body_and_the_next_response_is_its_own() -> R {
+    let quiet = Duration::from_millis(300);
+
+    // 503: a node without backends. Sequential requests, then pipelined ones.
+    let node = Node::builder("headnone").start().await?;
+    let want = "503 no usable backend\n";
+    let mut c = Wire::connect(node.proxy, "client of a node without backends").await?;
+    for i in 0..2 {
+        c.send(format!("HEAD /none?i={i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await?;
+        let r = c.read_final("HEAD").await.context("HEAD answered 503")?;
+        check_head_error(&r, 503, want, "headnone", "HEAD without backends")?;
+        assert!(!r.says_close(), "{r:?}");
+        expect_nothing_more(&mut c, quiet, "after the 503 to HEAD").await?;
+        c.send(format!("GET /none?i={i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await?;
+        let r = c.read_final("GET").await.context("GET after a HEAD answered 503")?;
+        assert_eq!((r.status, r.text().as_str()), (503, want), "the GET gets its own response, whole: {r:?}");
+        assert!(!r.says_close(), "{r:?}");
+    }
+    c.send(
+        b"HEAD /p1 HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /p2 HTTP/1.1\r\nHost: x\r\n\r\n\
+          HEAD /p3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    let r = c.read_final("HEAD").await.context("pipelined HEAD 1")?;
+    check_head_error(&r, 503, want, "headnone", "pipelined HEAD 1")?;
+    let r = c.read_final("GET").await.context("pipelined GET after HEAD")?;
+    assert_eq!((r.status, r.text().as_str()), (503, want), "pipelined GET: {r:?}");
+    let r = c.read_final("HEAD").await.context("pipelined HEAD with Connection: close")?;
+    check_head_error(&r, 503, want, "headnone", "HEAD with Connection: close")?;
+    assert!(r.says_close(), "{r:?}");
+    c.expect_closed("after the 503 to HEAD with Connection: close").await?;
+
+    // 502: the only backend refuses connections.
+    let addr = free_addr();
+    let node = Node::builder("headrefused").backend_spec(&format!("{addr},max_fails=0")).start().await?;
+    let want = "502 no backend answered\n";
+    let mut c = Wire::connect(node.proxy, "client of a node whose backend refuses").await?;
+    c.send(b"HEAD /refused HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    let r = c.read_final("HEAD").await.context("HEAD answered 502")?;
+    check_head_error(&r, 502, want, "headrefused", "HEAD to a refusing backend")?;
+    expect_nothing_more(&mut c, quiet, "after the 502 to HEAD").await?;
+    c.send(b"GET /refused HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    let r = c.read_final("GET").await.context("GET after a HEAD answered 502")?;
+    assert_eq!((r.status, r.text().as_str()), (502, want), "the GET gets its own response, whole: {r:?}");
+
+    // 504, then a backend's own answer on the same connection.
+    let b = RawBackend::start().await?;
+    let node = Node::builder("headtimeout")
+        .config("[upstream]\nread_timeout = \"1s\"\n")
+        .backend_spec(&format!("{},max_fails=0", b.addr))
+        .start()
+        .await?;
+    let mut c = Wire::connect(node.proxy, "client of a node whose backend is slow").await?;
+    c.send(b"HEAD /head?ms=1800 HTTP/1.1\r\nHost: raw\r\n\r\n").await?;
+    let r = c.read_final("HEAD").await.context("HEAD answered 504")?;
+    check_head_error(&r, 504, "504 backend timed out\n", "headtimeout", "HEAD to a slow backend")?;
+    expect_nothing_more(&mut c, quiet, "after the 504 to HEAD").await?;
+    get_default(&mut c, "/after-504", "after a 504 to HEAD").await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Response heads with bare LF line ends
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_lf_response_head_reaches_the_client_well_formed() -> R {
+    let (node, b) = raw_setup("barelf").await?;
+    let mut c = Wire::connect(node.proxy, "client").await?;
+    c.timeout = Duration::from_secs(4);
+    for i in 0..2 {
+        c.send(b"GET /bare-lf HTTP/1.1\r\nHost: raw\r\n\r\n").await?;
+        let r = c.read_final("GET").await.with_context(|| format!("bare-LF response {i}"))?;
+        let raw = &r.head.raw;
+        assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "the status line ends with CRLF right after the reason: {r:?}");
+        assert_eq!(r.head.line, ["HTTP/1.1", "200", "OK"], "{r:?}");
+        let bare = raw.bytes().enumerate().find(|&(i, ch)| ch == b'\n' && (i == 0 || raw.as_bytes()[i - 1] != b'\r'));
+        assert!(bare.is_none(), "every line of the head ends with CRLF: {r:?}");
+        assert_eq!(r.head.all("content-length"), vec!["5"], "{r:?}");
+        assert_eq!((r.framing, r.text().as_str()), (Framing::Length(5), "hello"), "{r:?}");
+        assert!(!r.says_close(), "{r:?}");
+    }
+    get_default(&mut c, "/after-bare-lf", "after two bare-LF responses").await?;
+    assert_eq!(b.seen().len(), 3);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. The upstream exchange: early answers, timeouts, stale keep-alives
+// ---------------------------------------------------------------------------------------------
+
+/// The backend's entry in `/status`: its state, failure count and requests in flight.
+async fn backend_health(node: &Node, addr: SocketAddr) -> anyhow::Result<(String, u64, u64)> {
+    let b = node.backend_status(addr).await?;
+    let num = |k: &str| b[k].as_u64().with_context(|| format!("no {k} in {b}"));
+    Ok((b["state"].as_str().unwrap_or_default().to_string(), num("failures")?, num("in_flight")?))
+}
+
+/// Checks that backend `addr` is up and has no failure recorded.
+async fn expect_not_blamed(node: &Node, addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let (state, failures, _) = backend_health(node, addr).await?;
+    ensure!(
+        (state.as_str(), failures) == ("up", 0),
+        "{what}: the backend was blamed: state {state}, failures {failures}: {}",
+        node.backend_status(addr).await?
+    );
+    Ok(())
+}
+
+/// A backend that answers 413 from the request head and stops reading (or closes) while the
+/// client is still uploading: the client gets that answer, and the backend is not blamed (the
+/// failed write of the rest of the body is no backend failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_413_while_the_body_is_sent_reaches_the_client_and_ejects_nothing() -> R {
+    let (node, b) = raw_setup("early413").await?;
+    let big = 6 << 20;
+    for (target, what) in [
+        ("/early-413?hold_ms=2500", "backend answers 413 and stops reading"),
+        ("/early-413", "backend answers 413 and closes at once"),
+    ] {
+        let started = Instant::now();
+        let head = format!("POST {target} HTTP/1.1\r\nHost: raw\r\nContent-Length: {big}\r\n\r\n");
+        let r = answer_while_sending(node.proxy, &head, big, what).await?;
+        assert_eq!(
+            (r.status, r.head.line[2].as_str(), r.text().as_str()),
+            (413, "Payload Too Large", "413 request body too large\n"),
+            "{what}: the backend's answer, not the proxy's: {r:?}"
+        );
+        assert_eq!(r.header("x-kind"), Some("early"), "{what}: {r:?}");
+        assert!(r.says_close(), "{what}: {r:?}");
+        assert!(started.elapsed() < Duration::from_secs(6), "{what}: answered and closed in {:?}", started.elapsed());
+        let seen = b.last(target)?;
+        assert_eq!(seen.head.header("content-length"), Some(&*big.to_string()), "{what}: {seen:?}");
+        expect_not_blamed(&node, b.addr, what).await?;
+        let mut c = Wire::connect(node.proxy, "next client").await?;
+        get_default(&mut c, "/after-413", &format!("{what}: a new connection")).await?;
+    }
+    Ok(())
+}
+
+/// `read_timeout` bounds the backend, not the client: a client that pauses longer than it in
+/// the middle of its body gets the answer, and the backend is not blamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_body_is_not_a_backend_timeout() -> R {
+    let b = RawBackend::start().await?;
+    let node = Node::builder("slowbody")
+        .config("[upstream]\nread_timeout = \"1s\"\n")
+        .backend_spec(&b.addr.to_string())
+        .start()
+        .await?;
+    let body = pattern(100);
+    let mut c = Wire::connect(node.proxy, "slow client").await?;
+    let started = Instant::now();
+    c.send(b"POST /slow-body HTTP/1.1\r\nHost: raw\r\nContent-Length: 100\r\n\r\n").await?;
+    c.send(&body[..10]).await?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.send(&body[10..]).await?;
+    let r = c.read_final("POST").await.context("answer to the slow body")?;
+    assert_eq!((r.status, r.text().as_str()), (200, "POST /slow-body 100"), "{r:?}");
+    assert!(!r.says_close(), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(6), "answered in {:?}", started.elapsed());
+    same_bytes(&b.last("/slow-body")?.body, &body, "the body the backend saw")?;
+    expect_not_blamed(&node, b.addr, "after a slow client body").await?;
+    get_default(&mut c, "/after-slow-body", "after a slow client body").await?;
+    let mut c = Wire::connect(node.proxy, "next client").await?;
+    get_default(&mut c, "/after-slow-body-2", "a new connection after a slow client body").await?;
+    Ok(())
+}
+
+/// A single backend that closes kept-alive connections: a request that finds its pooled
+/// connection closed goes to the same backend on a new one; it is never a 502, and never
+/// blames the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_keep_alive_connections_to_a_single_backend() -> R {
+    let (node, b) = raw_setup("stale").await?;
+
+    // Closed right after each answer: five requests on one client connection, five on new ones.
+    let mut c = Wire::connect(node.proxy, "client").await?;
+    for i in 0..5 {
+        get_default(&mut c, &format!("/ka-close?i={i}"), "backend closing after each answer").await?;
+    }
+    for i in 5..10 {
+        let mut c = Wire::connect(node.proxy, &format!("client {i}")).await?;
+        get_default(&mut c, &format!("/ka-close?i={i}"), "backend closing after each answer").await?;
+    }
+    expect_not_blamed(&node, b.addr, "after 10 answers on connections closed at once").await?;
+
+    // Closed as the next request arrives (the keep-alive race, every time).
+    let mut c = Wire::connect(node.proxy, "client").await?;
+    for i in 0..10 {
+        get_default(&mut c, &format!("/ka-stale?i={i}"), "backend closing as the next request comes").await?;
+    }
+    let hangups = b.hangups.load(SeqCst);
+    eprintln!("the backend hung up on {hangups} requests");
+    assert_eq!(hangups, 9, "requests 2 to 10 each find their pooled connection closed");
+    expect_not_blamed(&node, b.addr, "after 10 requests on stale connections").await?;
+
+    // A bodyless POST on a stale connection: not replayed, so 200 or 502, but no blame.
+    get_default(&mut c, "/ka-stale?before-post", "before the POST").await?;
+    let before = b.hangups.load(SeqCst);
+    c.send(b"POST /post-stale HTTP/1.1\r\nHost: raw\r\nContent-Length: 0\r\n\r\n").await?;
+    let r = c.read_final("POST").await.context("bodyless POST on a stale connection")?;
+    eprintln!("bodyless POST on a stale connection: {} (hang-ups {before} -> {})", r.status, b.hangups.load(SeqCst));
+    assert!(matches!(r.status, 200 | 502), "{r:?}");
+    assert_eq!(b.hangups.load(SeqCst), before + 1, "the POST found its pooled connection closed");
+    expect_not_blamed(&node, b.addr, "after a bodyless POST on a stale connection").await?;
+    for i in 0..3 {
+        let mut c = Wire::connect(node.proxy, "client after the POST").await?;
+        get_default(&mut c, &format!("/ka-stale?after-post={i}"), "after a POST on a stale connection").await?;
+    }
+    expect_not_blamed(&node, b.addr, "at the end").await?;
+    Ok(())
+}
+
+/// The same with a POST that has a body: the backend closed the kept-alive connection as the
+/// request came, so the body cannot be written (or its end of stream comes first). Not
+/// replayed, but no more the backend's fault than for a bodyless POST: the single backend
+/// must not be ejected. Two clients: one that writes head and body at once, one that writes
+/// its body 300 ms after the head (the proxy then sees the close while it waits for the body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_keep_alive_post_with_a_body_ejects_nothing() -> R {
+    let mut problems = Vec::new();
+    for (i, pause) in [Duration::ZERO, Duration::from_millis(300)].into_iter().enumerate() {
+        let what = format!("POST with a 256 KiB body {pause:?} after its head, on a stale connection");
+        let (node, b) = raw_setup(&format!("stalebody{i}")).await?;
+        let body = pattern(256 << 10);
+        let mut c = Wire::connect(node.proxy, "client").await?;
+        get_default(&mut c, "/ka-stale?before-post", "before the POST").await?;
+        let head = format!("POST /post-body-stale HTTP/1.1\r\nHost: raw\r\nContent-Length: {}\r\n\r\n", body.len());
+        if pause.is_zero() {
+            c.send(&[head.as_bytes(), &body].concat()).await?;
+        } else {
+            c.send(head.as_bytes()).await?;
+            tokio::time::sleep(pause).await;
+            // The proxy may have answered and closed already.
+            let _ = c.send(&body).await;
+        }
+        let r = c.read_final("POST").await.with_context(|| format!("{what}: the answer"))?;
+        eprintln!("{what}: {} (hang-ups {})", r.status, b.hangups.load(SeqCst));
+        assert!(matches!(r.status, 200 | 502), "{what}: {r:?}");
+        assert_eq!(b.hangups.load(SeqCst), 1, "{what}: the POST found its pooled connection closed");
+        let (state, failures, _) = backend_health(&node, b.addr).await?;
+        let mut c = Wire::connect(node.proxy, "client after the POST").await?;
+        let after = get_default(&mut c, "/after-post", "a GET on a new connection").await;
+        if !(after.is_ok() && (state.as_str(), failures) == ("up", 0)) {
+            problems.push(format!(
+                "{what}: answered {}, and the backend was blamed: state {state}, failures {failures}; the next \
+                 GET: {after:?}",
+                r.status
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "a stale kept-alive connection blamed the backend:\n{}", problems.join("\n"));
+    Ok(())
+}
+
+/// `read_timeout` also bounds the wait between two reads of a response body: a backend that
+/// stops in the middle of one has the client's connection closed (the body visibly cut), and
+/// the request no longer counts in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_response_body_is_cut_off_after_read_timeout() -> R {
+    let b = RawBackend::start().await?;
+    let node = Node::builder("stall")
+        .config("[upstream]\nread_timeout = \"1s\"\n")
+        .backend_spec(&b.addr.to_string())
+        .start()
+        .await?;
+    let mut c = Wire::connect(node.proxy, "client").await?;
+    c.timeout = Duration::from_secs(6);
+    let started = Instant::now();
+    c.send(b"GET /stall HTTP/1.1\r\nHost: raw\r\n\r\n").await?;
+    let head = c.read_head().await?.context("no response head")?;
+    assert_eq!((head.status()?, head.header("content-length")), (200, Some("10")), "{head:?}");
+    while c.buf.len() < 5 {
+        ensure!(c.fill().await? > 0, "closed before the first 5 body bytes");
+    }
+    let (_, _, in_flight) = backend_health(&node, b.addr).await?;
+    assert_eq!(in_flight, 1, "the stalled request is in flight");
+
+    let cut = c.read_exact(10).await;
+    let elapsed = started.elapsed();
+    let got = lossy(&c.buf);
+    match cut {
+        Ok(body) => panic!("the client got 10 body bytes from a backend that sent 5: {:?}", lossy(&body)),
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(!e.contains("no bytes within the timeout"), "the connection was not closed after {elapsed:?}: {e}");
+            assert_eq!(got, "01234", "the 5 bytes sent, then the close: {e}");
+        }
+    }
+    assert!(
+        elapsed >= Duration::from_millis(800) && elapsed < Duration::from_secs(5),
+        "closed {elapsed:?} after the request (read_timeout 1 s)"
+    );
+    let mut in_flight = u64::MAX;
+    for _ in 0..40 {
+        in_flight = backend_health(&node, b.addr).await?.2;
+        if in_flight == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(in_flight, 0, "the cut-off request still counts in flight: {}", node.backend_status(b.addr).await?);
     Ok(())
 }

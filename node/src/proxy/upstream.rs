@@ -183,17 +183,22 @@ pub async fn exchange(
                     Ok(()) => break,
                     // The backend may have answered and closed: its answer is what counts.
                     Err(ExchangeError::Io(e)) => {
-                        return match tokio::time::timeout(timeout, read_head(&mut rd, read_buf, method, false)).await {
+                        let read = read_head(&mut rd, read_buf, method, may_be_stale);
+                        return match tokio::time::timeout(timeout, read).await {
                             Ok(Ok(mut head)) if !head.status.is_informational() => {
                                 head.keep_alive = false;
                                 Ok(head)
                             }
+                            // A reused connection that broke before any response byte: the
+                            // backend had closed it while idle.
+                            Ok(Err(ExchangeError::Stale)) => Err(ExchangeError::Stale),
+                            _ if may_be_stale && read_buf.is_empty() => Err(ExchangeError::Stale),
                             _ => Err(ExchangeError::Io(e)),
                         };
                     }
                     Err(e) => return Err(e),
                 },
-                early = read_head(&mut rd, read_buf, method, false) => {
+                early = read_head(&mut rd, read_buf, method, may_be_stale) => {
                     let mut head = early?;
                     if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
                         continue;
