@@ -32,6 +32,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long a client may send nothing while its request body is expected (nginx's
 /// `client_body_timeout`).
 const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a write to a client may wait for it to read (nginx's `send_timeout`).
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Read buffer of a client connection (grown for large heads, up to `max_header_bytes`).
 const READ_BUF: usize = 4096;
 
@@ -631,6 +633,15 @@ fn log(
     }
 }
 
+/// Writes to the client within `SEND_TIMEOUT` (a client that stops reading must not hold a
+/// backend connection and its in-flight count forever).
+async fn send_to_client(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(SEND_TIMEOUT, stream.write_all(data)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client read nothing within 60s")),
+    }
+}
+
 /// Writes one of the proxy's own answers.
 async fn write_error(
     io: &mut ClientIo,
@@ -642,7 +653,7 @@ async fn write_error(
     let out = &mut io.out;
     out.clear();
     e.write_h1(out, &proxy.node_id, close, head_request);
-    io.stream.write_all(out).await
+    send_to_client(&mut io.stream, out).await
 }
 
 /// Writes the backend's response: head, then the body as it arrives (passed through for a
@@ -687,10 +698,10 @@ async fn write_response(
     // The common small response is whole already: head and body in one write.
     if let Some(whole) = body.take_buffered() {
         out.extend_from_slice(&whole);
-        io.stream.write_all(out).await?;
+        send_to_client(&mut io.stream, out).await?;
         return Ok((Some(whole.len() as u64), !close));
     }
-    io.stream.write_all(out).await?;
+    send_to_client(&mut io.stream, out).await?;
     let mut sent = 0u64;
     while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
         let data: Bytes = match frame {
@@ -715,18 +726,18 @@ async fn write_response(
             if data.len() <= 8192 {
                 out.extend_from_slice(&data);
                 out.extend_from_slice(b"\r\n");
-                io.stream.write_all(out).await?;
+                send_to_client(&mut io.stream, out).await?;
             } else {
-                io.stream.write_all(out).await?;
-                io.stream.write_all(&data).await?;
-                io.stream.write_all(b"\r\n").await?;
+                send_to_client(&mut io.stream, out).await?;
+                send_to_client(&mut io.stream, &data).await?;
+                send_to_client(&mut io.stream, b"\r\n").await?;
             }
         } else {
-            io.stream.write_all(&data).await?;
+            send_to_client(&mut io.stream, &data).await?;
         }
     }
     if chunk_to_client {
-        io.stream.write_all(b"0\r\n\r\n").await?;
+        send_to_client(&mut io.stream, b"0\r\n\r\n").await?;
     }
     Ok((Some(sent), !close))
 }
