@@ -263,7 +263,9 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
         } else if name.eq_ignore_ascii_case("expect") {
             expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case("upgrade") {
-            has_upgrade = true;
+            // h2c is an upgrade of this hop only (RFC 9113 §3.2 removed it; RFC 7540 never let
+            // proxies pass it): tunnelling it would carry requests past limits and logs.
+            has_upgrade = !h.value.split(|&b| b == b',').any(|p| p.trim_ascii().eq_ignore_ascii_case(b"h2c"));
         } else if let Some(cookie) = cx.sticky_cookie
             && name.eq_ignore_ascii_case("cookie")
             && sticky.is_none()
@@ -434,8 +436,16 @@ enum NoRequest {
 
 /// Serves HTTP/1.1 requests on one client connection until it closes, errs, or the node drains
 /// (`stop`). `io.buf` may already hold the start of the first request.
-pub async fn serve(proxy: Arc<Proxy>, client: ClientConn, mut io: ClientIo, limits: Limits, stop: CancellationToken) {
-    let mut first = true;
+/// The first head must be complete by `first_deadline` (accept + `client_header_timeout`).
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    client: ClientConn,
+    mut io: ClientIo,
+    limits: Limits,
+    stop: CancellationToken,
+    first_deadline: tokio::time::Instant,
+) {
+    let mut first = Some(first_deadline);
     let idle = tokio::time::sleep(KEEPALIVE_TIMEOUT);
     tokio::pin!(idle);
     loop {
@@ -463,7 +473,7 @@ pub async fn serve(proxy: Arc<Proxy>, client: ClientConn, mut io: ClientIo, limi
                 return;
             }
         };
-        first = false;
+        first = None;
         match exchange(&proxy, &client, &mut io, parsed, &stop).await {
             Ok(true) => {}
             // Answered without reading the whole body: let the client see the answer.
@@ -500,7 +510,7 @@ async fn next_request(
     io: &mut ClientIo,
     limits: &Limits,
     stop: &CancellationToken,
-    first: bool,
+    first: Option<tokio::time::Instant>,
     mut idle: Pin<&mut tokio::time::Sleep>,
 ) -> Result<Parsed, NoRequest> {
     let runtime = proxy.runtime.load();
@@ -513,7 +523,7 @@ async fn next_request(
     };
     // The first head (from accept) and any head once its first byte came must be complete
     // within header_timeout; an idle kept-alive connection waits up to KEEPALIVE_TIMEOUT.
-    let mut head_deadline = first.then(|| tokio::time::Instant::now() + limits.header_timeout);
+    let mut head_deadline = first;
     loop {
         if !io.buf.is_empty() {
             match parse_request(&io.buf, &cx) {
@@ -801,6 +811,9 @@ mod tests {
         assert!(head.starts_with("GET /p?q=1 HTTP/1.1\r\nhost: example.com:8080\r\n"), "{head}");
         let head = upstream_head(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
         assert!(head.contains("Upgrade: websocket\r\n") && head.contains("connection: upgrade\r\n"), "{head}");
+        let head =
+            upstream_head(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n");
+        assert!(!head.to_ascii_lowercase().contains("upgrade"), "h2c is not passed on: {head}");
         let head =
             upstream_head(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n");
         assert!(head.ends_with("transfer-encoding: chunked\r\n\r\n") && !head.contains("Expect"), "{head}");

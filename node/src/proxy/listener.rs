@@ -114,6 +114,8 @@ async fn connection(
     active: Active,
 ) {
     let client = ClientConn::new(addr);
+    // One client_header_timeout from accept covers the sniff and the whole first head.
+    let head_deadline = tokio::time::Instant::now() + limits.header_timeout;
     let mut buf = BytesMut::with_capacity(4096);
     // Enough bytes to tell the HTTP/2 preface from an HTTP/1.1 request line (usually the
     // first read); bounded by the header timeout like any request head.
@@ -129,13 +131,13 @@ async fn connection(
         }
     };
     let is_h2 = tokio::select! {
-        r = tokio::time::timeout(limits.header_timeout, sniff) => r,
+        r = tokio::time::timeout_at(head_deadline, sniff) => r,
         _ = stop.cancelled() => return,
     };
     match is_h2 {
         Ok(Ok(true)) => serve_h2(proxy, client, Prefixed { prefix: buf, inner: stream }, stop).await,
         Ok(Ok(false)) if buf.is_empty() => {}
-        Ok(Ok(false)) => h1::serve(proxy, client, ClientIo::new(stream, buf), limits, stop).await,
+        Ok(Ok(false)) => h1::serve(proxy, client, ClientIo::new(stream, buf), limits, stop, head_deadline).await,
         Ok(Err(e)) => tracing::trace!(client = %addr, error = %e, "client connection failed"),
         Err(_) => tracing::debug!(client = %addr, "no request within the header timeout"),
     }
