@@ -476,8 +476,11 @@ pub async fn serve(
         first = None;
         match exchange(&proxy, &client, &mut io, parsed, &stop).await {
             Ok(true) => {}
-            // Answered without reading the whole body: let the client see the answer.
-            Ok(false) if io.body != BodyLeft::None => return linger(&mut io).await,
+            // Answered without reading the whole body, or closing with pipelined requests
+            // unanswered, or draining while the client may be sending: let it see the answer.
+            Ok(false) if io.body != BodyLeft::None || !io.buf.is_empty() || stop.is_cancelled() => {
+                return linger(&mut io).await;
+            }
             Ok(false) | Err(_) => return,
         }
     }
