@@ -19,11 +19,11 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::Proxy;
 use super::access_log::RequestLine;
 use super::error::ProxyError;
 use super::service::{ClientConn, Forwarded, Outgoing, forward};
 use super::upstream::{Chunk, ExchangeError, RequestBody, Step, chunk_step, write_chunk, write_upstream};
+use super::{Proxy, headers};
 
 /// Most header lines in a request head (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -270,7 +270,10 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
             && name.eq_ignore_ascii_case("cookie")
             && sticky.is_none()
         {
-            sticky = cookie_value(h.value, cookie);
+            sticky = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|line| headers::cookie_in_line(line, cookie))
+                .map(str::to_owned);
         }
     }
     if http11 && hosts == 0 && authority.is_none() {
@@ -318,7 +321,9 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
             v.extend_from_slice(b", ");
             continue;
         }
-        if is_request_hop_by_hop(name, upgrade)
+        // The client's Connection never passes (ours is added for an upgrade).
+        if name.eq_ignore_ascii_case("connection")
+            || headers::is_hop_by_hop(name, upgrade)
             // nginx's `underscores_in_headers off`: X_Real_IP would reach CGI-style backends
             // as HTTP_X_REAL_IP, next to (or instead of) the proxy's own X-Real-IP.
             || name.contains('_')
@@ -397,32 +402,12 @@ fn pinned(name: &str) -> bool {
     name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("host")
 }
 
-/// Hop-by-hop request headers (RFC 9110 §7.6.1); `upgrade` keeps the WebSocket handshake's
-/// `Upgrade` (our own `Connection: upgrade` is added).
-fn is_request_hop_by_hop(name: &str, upgrade: bool) -> bool {
-    const ALWAYS: [&str; 7] =
-        ["connection", "keep-alive", "te", "trailer", "transfer-encoding", "proxy-connection", "proxy-authorization"];
-    if name.eq_ignore_ascii_case("upgrade") {
-        return !upgrade;
-    }
-    ALWAYS.iter().any(|h| name.eq_ignore_ascii_case(h))
-}
-
 /// Whether a `Connection` header names `name`.
 fn named_in(headers: &[httparse::Header<'_>], name: &str) -> bool {
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
         .any(|h| h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii).any(|t| t.eq_ignore_ascii_case(name.as_bytes())))
-}
-
-/// The value of cookie `name` in one `Cookie` header line.
-fn cookie_value(line: &[u8], name: &str) -> Option<String> {
-    let line = std::str::from_utf8(line).ok()?;
-    line.split(';').find_map(|pair| {
-        let (k, v) = pair.trim().split_once('=')?;
-        (k == name).then(|| v.trim_matches('"').to_owned())
-    })
 }
 
 /// How waiting for a request head ended, when no request came.

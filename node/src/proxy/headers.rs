@@ -76,12 +76,33 @@ pub fn head_size(method: &http::Method, uri: &http::Uri, headers: &HeaderMap) ->
 
 /// Finds the value of cookie `name` in the request's `Cookie` headers.
 pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
-        line.split(';').find_map(|pair| {
-            let (k, v) = pair.trim().split_once('=')?;
-            (k == name).then_some(v.trim_matches('"'))
-        })
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| cookie_in_line(line, name))
+}
+
+/// The value of cookie `name` in one `Cookie` header line.
+pub fn cookie_in_line<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        (k == name).then_some(v.trim_matches('"'))
     })
+}
+
+/// Whether a header (by name) is hop-by-hop (RFC 9110 §7.6.1) for the HTTP/1.1 codecs;
+/// `upgrade` keeps `Connection` and `Upgrade` for an upgrade handshake.
+pub fn is_hop_by_hop(name: &str, upgrade: bool) -> bool {
+    const ALWAYS: [&str; 7] = [
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+    ];
+    if name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("upgrade") {
+        return !upgrade;
+    }
+    ALWAYS.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
 #[cfg(test)]

@@ -405,7 +405,7 @@ impl ResponseHead {
         };
         for h in resp.headers.iter() {
             let content_length = h.name.eq_ignore_ascii_case("content-length");
-            if is_hop_by_hop(h.name, upgrade)
+            if super::headers::is_hop_by_hop(h.name, upgrade)
                 || (self.te && content_length)
                 // Connection cannot make the body's length hop-by-hop.
                 || (self.named_in_connection && !content_length && named(h.name))
@@ -479,23 +479,6 @@ fn push_coding(list: &mut Option<Vec<u8>>, coding: &[u8]) {
         list.extend_from_slice(b", ");
     }
     list.extend_from_slice(coding);
-}
-
-/// Hop-by-hop response headers (RFC 9110 §7.6.1); `upgrade` keeps the 101 handshake ones.
-fn is_hop_by_hop(name: &str, upgrade: bool) -> bool {
-    const ALWAYS: [&str; 7] = [
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-    ];
-    if name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("upgrade") {
-        return !upgrade;
-    }
-    ALWAYS.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// Where the chunked decoder is.
