@@ -234,15 +234,7 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
         if name.eq_ignore_ascii_case("host") {
             hosts += 1;
         } else if name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or(Refusal::Bad("invalid Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Refusal::Bad("conflicting Content-Length headers"));
-            }
-            length = Some(n);
+            length = Some(headers::content_length(length, h.value).map_err(Refusal::Bad)?);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             if te.is_some() {
                 return Err(Refusal::Bad("more than one Transfer-Encoding header"));

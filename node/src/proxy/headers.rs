@@ -87,6 +87,21 @@ pub fn cookie_in_line<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Reads one Content-Length line (digits only, RFC 9110 §8.6) given the value of an earlier
+/// one, if any: lines that disagree make the message's framing ambiguous.
+pub fn content_length(earlier: Option<u64>, value: &[u8]) -> Result<u64, &'static str> {
+    let n = std::str::from_utf8(value)
+        .ok()
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or("invalid Content-Length")?;
+    match earlier {
+        Some(l) if l != n => Err("conflicting Content-Length headers"),
+        _ => Ok(n),
+    }
+}
+
 /// Whether a header (by name) is hop-by-hop (RFC 9110 §7.6.1) for the HTTP/1.1 codecs;
 /// `upgrade` keeps `Connection` and `Upgrade` for an upgrade handshake.
 pub fn is_hop_by_hop(name: &str, upgrade: bool) -> bool {

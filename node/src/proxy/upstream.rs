@@ -345,16 +345,7 @@ fn describe(resp: &httparse::Response<'_, '_>, method: &Method) -> Result<Respon
                 }
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .map(str::trim)
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or(ExchangeError::Invalid("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(ExchangeError::Invalid("conflicting content-length headers"));
-            }
-            length = Some(n);
+            length = Some(super::headers::content_length(length, h.value).map_err(ExchangeError::Invalid)?);
         }
     }
     let te = chunked || other_coding;
