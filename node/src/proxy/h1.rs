@@ -155,8 +155,6 @@ struct Parsed {
     body: BodyLeft,
     expect_continue: bool,
     upgrade: bool,
-    /// The head for the backend.
-    upstream_head: Vec<u8>,
     /// Value of the sticky cookie, when sticky sessions are on and the client sent it.
     sticky: Option<String>,
     head_size: usize,
@@ -180,8 +178,10 @@ struct ParseContext<'a> {
     max_header_bytes: usize,
 }
 
-/// Parses a request head at the start of `buf`: `Ok(None)` when it is not complete yet.
-fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Refusal> {
+/// Parses a request head at the start of `buf`: `Ok(None)` when it is not complete yet. A
+/// complete one's head for the backend is written to `out` (cleared first; the connection
+/// reuses it from request to request).
+fn parse_request(buf: &[u8], cx: &ParseContext<'_>, out: &mut Vec<u8>) -> Result<Option<Parsed>, Refusal> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
     let head_size = match req.parse(buf) {
@@ -296,7 +296,7 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
 
     // The head for the backend: request line, the client's header lines minus hop-by-hop and
     // forwarding ones, then ours.
-    let mut out = Vec::with_capacity(head_size + 128);
+    out.clear();
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
@@ -374,7 +374,6 @@ fn parse_request(buf: &[u8], cx: &ParseContext<'_>) -> Result<Option<Parsed>, Re
         // HTTP/1.0 clients never get a 1xx (RFC 9110 §15.2).
         expect_continue: expect_continue && http11 && body != BodyLeft::None,
         upgrade,
-        upstream_head: out,
         sticky,
         head_size,
         log,
@@ -425,8 +424,19 @@ pub async fn serve(
     let mut first = Some(first_deadline);
     let idle = tokio::time::sleep(KEEPALIVE_TIMEOUT);
     tokio::pin!(idle);
+    // The head for the backend, rewritten in place for every request.
+    let mut upstream_head = Vec::with_capacity(1024);
     loop {
-        let parsed = match next_request(&proxy, &client, &mut io, &limits, &stop, first, idle.as_mut()).await {
+        // Held across the keep-alive wait: an owned Arc, not an arc-swap guard.
+        let runtime = proxy.runtime.load_full();
+        let cx = ParseContext {
+            client: &client,
+            sticky_cookie: runtime.sticky.as_ref().map(|s| s.cookie.as_str()),
+            log: proxy.access_log.load().is_some(),
+            max_header_bytes: limits.max_header_bytes,
+        };
+        let next = next_request(&cx, &mut io, limits.header_timeout, &stop, first, idle.as_mut(), &mut upstream_head);
+        let parsed = match next.await {
             Ok(p) => p,
             Err(NoRequest::Gone) => return,
             Err(NoRequest::Timeout) => {
@@ -451,7 +461,7 @@ pub async fn serve(
             }
         };
         first = None;
-        match exchange(&proxy, &client, &mut io, parsed, &stop).await {
+        match exchange(&proxy, &client, &mut io, parsed, &upstream_head, &stop).await {
             Ok(true) => {}
             // Answered without reading the whole body, or closing with pipelined requests
             // unanswered, or draining while the client may be sending: let it see the answer.
@@ -485,28 +495,20 @@ async fn linger(io: &mut ClientIo) {
 
 /// Waits for the next complete request head and takes it off the buffer.
 async fn next_request(
-    proxy: &Proxy,
-    client: &ClientConn,
+    cx: &ParseContext<'_>,
     io: &mut ClientIo,
-    limits: &Limits,
+    header_timeout: Duration,
     stop: &CancellationToken,
     first: Option<tokio::time::Instant>,
     mut idle: Pin<&mut tokio::time::Sleep>,
+    upstream_head: &mut Vec<u8>,
 ) -> Result<Parsed, NoRequest> {
-    let runtime = proxy.runtime.load();
-    let log = proxy.access_log.load().is_some();
-    let cx = ParseContext {
-        client,
-        sticky_cookie: runtime.sticky.as_ref().map(|s| s.cookie.as_str()),
-        log,
-        max_header_bytes: limits.max_header_bytes,
-    };
     // The first head (from accept) and any head once its first byte came must be complete
     // within header_timeout; an idle kept-alive connection waits up to KEEPALIVE_TIMEOUT.
     let mut head_deadline = first;
     loop {
         if !io.buf.is_empty() {
-            match parse_request(&io.buf, &cx) {
+            match parse_request(&io.buf, cx, upstream_head) {
                 Ok(Some(parsed)) => {
                     let _ = io.buf.split_to(parsed.head_size);
                     return Ok(parsed);
@@ -514,7 +516,7 @@ async fn next_request(
                 Ok(None) => {}
                 Err(r) => return Err(NoRequest::Refused(r)),
             }
-            head_deadline.get_or_insert_with(|| tokio::time::Instant::now() + limits.header_timeout);
+            head_deadline.get_or_insert_with(|| tokio::time::Instant::now() + header_timeout);
         }
         let read = match head_deadline {
             Some(deadline) => {
@@ -555,6 +557,7 @@ async fn exchange(
     client: &ClientConn,
     io: &mut ClientIo,
     parsed: Parsed,
+    upstream_head: &[u8],
     stop: &CancellationToken,
 ) -> std::io::Result<bool> {
     // Only the access log needs the request's duration.
@@ -568,7 +571,7 @@ async fn exchange(
         client_head_size: parsed.head_size,
         sticky_cookie: parsed.sticky.as_deref(),
         upgrade: parsed.upgrade,
-        head: parsed.upstream_head,
+        head: upstream_head,
         chunked: matches!(parsed.body, BodyLeft::Chunked(_)),
         body: has_body.then(|| RequestBody::H1(ClientBody { io: &mut *io, expect_continue: parsed.expect_continue })),
     };
@@ -766,13 +769,19 @@ mod tests {
         ParseContext { client, sticky_cookie: Some("srv"), log: false, max_header_bytes: 16 * 1024 }
     }
 
-    fn parse(raw: &[u8]) -> Result<Option<Parsed>, Refusal> {
+    fn parse_into(raw: &[u8], out: &mut Vec<u8>) -> Result<Option<Parsed>, Refusal> {
         let client = ClientConn::new("10.0.0.9:5000".parse().unwrap());
-        parse_request(raw, &cx(&client))
+        parse_request(raw, &cx(&client), out)
+    }
+
+    fn parse(raw: &[u8]) -> Result<Option<Parsed>, Refusal> {
+        parse_into(raw, &mut Vec::new())
     }
 
     fn upstream_head(raw: &[u8]) -> String {
-        String::from_utf8(parse(raw).unwrap().unwrap().upstream_head).unwrap()
+        let mut out = b"left from an earlier request".to_vec();
+        parse_into(raw, &mut out).unwrap().unwrap();
+        String::from_utf8(out).unwrap()
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub struct Outgoing<'a> {
     /// The client asked for a protocol upgrade (WebSocket).
     pub upgrade: bool,
     /// The upstream request head (see `upstream::write_head`).
-    pub head: Vec<u8>,
+    pub head: &'a [u8],
     pub body: Option<RequestBody<'a>>,
     /// The body has no length: it goes upstream chunk-encoded.
     pub chunked: bool,
@@ -226,7 +226,7 @@ async fn attempts(
         let sent_at = Instant::now();
         let exchange = upstream::exchange(
             &mut conn,
-            &outgoing.head,
+            outgoing.head,
             body.as_mut(),
             outgoing.chunked,
             &outgoing.method,
@@ -336,7 +336,7 @@ pub async fn handle(
         client_head_size,
         sticky_cookie: sticky.as_deref(),
         upgrade: false,
-        head,
+        head: &head,
         chunked: has_body && !parts.headers.contains_key(header::CONTENT_LENGTH),
         body: has_body.then_some(RequestBody::Hyper(body)),
         method: parts.method,
