@@ -28,6 +28,7 @@ pub mod control;
 pub mod demo;
 pub mod dns;
 pub mod health;
+pub mod http1;
 pub mod lifecycle;
 pub mod limit;
 pub mod pool;
