@@ -208,9 +208,14 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
     node.apply_backends();
 
     let stop_accepting = CancellationToken::new();
-    let listener_settings = proxy::h1::Limits {
+    let listener_settings = proxy::client_h1::Limits {
         header_timeout: config.node.client_header_timeout,
         max_header_bytes: config.node.max_header_bytes,
+        keepalive_timeout: config.node.keepalive_timeout,
+        body_timeout: config.node.client_body_timeout,
+        send_timeout: config.node.send_timeout,
+        tunnel_timeout: config.node.tunnel_timeout,
+        request_buffer_bytes: config.node.request_buffer_bytes,
     };
     node.proxy.set_drain_timeout(config.node.drain_timeout);
     // Proxy workers: one thread with a current-thread runtime per socket. The request path

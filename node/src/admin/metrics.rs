@@ -61,7 +61,10 @@ impl Collector for NodeCollector {
                 ("bad_gateway", &s.bad_gateway),
                 ("timeout", &s.timeouts),
                 ("rate_limited", &s.rate_limited),
-                ("headers_too_large", &s.bad_requests),
+                ("headers_too_large", &s.headers_too_large),
+                ("bad_request", &s.bad_requests),
+                ("header_timeout", &s.header_timeouts),
+                ("not_implemented", &s.not_implemented),
             ] {
                 ConstCounter::new(v.load(Relaxed)).encode(m.encode_family(&[("cause", cause)])?)?;
             }

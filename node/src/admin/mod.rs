@@ -14,7 +14,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -38,11 +38,15 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationTok
             },
         };
         let (node, registry) = (node.clone(), registry.clone());
+        // A request head (and an idle keep-alive) gets client_header_timeout, as on the proxy
+        // port: a half-sent request must not hold a connection forever.
+        let header_timeout = node.config.load().node.client_header_timeout;
         tokio::spawn(async move {
             let svc = service_fn(move |req| route(node.clone(), registry.clone(), req));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            builder.http2().timer(TokioTimer::new()).keep_alive_interval(header_timeout);
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

@@ -48,6 +48,20 @@ pub struct NodeFile {
     pub client_header_timeout: Option<Dur>,
     /// Largest request head (request line + headers) accepted; larger gets 431.
     pub max_header_bytes: Option<usize>,
+    /// How long a kept-alive client connection (HTTP/1.1, or HTTP/2 with no open stream) may
+    /// sit idle (nginx's `keepalive_timeout`).
+    pub keepalive_timeout: Option<Dur>,
+    /// How long a client may send nothing while its request body is expected (nginx's
+    /// `client_body_timeout`).
+    pub client_body_timeout: Option<Dur>,
+    /// How long a write to a client may wait for it to read (nginx's `send_timeout`).
+    pub send_timeout: Option<Dur>,
+    /// How long an upgraded connection (WebSocket) may carry nothing either way (HAProxy's
+    /// `timeout tunnel`).
+    pub tunnel_timeout: Option<Dur>,
+    /// Request bodies up to this many bytes are read whole before a backend is picked (nginx's
+    /// `proxy_request_buffering`); larger ones stream. 0 = always stream.
+    pub request_buffer_bytes: Option<usize>,
 }
 
 /// `[cluster]`.

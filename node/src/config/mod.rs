@@ -67,6 +67,11 @@ pub struct NodeSettings {
     pub leave_grace: Duration,
     pub client_header_timeout: Duration,
     pub max_header_bytes: usize,
+    pub keepalive_timeout: Duration,
+    pub client_body_timeout: Duration,
+    pub send_timeout: Duration,
+    pub tunnel_timeout: Duration,
+    pub request_buffer_bytes: usize,
 }
 
 impl NodeSettings {
@@ -252,7 +257,26 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
         leave_grace: n.leave_grace.map_or(Duration::from_secs(1), |d| d.0),
         client_header_timeout: n.client_header_timeout.map_or(Duration::from_secs(10), |d| d.0),
         max_header_bytes: n.max_header_bytes.unwrap_or(16 * 1024),
+        // nginx's defaults: keepalive_timeout 75s, client_body_timeout and send_timeout 60s.
+        keepalive_timeout: n.keepalive_timeout.map_or(Duration::from_secs(75), |d| d.0),
+        client_body_timeout: n.client_body_timeout.map_or(Duration::from_secs(60), |d| d.0),
+        send_timeout: n.send_timeout.map_or(Duration::from_secs(60), |d| d.0),
+        // HAProxy's documented example value for `timeout tunnel` (WebSocket idles are long).
+        tunnel_timeout: n.tunnel_timeout.map_or(Duration::from_secs(3600), |d| d.0),
+        // Enough for the forms and JSON bodies most requests carry, like nginx's buffering.
+        request_buffer_bytes: n.request_buffer_bytes.unwrap_or(64 * 1024),
     };
+    for (key, d) in [
+        ("client_header_timeout", node.client_header_timeout),
+        ("keepalive_timeout", node.keepalive_timeout),
+        ("client_body_timeout", node.client_body_timeout),
+        ("send_timeout", node.send_timeout),
+        ("tunnel_timeout", node.tunnel_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(invalid(None, format!("node.{key} must be greater than zero")));
+        }
+    }
     if node.max_header_bytes < 1024 {
         return Err(invalid(None, "node.max_header_bytes must be at least 1024".into()));
     }

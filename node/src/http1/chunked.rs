@@ -157,8 +157,11 @@ pub fn encode(data: &[u8], out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
-    /// Decodes all of `raw`: the body and what is left after it.
-    pub(crate) fn decode_all(raw: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, ChunkError> {
+    /// The body and what is left after it.
+    type Decoded = (Vec<u8>, Vec<u8>);
+
+    /// Decodes all of `raw`.
+    fn decode_all(raw: &[u8]) -> Result<Option<Decoded>, ChunkError> {
         let mut buf = BytesMut::from(raw);
         let mut state = Chunk::Size;
         let mut body = Vec::new();

@@ -122,7 +122,7 @@ pub fn parse(buf: &[u8], opts: &Options<'_>, out: &mut Vec<u8>) -> Result<Option
     let path = match path {
         Path::Whole(p) => p,
         Path::RootWithQuery(q) => {
-            path_and_query = format!("/{q}");
+            path_and_query = format!("/?{q}");
             &path_and_query
         }
     };
@@ -207,4 +207,122 @@ fn strip_scheme(target: &str) -> Option<&str> {
     ["http://", "https://"].iter().find_map(|scheme| {
         target.get(..scheme.len()).filter(|p| p.eq_ignore_ascii_case(scheme)).map(|_| &target[scheme.len()..])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> Options<'static> {
+        Options {
+            max_header_bytes: 16 * 1024,
+            sticky_cookie: Some("srv"),
+            log: false,
+            forwarding: Forwarding { client_ip: b"10.0.0.9", proto: "http" },
+        }
+    }
+
+    fn parse_raw(raw: &[u8]) -> Result<Option<Request>, Refusal> {
+        parse(raw, &opts(), &mut Vec::new())
+    }
+
+    fn upstream_head(raw: &[u8]) -> String {
+        let mut out = b"left from an earlier request".to_vec();
+        let req = parse(raw, &opts(), &mut out).unwrap().unwrap();
+        rewrite::finish_head(&mut out, req.body.upstream());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn rewrites_the_head_for_the_backend() {
+        let head = upstream_head(
+            b"GET /a?b HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nX-Forwarded-For: 1.1.1.1\r\nX-Real-IP: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\nCookie: a=1; srv=abc\r\n\r\n",
+        );
+        assert_eq!(
+            head,
+            "GET /a?b HTTP/1.1\r\nHost: x\r\nCookie: a=1; srv=abc\r\nx-forwarded-for: 1.1.1.1, 10.0.0.9\r\nx-real-ip: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n"
+        );
+        let p = parse_raw(b"GET / HTTP/1.1\r\nHost: x\r\nCookie: a=1; srv=abc\r\n\r\n").unwrap().unwrap();
+        assert_eq!(p.sticky.as_deref(), Some("abc"));
+        assert!(p.keep_alive);
+        let head = upstream_head(b"GET http://example.com:8080/p?q=1 HTTP/1.1\r\n\r\n");
+        assert!(head.starts_with("GET /p?q=1 HTTP/1.1\r\nhost: example.com:8080\r\n"), "{head}");
+        let head = upstream_head(b"GET http://example.com?q=1 HTTP/1.1\r\n\r\n");
+        assert!(head.starts_with("GET /?q=1 HTTP/1.1\r\nhost: example.com\r\n"), "{head}");
+        let head = upstream_head(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert!(head.contains("Upgrade: websocket\r\n") && head.contains("connection: upgrade\r\n"), "{head}");
+        let head =
+            upstream_head(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n");
+        assert!(!head.to_ascii_lowercase().contains("upgrade"), "h2c is not passed on: {head}");
+        let head =
+            upstream_head(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n");
+        assert!(head.ends_with("transfer-encoding: chunked\r\n\r\n") && !head.contains("Expect"), "{head}");
+        let head = upstream_head(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length:  \t7 \r\n\r\n");
+        assert!(head.ends_with("\r\ncontent-length: 7\r\n\r\n") && !head.contains("Content-Length"), "{head}");
+        let head = upstream_head(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        assert!(head.ends_with("\r\ncontent-length: 0\r\n\r\n"), "a zero length stays: {head}");
+        let head = upstream_head(b"GET / HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n");
+        assert!(head.contains("\r\ncookie: a=1; b=2\r\n"), "one Cookie line: {head}");
+    }
+
+    #[test]
+    fn refuses_ambiguous_and_malformed_heads() {
+        for (raw, why) in [
+            (&b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..], "both"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", "conflicting"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\n", "invalid Content-Length"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\xc2\xa0\r\n\r\n", "invalid Content-Length"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\xc2\x85\r\n\r\n", "invalid Content-Length"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", "chunked"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", "more than once"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \xc2\xa0chunked\r\n\r\n", "token"),
+            (b"GET / HTTP/1.1\r\n\r\n", "Host"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "Host"),
+            (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "Host"),
+            (b"GET http://u@a/ HTTP/1.1\r\n\r\n", "userinfo"),
+            (b"GET http:///x HTTP/1.1\r\n\r\n", "without a host"),
+            (b"HELLO WORLD\r\n\r\n", "malformed"),
+        ] {
+            match parse_raw(raw) {
+                Err(Refusal::Bad(msg)) => assert!(msg.contains(why), "{raw:?}: {msg}"),
+                other => panic!("{raw:?} must be refused, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            parse_raw(b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap_err(),
+            Refusal::Unsupported("CONNECT is not supported")
+        );
+        assert_eq!(
+            parse_raw(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap_err(),
+            Refusal::Unsupported("transfer codings other than chunked")
+        );
+        assert!(matches!(parse_raw(b"GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None)), "incomplete");
+        let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+        assert_eq!(parse_raw(big.as_bytes()).unwrap_err(), Refusal::TooLarge);
+        let many = format!("GET / HTTP/1.1\r\nHost: x\r\n{}\r\n", "X-A: 1\r\n".repeat(MAX_HEADERS));
+        assert_eq!(parse_raw(many.as_bytes()).unwrap_err(), Refusal::TooLarge);
+    }
+
+    #[test]
+    fn connection_cannot_drop_framing_or_host_and_authority_wins() {
+        let head = upstream_head(
+            b"POST /a HTTP/1.1\r\nHost: x\r\nConnection: Content-Length, Host, X-Hop\r\nX-Hop: 1\r\nContent-Length: 3\r\n\r\n",
+        );
+        assert!(head.contains("Host: x\r\n") && head.contains("content-length: 3\r\n"), "{head}");
+        assert!(!head.contains("X-Hop"), "{head}");
+        let head = upstream_head(b"GET HTTP://example.test/p HTTP/1.1\r\nHost: other.test\r\n\r\n");
+        assert!(head.starts_with("GET /p HTTP/1.1\r\n") && head.contains("host: example.test\r\n"), "{head}");
+        assert!(!head.contains("other.test"), "absolute-form authority replaces Host: {head}");
+        let p = parse_raw(b"POST / HTTP/1.0\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n").unwrap().unwrap();
+        assert!(!p.expect_continue, "no 1xx for HTTP/1.0 clients");
+    }
+
+    #[test]
+    fn keep_alive_follows_version_and_connection() {
+        let ka = |raw: &[u8]| parse_raw(raw).unwrap().unwrap().keep_alive;
+        assert!(ka(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(!ka(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+        assert!(!ka(b"GET / HTTP/1.0\r\n\r\n"));
+        assert!(!ka(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"), "HTTP/1.0 clients are closed after");
+    }
 }

@@ -100,6 +100,26 @@ impl Default for Health {
     }
 }
 
+/// Counts one request in flight to a backend for as long as it lives.
+pub struct InFlight(Arc<BackendState>);
+
+impl InFlight {
+    pub fn new(backend: &Arc<BackendState>) -> Self {
+        backend.in_flight.fetch_add(1, Relaxed);
+        InFlight(backend.clone())
+    }
+
+    pub fn backend(&self) -> &Arc<BackendState> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Live state of one backend, shared by every snapshot that contains it.
 #[derive(Debug)]
 pub struct BackendState {

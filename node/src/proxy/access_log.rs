@@ -8,9 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderValue, Request, StatusCode, header};
-
-use super::service::ClientConn;
+use http::{HeaderValue, StatusCode};
 
 /// Lines buffered between requests and the writer.
 const QUEUE: usize = 8192;
@@ -30,23 +28,13 @@ pub struct RequestLine {
 }
 
 impl RequestLine {
-    pub fn new(remote: std::net::IpAddr, request: String, referer: Option<&str>, user_agent: Option<&str>) -> Self {
+    pub fn new(remote: std::net::IpAddr, request: String, referer: Option<String>, user_agent: Option<String>) -> Self {
         RequestLine {
             remote,
             request,
-            referer: referer.unwrap_or("-").to_owned(),
-            user_agent: user_agent.unwrap_or("-").to_owned(),
+            referer: referer.unwrap_or_else(|| "-".to_owned()),
+            user_agent: user_agent.unwrap_or_else(|| "-".to_owned()),
         }
-    }
-
-    pub fn of<B>(req: &Request<B>, client: &ClientConn) -> Self {
-        let h = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
-        RequestLine::new(
-            client.addr.ip(),
-            format!("{} {} {:?}", req.method(), req.uri(), req.version()),
-            h(header::REFERER),
-            h(header::USER_AGENT),
-        )
     }
 }
 

@@ -3,9 +3,7 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderValue, Response, StatusCode, header};
-
-use super::body::RespBody;
+use http::{HeaderValue, StatusCode};
 
 /// Why the proxy answered instead of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,22 +80,5 @@ impl ProxyError {
         if !head_request {
             out.extend_from_slice(body.as_bytes());
         }
-    }
-
-    /// The response sent to the client.
-    pub fn response(self, node: &HeaderValue) -> Response<RespBody> {
-        let body = match self.body() {
-            Cow::Borrowed(text) => RespBody::text(text),
-            Cow::Owned(text) => RespBody::Full(Some(text.into())),
-        };
-        let mut resp = Response::new(body);
-        *resp.status_mut() = self.status();
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        h.insert("x-shoal-node", node.clone());
-        if self == ProxyError::RateLimited {
-            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        resp
     }
 }

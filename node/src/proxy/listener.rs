@@ -1,5 +1,6 @@
 //! The client-facing listener: accepts connections, tells HTTP/2 (prior knowledge, the
-//! connection preface) from HTTP/1.1, hands the first to hyper and the second to `h1`, and
+//! connection preface) from HTTP/1.1, hands the first to `client_h2` and the second to
+//! `client_h1`, and
 //! drains on shutdown: stop accepting, serve what the kernel already accepted, let in-flight
 //! requests finish within the drain timeout, close idle keep-alives.
 
@@ -10,15 +11,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::Proxy;
-use super::h1::{self, ClientIo, Limits};
-use super::service::{ClientConn, handle};
+use super::client_h1::{self, ClientIo, Limits};
+use super::client_h2;
+use super::forward::ClientConn;
 
 /// After accepting stops, how long just-accepted connections get to send their first request
 /// before idle connections are closed.
@@ -135,35 +135,19 @@ async fn connection(
         _ = stop.cancelled() => return,
     };
     match is_h2 {
-        Ok(Ok(true)) => serve_h2(proxy, client, Prefixed { prefix: buf, inner: stream }, stop).await,
+        Ok(Ok(true)) => {
+            let io = Prefixed { prefix: buf, inner: stream };
+            client_h2::serve(proxy, client, io, limits.keepalive_timeout, limits.request_buffer_bytes, stop).await
+        }
         Ok(Ok(false)) if buf.is_empty() => {}
-        Ok(Ok(false)) => h1::serve(proxy, client, ClientIo::new(stream, buf), limits, stop, head_deadline).await,
+        Ok(Ok(false)) => {
+            let io = ClientIo::new(stream, buf, &limits);
+            client_h1::serve(proxy, client, io, limits, stop, head_deadline).await
+        }
         Ok(Err(e)) => tracing::trace!(client = %addr, error = %e, "client connection failed"),
         Err(_) => tracing::debug!(client = %addr, "no request within the header timeout"),
     }
     drop(active);
-}
-
-/// Serves an HTTP/2 (prior knowledge) connection through hyper.
-async fn serve_h2(proxy: Arc<Proxy>, client: ClientConn, io: Prefixed, stop: CancellationToken) {
-    let client = Arc::new(client);
-    let svc_proxy = proxy.clone();
-    let service = service_fn(move |req| handle(svc_proxy.clone(), client.clone(), req));
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::trace!(error = %e, "HTTP/2 client connection ended with an error");
-    }
 }
 
 /// A stream whose first bytes were already read (the sniffed preface): they are read again.

@@ -1,15 +1,17 @@
-//! The data plane: accept client connections and tell HTTP/1.1 from HTTP/2 (`listener`), speak
-//! HTTP/1.1 to clients (`h1`, Shoal's own codec) and HTTP/2 through hyper (`service::handle`,
-//! with `headers` and `body`), turn each request into picks and attempts (`service`), speak
-//! HTTP/1.1 to backends (`upstream`), map failures to statuses (`error`) and log (`access_log`).
+//! The data plane: accept client connections and tell HTTP/1.1 from HTTP/2 (`listener`), serve
+//! HTTP/1.1 clients (`client_h1`) and HTTP/2 clients through hyper (`client_h2`), turn each
+//! request into picks and attempts (`forward`), exchange it with a backend over HTTP/1.1
+//! (`upstream`), map failures to statuses (`error`) and log (`access_log`). The HTTP/1.1 rules
+//! are the pure `crate::http1`'s. Imports run one way:
+//! `listener -> client_h1 | client_h2 -> forward -> upstream -> http1`; `error` and
+//! `access_log` are leaves.
 
 pub mod access_log;
-pub mod body;
+pub mod client_h1;
+pub mod client_h2;
 pub mod error;
-pub mod h1;
-pub mod headers;
+pub mod forward;
 pub mod listener;
-pub mod service;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -35,8 +37,12 @@ pub struct Stats {
     pub bad_gateway: AtomicU64,
     pub timeouts: AtomicU64,
     pub rate_limited: AtomicU64,
-    /// Requests refused before forwarding (oversized head).
+    /// Requests refused before forwarding: malformed (400), oversized head (431), head too
+    /// slow (408), not passable (501).
     pub bad_requests: AtomicU64,
+    pub headers_too_large: AtomicU64,
+    pub header_timeouts: AtomicU64,
+    pub not_implemented: AtomicU64,
     pub retries: AtomicU64,
     pub retries_refused: AtomicU64,
 }

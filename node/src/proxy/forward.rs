@@ -1,11 +1,11 @@
 //! One request's path, whichever protocol it came on: size and rate checks -> pick
 //! (cluster-wide load) -> exchange over a pooled upstream connection -> retry on the next
 //! backend when allowed -> a [`Forwarded`] response (or a [`ProxyError`]) for the client side
-//! to write. `h1` feeds it HTTP/1.1 requests; [`handle`] feeds it hyper's (HTTP/2) ones.
+//! to write. `client_h1` and `client_h2` feed it requests whose upstream head is written.
 //!
 //! Retries (nginx `proxy_next_upstream`): a connect error or connect timeout always moves to
-//! the next backend, since nothing was sent. After sending, only a request without a body can
-//! be replayed: on a broken connection, a read timeout, or a status listed in `retry_on` when
+//! the next backend, since nothing was sent. After sending, only a request without a body or
+//! with a buffered one can be replayed: on a broken connection, a read timeout, or a status listed in `retry_on` when
 //! the method is idempotent. Every retry of a request that reached a backend spends from the
 //! [`RetryBudget`](super::RetryBudget); one after a failure that sent nothing is free.
 
@@ -14,56 +14,54 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::{Body as _, Incoming};
+use http::{HeaderValue, Method, StatusCode};
 
-use super::body::{InFlight, RespBody};
 use super::error::ProxyError;
-use super::headers::{self, ClientHeaders};
-use super::upstream::{self, ExchangeError, RequestBody, ResponseHead, UpstreamBody};
+use super::upstream::{self, BodySource, ExchangeError, RequestBody, UpstreamBody};
 use super::{Proxy, Runtime};
 use crate::balance::PickRequest;
 use crate::config::AllDown;
 use crate::health::{Failure, record_failure};
+use crate::http1::response::ResponseHead;
 use crate::limit::Verdict;
 use crate::pool::conn;
-use crate::pool::{Backend, PoolSnapshot, now_ms};
+use crate::pool::{Backend, InFlight, PoolSnapshot, now_ms};
 
 /// What is known about the client connection a request came on.
 pub struct ClientConn {
     pub addr: SocketAddr,
-    pub headers: ClientHeaders,
+    /// The client's address as the forwarding fields carry it.
+    pub real_ip: HeaderValue,
 }
 
 impl ClientConn {
     pub fn new(addr: SocketAddr) -> Self {
         let ip = addr.ip().to_canonical();
         let real_ip = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ClientConn { addr: SocketAddr::new(ip, addr.port()), headers: ClientHeaders { real_ip } }
+        ClientConn { addr: SocketAddr::new(ip, addr.port()), real_ip }
     }
 }
 
 /// A request on its way upstream: its head, serialised once and written again on every
 /// attempt, and its body, which can be sent once.
-pub struct Outgoing<'a> {
+pub struct Outgoing<'a, S> {
     pub method: Method,
-    /// Size of the head as the client sent it (for `max_header_bytes`).
-    pub client_head_size: usize,
     /// The sticky cookie's value, if the client sent one.
     pub sticky_cookie: Option<&'a str>,
     /// The client asked for a protocol upgrade (WebSocket).
     pub upgrade: bool,
-    /// The upstream request head (see `upstream::write_head`).
+    /// The upstream request head (`http1::rewrite::write_head` + `finish_head`).
     pub head: &'a [u8],
-    pub body: Option<RequestBody<'a>>,
-    /// The body has no length: it goes upstream chunk-encoded.
+    /// `None` once a streamed body was sent (it cannot be sent again).
+    pub body: Option<RequestBody<S>>,
+    /// A streamed body has no length: it goes upstream chunk-encoded.
     pub chunked: bool,
 }
 
-impl Outgoing<'_> {
+impl<S> Outgoing<'_, S> {
     /// Whether another attempt can send the whole request.
-    fn available(&self, has_body: bool) -> bool {
-        !has_body || self.body.is_some()
+    fn available(&self) -> bool {
+        self.body.is_some()
     }
 }
 
@@ -105,21 +103,56 @@ impl Proxy {
             ProxyError::BadGateway => &self.stats.bad_gateway,
             ProxyError::Timeout => &self.stats.timeouts,
             ProxyError::RateLimited => &self.stats.rate_limited,
-            ProxyError::HeadersTooLarge
-            | ProxyError::BadRequest(_)
-            | ProxyError::HeaderTimeout
-            | ProxyError::NotImplemented(_) => &self.stats.bad_requests,
+            ProxyError::HeadersTooLarge => &self.stats.headers_too_large,
+            ProxyError::BadRequest(_) => &self.stats.bad_requests,
+            ProxyError::HeaderTimeout => &self.stats.header_timeouts,
+            ProxyError::NotImplemented(_) => &self.stats.not_implemented,
         };
         stat.fetch_add(1, Relaxed);
     }
 }
 
-/// Forwards one request: checks, picks, exchanges, retries. The error is counted already.
-pub async fn forward(
+/// Admits a request before its body is read: the rate limiter passes, delays or rejects it,
+/// and with `body` a request finds no usable backend at all is answered now, so neither a
+/// limited client's body nor one nobody can take is read. The error is counted already.
+pub async fn admit(proxy: &Proxy, runtime: &Runtime, client: &ClientConn, body: bool) -> Result<(), ProxyError> {
+    let verdict = runtime.limiter.as_ref().map_or(Verdict::Pass, |l| l.check(client.addr.ip()));
+    let result = match verdict {
+        Verdict::Pass => Ok(()),
+        Verdict::Delay(d) => {
+            tokio::time::sleep(d).await;
+            Ok(())
+        }
+        Verdict::Reject => Err(ProxyError::RateLimited),
+    }
+    .and_then(|()| if body { usable_now(proxy, runtime) } else { Ok(()) });
+    if let Err(e) = result {
+        proxy.count_error(e);
+    }
+    result
+}
+
+/// Whether some backend could take a request now (no side effects on the pickers).
+fn usable_now(proxy: &Proxy, runtime: &Runtime) -> Result<(), ProxyError> {
+    let pool = proxy.pool.snapshot();
+    let (now, nodes) = (now_ms(), proxy.pool.serving_nodes());
+    if pool.backends.iter().any(|b| b.accepts(now, nodes)) {
+        return Ok(());
+    }
+    let open = runtime.upstream.when_all_down == AllDown::Open;
+    if open && pool.backends.iter().any(|b| !b.state.health.draining.load(Relaxed)) {
+        return Ok(());
+    }
+    Err(if pool.backends.iter().any(|b| b.state.is_healthy(now)) { ProxyError::AllBusy } else { ProxyError::NoBackend })
+}
+
+/// Forwards one request (admitted already): picks, exchanges, retries. The error is counted
+/// already.
+pub async fn forward<S: BodySource>(
     proxy: &Proxy,
     runtime: &Runtime,
     client: &ClientConn,
-    mut outgoing: Outgoing<'_>,
+    mut outgoing: Outgoing<'_, S>,
 ) -> Result<Forwarded, ProxyError> {
     let result = attempts(proxy, runtime, client, &mut outgoing).await;
     if let Err(e) = result {
@@ -128,24 +161,13 @@ pub async fn forward(
     result
 }
 
-async fn attempts(
+async fn attempts<S: BodySource>(
     proxy: &Proxy,
     runtime: &Runtime,
     client: &ClientConn,
-    outgoing: &mut Outgoing<'_>,
+    outgoing: &mut Outgoing<'_, S>,
 ) -> Result<Forwarded, ProxyError> {
-    if outgoing.client_head_size > proxy.max_header_bytes {
-        return Err(ProxyError::HeadersTooLarge);
-    }
-    if let Some(limiter) = &runtime.limiter {
-        match limiter.check(client.addr.ip()) {
-            Verdict::Pass => {}
-            Verdict::Delay(d) => tokio::time::sleep(d).await,
-            Verdict::Reject => return Err(ProxyError::RateLimited),
-        }
-    }
     let idempotent = is_idempotent(&outgoing.method);
-    let has_body = outgoing.body.is_some();
     let settings = &runtime.upstream;
     proxy.retry_budget.deposit(settings.retry_budget);
     let pool = proxy.pool.snapshot();
@@ -171,7 +193,7 @@ async fn attempts(
             Some(index) => index,
             None => {
                 if attempt > 0 {
-                    if attempt > settings.retries || !outgoing.available(has_body) {
+                    if attempt > settings.retries || !outgoing.available() {
                         break;
                     }
                     if !std::mem::take(&mut retry_paid) && !proxy.retry_budget.try_withdraw() {
@@ -222,18 +244,29 @@ async fn attempts(
                 }
             },
         };
-        let mut body = outgoing.body.take();
+        let Some(mut body) = outgoing.body.take() else { break };
         let sent_at = Instant::now();
         let exchange = upstream::exchange(
             &mut conn,
             outgoing.head,
-            body.as_mut(),
+            &mut body,
             outgoing.chunked,
-            &outgoing.method,
+            outgoing.method == Method::HEAD,
             settings.read_timeout,
         );
-        let head = match exchange.await {
-            Ok(head) => head,
+        // A body that can be sent again goes back for the next attempt.
+        let keep_body = |body: RequestBody<S>| match body {
+            RequestBody::Stream(_) => None,
+            whole => Some(whole),
+        };
+        let result = exchange.await;
+        // Sent at least in part: a streamed body cannot go again, except after Unsent.
+        let resend = if matches!(result, Err(ExchangeError::Unsent(_))) { Some(body) } else { keep_body(body) };
+        let head = match result {
+            Ok(head) => {
+                outgoing.body = resend;
+                head
+            }
             Err(e) => {
                 tracing::debug!(backend = %state.addr, reused = conn.reused, error = %e, "upstream request failed");
                 last_error = ProxyError::BadGateway;
@@ -243,14 +276,17 @@ async fn attempts(
                     // After a Stale read that is safe only for idempotent requests without a
                     // body (the backend may have seen it); after an Unsent write always.
                     ExchangeError::Unsent(_) if conn.reused && !fresh_retried => {
-                        outgoing.body = body;
+                        outgoing.body = resend;
                         fresh_on = Some(index);
                     }
-                    ExchangeError::Stale if idempotent && !has_body && !fresh_retried => fresh_on = Some(index),
+                    ExchangeError::Stale if idempotent && resend.is_some() && !fresh_retried => {
+                        outgoing.body = resend;
+                        fresh_on = Some(index);
+                    }
                     ExchangeError::Stale => break,
                     // Nothing was sent on a new connection: the next backend, free.
                     ExchangeError::Unsent(_) => {
-                        outgoing.body = body;
+                        outgoing.body = resend;
                         retry_paid = true;
                         record_failure(&backend.spec, state, Failure::Other);
                     }
@@ -269,6 +305,7 @@ async fn attempts(
                         if !idempotent {
                             break;
                         }
+                        outgoing.body = resend;
                     }
                 }
                 continue;
@@ -280,7 +317,7 @@ async fn attempts(
             && settings.retry_on.contains(&status.as_u16())
             && idempotent
             && attempt <= settings.retries
-            && outgoing.available(has_body)
+            && outgoing.available()
         {
             record_failure(&backend.spec, state, Failure::Other);
             // Retry only if the budget allows; otherwise the backend's own answer goes back.
@@ -304,72 +341,6 @@ async fn attempts(
         return Ok(Forwarded { head, body, backend: state.addr_text.clone(), set_cookie });
     }
     Err(last_error)
-}
-
-/// Handles one request that came through hyper (HTTP/2 clients). Never fails: errors become
-/// responses.
-pub async fn handle(
-    proxy: Arc<Proxy>,
-    client: Arc<ClientConn>,
-    req: Request<Incoming>,
-) -> Result<Response<RespBody>, std::convert::Infallible> {
-    let started = Instant::now();
-    proxy.stats.requests.fetch_add(1, Relaxed);
-    let runtime = proxy.runtime.load();
-    let log_line = proxy.access_log.load().as_ref().as_ref().map(|_| super::access_log::RequestLine::of(&req, &client));
-    let sticky =
-        runtime.sticky.as_ref().and_then(|s| headers::cookie_value(req.headers(), &s.cookie).map(str::to_owned));
-    let client_head_size = headers::head_size(req.method(), req.uri(), req.headers());
-    let (mut parts, body) = req.into_parts();
-    // HTTP/2 clients send :authority instead of Host; HTTP/1 backends need a Host header.
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(auth) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        parts.headers.insert(header::HOST, auth);
-    }
-    headers::strip_hop_by_hop(&mut parts.headers);
-    headers::add_forwarding(&mut parts.headers, &client.headers);
-    let has_body = !body.is_end_stream();
-    let mut head = Vec::with_capacity(512);
-    upstream::write_head(&mut head, &parts, has_body);
-    let outgoing = Outgoing {
-        client_head_size,
-        sticky_cookie: sticky.as_deref(),
-        upgrade: false,
-        head: &head,
-        chunked: has_body && !parts.headers.contains_key(header::CONTENT_LENGTH),
-        body: has_body.then_some(RequestBody::Hyper(body)),
-        method: parts.method,
-    };
-    let (resp, backend) = match forward(&proxy, &runtime, &client, outgoing).await {
-        Err(e) => (e.response(&proxy.node_id), None),
-        // HTTP/2 has no transfer codings: a gzip-coded stream cannot be passed on as such.
-        Ok(f) if f.head.codings().is_some() && f.head.has_body() => {
-            proxy.count_error(ProxyError::BadGateway);
-            (ProxyError::BadGateway.response(&proxy.node_id), Some(f.backend))
-        }
-        Ok(f) => {
-            let mut headers = f.head.header_map();
-            if let Some(cookie) = f.set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
-                headers.append(header::SET_COOKIE, cookie);
-            }
-            let mut body = f.body;
-            let body = match body.take_buffered() {
-                Some(whole) => RespBody::Full(Some(whole)),
-                None => RespBody::Upstream(body),
-            };
-            let mut resp = Response::new(body);
-            *resp.status_mut() = f.head.status;
-            *resp.version_mut() = parts.version;
-            *resp.headers_mut() = headers;
-            (resp, Some(f.backend))
-        }
-    };
-    if let (Some(line), Some(log)) = (log_line, proxy.access_log.load().as_ref()) {
-        let bytes = resp.body().size_hint().exact();
-        log.write(&line, resp.status(), bytes, backend.as_deref(), started.elapsed(), &proxy.node_id);
-    }
-    Ok(resp)
 }
 
 /// Picks among primaries, then backups; with `when_all_down = "open"`, then any untried one.
