@@ -54,7 +54,8 @@ impl std::fmt::Debug for RawHead {
 }
 
 impl RawHead {
-    fn parse(raw: Vec<u8>) -> RawHead {
+    /// Splits a head (the bytes up to and including the empty line).
+    pub fn parse(raw: Vec<u8>) -> RawHead {
         let text = lossy(&raw);
         let mut it = text.trim_end_matches("\r\n").split("\r\n");
         let start = it.next().unwrap_or_default().to_string();
@@ -64,11 +65,7 @@ impl RawHead {
 
     /// `(name, value)` of every header line: the name as sent, the value with SP/HTAB trimmed.
     pub fn headers(&self) -> Vec<(&str, &str)> {
-        self.lines
-            .iter()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k, v.trim_matches([' ', '\t'])))
-            .collect()
+        self.lines.iter().filter_map(|l| l.split_once(':')).map(|(k, v)| (k, v.trim_matches([' ', '\t']))).collect()
     }
 
     /// Every header line whose name is `name` (case-insensitive), whole and as sent.
@@ -239,7 +236,8 @@ impl RawConn {
             loop {
                 let line = lossy(&self.read_line(timeout).await?);
                 let hex = line.split(';').next().unwrap_or_default().trim();
-                let size = usize::from_str_radix(hex, 16).with_context(|| format!("raw backend: chunk size {line:?}"))?;
+                let size =
+                    usize::from_str_radix(hex, 16).with_context(|| format!("raw backend: chunk size {line:?}"))?;
                 if size == 0 {
                     break;
                 }
@@ -275,6 +273,29 @@ impl RawConn {
                 Err(e).context("raw backend: write")
             }
             Err(_) => bail!("raw backend: a write of {} bytes blocked for {RAW_IO_TIMEOUT:?}", bytes.len()),
+        }
+    }
+
+    /// Writes back every byte that arrives (the bytes already buffered first) until the peer
+    /// closes; whether it did within `max`.
+    pub async fn echo_until_closed(&mut self, max: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            if !self.buf.is_empty() {
+                let bytes = std::mem::take(&mut self.buf);
+                if self.write(&bytes).await.is_err() {
+                    return true;
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.fill(left).await {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(_) => return self.log.closed_at().is_some(),
+            }
         }
     }
 
