@@ -488,8 +488,11 @@ async fn slow_client_body_is_buffered_before_it_takes_a_backend() -> R {
     a.send(b"POST /slow-a HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n").await?;
     let mut b_task = None;
     let mut seen_early = None;
+    let mut conns_before_b = 0;
     for (i, piece) in body.chunks(100).enumerate() {
         if i == 3 {
+            // Nothing but A has talked to the node yet: any backend connection is A's.
+            conns_before_b = server.connections();
             let proxy = node.proxy;
             b_task = Some(tokio::spawn(async move {
                 let start = Instant::now();
@@ -512,6 +515,10 @@ async fn slow_client_body_is_buffered_before_it_takes_a_backend() -> R {
     let mut problems = Vec::new();
     if b_reply.status != 200 || b_took >= ONE_SECOND {
         problems.push(format!("B's GET during A's slow body: {b_reply:?} after {b_took:?} (want 200 within 1 s)"));
+    }
+    if conns_before_b > 0 {
+        problems
+            .push(format!("the node opened {conns_before_b} backend connection(s) for A while A's body was trickling"));
     }
     if let Some(i) = seen_early {
         problems.push(format!("the backend saw A's request before A's body was complete (at piece {i} of 20)"));
