@@ -439,12 +439,13 @@ async fn endless_interim_responses_are_a_504_after_read_timeout() -> R {
     let server = RawServer::start(drip_script).await?;
     let node = node_for("drip", &server, ",max_fails=0", "[upstream]\nread_timeout = \"1s\"\n").await?;
     let mut c = RawClient::connect(node.proxy).await?;
-    c.timeout = Duration::from_secs(8);
+    // Longer than the overall wait below, so that one names what went wrong.
+    c.timeout = Duration::from_secs(9);
     let start = Instant::now();
     c.send(b"GET /drip HTTP/1.1\r\nHost: x\r\n\r\n").await?;
-    let r = tokio::time::timeout(Duration::from_secs(8), c.read_final("GET"))
-        .await
-        .with_context(|| format!("no final response after {:?}", start.elapsed()))??;
+    let r = tokio::time::timeout(Duration::from_secs(8), c.read_final("GET")).await.with_context(|| {
+        format!("no final response after {:?} of 1xx every 200 ms (read_timeout 1 s)", start.elapsed())
+    })??;
     let after = start.elapsed();
     assert_eq!((r.status, r.header("x-shoal-node")), (504, Some("drip")), "after {after:?}: {r:?}");
     assert!(after <= ONE_SECOND + ANSWER_HEADROOM, "the 504 came only after {after:?}");
