@@ -23,6 +23,8 @@
 //! - [`chaos`]: what the chaos suite adds: a DNS client for Shoal's responder, a DNS
 //!   round-robin load generator that retries the next address like a browser ([`DnsLoad`]),
 //!   network namespaces to partition nodes ([`NetLab`]) and a TCP [`Relay`] into them.
+//! - [`raw`]: [`RawServer`], a scripted raw-TCP backend recording every byte it receives, and
+//!   [`RawClient`], a strict raw-TCP client (byte-exact codec tests).
 //! - [`wait_until`]: polls a condition until a deadline; tests never sleep for a condition.
 //!
 //! ## Rules the tests follow
@@ -40,6 +42,7 @@ pub mod cluster;
 pub mod http;
 pub mod load;
 pub mod node;
+pub mod raw;
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -53,6 +56,7 @@ pub use chaos::{ChaosSummary, DnsLoad, DnsLoadHandle, Figures, NetLab, Records, 
 pub use cluster::{CliOutput, Cluster, ClusterBuilder, Shoal};
 pub use load::{Load, LoadHandle, LoadSummary};
 pub use node::{Node, NodeBuilder, Signal, shoald_check, shoald_run_to_exit};
+pub use raw::{RawClient, RawServer};
 
 /// Polls `cond` every 20 ms until it returns true; fails after `timeout` naming `what`.
 pub async fn wait_until(timeout: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
