@@ -25,7 +25,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use chitchat::transport::UdpTransport;
 use chitchat::{
     ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion, spawn_chitchat,
 };
@@ -153,7 +152,7 @@ impl Cluster {
                     tracing::info!(gossip = %config.node.gossip, control = %config.node.control,
                         "no cluster secret: gossip and control plane are unauthenticated, bound to loopback only");
                 }
-                spawn_chitchat(chitchat_config, initial, &UdpTransport).await?
+                spawn_chitchat(chitchat_config, initial, &SealedTransport::plain(counters.clone())).await?
             }
         };
         let chitchat = handle.chitchat();

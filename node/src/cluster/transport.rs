@@ -3,6 +3,9 @@
 //! Each datagram on the wire is `SHL1 | nonce (24) | XChaCha20-Poly1305(timestamp_ms (8) |
 //! chitchat payload)`, keyed with SHA-256 of the cluster secret. A datagram that does not open
 //! with the key, or whose timestamp is more than [`MAX_SKEW_MS`] away, is dropped and counted.
+//! Without a secret (loopback only) datagrams are `SHL0 | chitchat payload`: still not
+//! authenticated, but stray bytes (a port scan, another protocol) are dropped and counted
+//! before they reach chitchat. Dropped datagrams log one warning per [`WARN_EVERY_MS`].
 //!
 //! chitchat keeps its wire codec private, so the payload is produced and consumed by a real
 //! chitchat `UdpSocket` bound on loopback: to send, chitchat encodes into a loopback "capture"
@@ -25,6 +28,10 @@ use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 
 const MAGIC: &[u8; 4] = b"SHL1";
+/// The unauthenticated framing (no secret configured).
+const MAGIC_PLAIN: &[u8; 4] = b"SHL0";
+/// At most one warning about dropped datagrams this often (a flood must not flood the log).
+pub const WARN_EVERY_MS: u64 = 10_000;
 const NONCE_LEN: usize = 24;
 /// Datagrams older or newer than this are refused (bounds replays; clocks must roughly agree).
 pub const MAX_SKEW_MS: u64 = 60_000;
@@ -39,6 +46,27 @@ pub struct GossipCounters {
     pub received_bytes: AtomicU64,
     /// Datagrams dropped: wrong key, forged, truncated, or too old.
     pub rejected: AtomicU64,
+    /// When a drop was last logged as a warning (ms since the epoch), and the count then.
+    warned_at_ms: AtomicU64,
+    warned_count: AtomicU64,
+}
+
+impl GossipCounters {
+    /// Counts a dropped datagram; warns at most once per [`WARN_EVERY_MS`] with the number
+    /// dropped since the last warning.
+    pub fn reject(&self, from: SocketAddr, why: &'static str) {
+        let total = self.rejected.fetch_add(1, Relaxed) + 1;
+        let now = now_ms();
+        let last = self.warned_at_ms.load(Relaxed);
+        if now.saturating_sub(last) >= WARN_EVERY_MS
+            && self.warned_at_ms.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+        {
+            let since = total - self.warned_count.swap(total, Relaxed);
+            tracing::warn!(from = %from, why, dropped = since, "dropped gossip datagrams");
+        } else {
+            tracing::debug!(from = %from, why, "dropped a gossip datagram");
+        }
+    }
 }
 
 /// Derives a 32-byte key for `purpose` from the cluster secret.
@@ -85,16 +113,32 @@ pub fn open(cipher: &XChaCha20Poly1305, datagram: &[u8]) -> Option<Vec<u8>> {
     Some(plain)
 }
 
-/// The sealed transport; `open` binds the public socket on the gossip address.
+/// Frames a payload without a secret.
+fn frame_plain(payload: &[u8]) -> Vec<u8> {
+    [&MAGIC_PLAIN[..], payload].concat()
+}
+
+/// The payload of an unauthenticated datagram; `None` for stray bytes.
+fn unframe_plain(datagram: &[u8]) -> Option<Vec<u8>> {
+    datagram.strip_prefix(&MAGIC_PLAIN[..]).filter(|p| !p.is_empty()).map(<[u8]>::to_vec)
+}
+
+/// The gossip transport; `open` binds the public socket on the gossip address. With a cipher
+/// datagrams are sealed; without one only framed.
 pub struct SealedTransport {
-    pub cipher: XChaCha20Poly1305,
+    pub cipher: Option<XChaCha20Poly1305>,
     pub counters: Arc<GossipCounters>,
 }
 
 impl SealedTransport {
     pub fn new(secret: &[u8], counters: Arc<GossipCounters>) -> Self {
         let key = derive_key32(secret, "gossip");
-        SealedTransport { cipher: XChaCha20Poly1305::new((&key).into()), counters }
+        SealedTransport { cipher: Some(XChaCha20Poly1305::new((&key).into())), counters }
+    }
+
+    /// Without a secret: framed, not sealed.
+    pub fn plain(counters: Arc<GossipCounters>) -> Self {
+        SealedTransport { cipher: None, counters }
     }
 }
 
@@ -128,7 +172,7 @@ struct SealedSocket {
     codec_addr: SocketAddr,
     capture: UdpSocket,
     capture_addr: SocketAddr,
-    cipher: XChaCha20Poly1305,
+    cipher: Option<XChaCha20Poly1305>,
     counters: Arc<GossipCounters>,
     buf: Vec<u8>,
 }
@@ -148,7 +192,10 @@ impl Socket for SealedSocket {
                 break &self.buf[..n];
             }
         };
-        let sealed = seal(&self.cipher, payload);
+        let sealed = match &self.cipher {
+            Some(cipher) => seal(cipher, payload),
+            None => frame_plain(payload),
+        };
         match self.public.send_to(&sealed, to).await {
             Ok(n) => {
                 self.counters.sent_datagrams.fetch_add(1, Relaxed);
@@ -179,16 +226,19 @@ impl Socket for SealedSocket {
             };
             self.counters.received_datagrams.fetch_add(1, Relaxed);
             self.counters.received_bytes.fetch_add(n as u64, Relaxed);
-            let Some(plain) = open(&self.cipher, &self.buf[..n]) else {
-                self.counters.rejected.fetch_add(1, Relaxed);
-                tracing::debug!(from = %from, bytes = n, "dropped a gossip datagram that failed authentication");
+            let opened = match &self.cipher {
+                Some(cipher) => open(cipher, &self.buf[..n]),
+                None => unframe_plain(&self.buf[..n]),
+            };
+            let Some(plain) = opened else {
+                self.counters.reject(from, "not a gossip datagram of this cluster's key");
                 continue;
             };
             self.capture.send_to(&plain, self.codec_addr).await?;
             // Authentic but undecodable bytes would make the codec wait forever: bound it.
             let Ok(outcome) = tokio::time::timeout(std::time::Duration::from_millis(200), self.codec.recv()).await
             else {
-                self.counters.rejected.fetch_add(1, Relaxed);
+                self.counters.reject(from, "undecodable gossip payload");
                 continue;
             };
             let outcome = outcome?;

@@ -47,15 +47,17 @@ impl Latency {
         self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
     }
 
-    /// (sum in seconds, count, cumulative buckets) for Prometheus.
+    /// (sum in seconds, count, per-bucket counts) for Prometheus: the encoder makes the buckets
+    /// cumulative itself, so the last one (`+Inf`) equals the count.
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut acc = 0;
-        let mut out = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
-        for (i, b) in self.buckets.iter().enumerate() {
-            acc += b.load(Relaxed);
-            out.push((LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), acc));
-        }
-        (self.sum_us.load(Relaxed) as f64 / 1e6, acc, out)
+        let out: Vec<(f64, u64)> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), b.load(Relaxed)))
+            .collect();
+        let count = out.iter().map(|(_, n)| n).sum();
+        (self.sum_us.load(Relaxed) as f64 / 1e6, count, out)
     }
 }
 
@@ -364,6 +366,42 @@ pub fn derive_key(secret: Option<&[u8]>, purpose: &str) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_histogram_encodes_with_inf_equal_to_count() {
+        use prometheus_client::encoding::DescriptorEncoder;
+        use prometheus_client::metrics::MetricType;
+        struct One(Latency);
+        impl std::fmt::Debug for One {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("One")
+            }
+        }
+        impl prometheus_client::collector::Collector for One {
+            fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+                let (sum, count, buckets) = self.0.snapshot();
+                let mut m = enc.encode_descriptor("lat", "latency", None, MetricType::Histogram)?;
+                m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+            }
+        }
+        let lat = Latency::default();
+        for ms in [0, 2, 2, 30, 700, 20_000] {
+            lat.record(Duration::from_millis(ms));
+        }
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register_collector(Box::new(One(lat)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        let value = |prefix: &str| -> u64 {
+            let line = text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} in {text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert_eq!(value("lat_count"), 6);
+        assert_eq!(value("lat_bucket{le=\"+Inf\"}"), 6, "{text}");
+        assert_eq!(value("lat_bucket{le=\"0.001\"}"), 1, "{text}");
+        assert_eq!(value("lat_bucket{le=\"0.0025\"}"), 3, "{text}");
+        assert_eq!(value("lat_bucket{le=\"10.0\"}"), 5, "{text}");
+    }
 
     #[test]
     fn smooth_wrr_matches_nginx() {
