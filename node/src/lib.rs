@@ -2,7 +2,9 @@
 //!
 //! ## Layout
 //! - [`config`]: file -> flags -> validated, immutable [`config::Config`].
-//! - [`proxy`]: the data plane (listener, per-request service, headers, bodies, errors, access log).
+//! - [`http1`]: the pure HTTP/1.1 codec (parse, validate, rewrite heads, chunked), no I/O.
+//! - [`proxy`]: the data plane (listener, HTTP/1.1 and HTTP/2 client sides, forward, upstream
+//!   exchange, errors, access log).
 //! - [`balance`]: the [`balance::Picker`] trait and one type per algorithm.
 //! - [`pool`]: backends, their live counters, health flags and idle upstream connections.
 //! - [`health`]: passive ejection and active checks.
@@ -14,7 +16,8 @@
 //! - [`lifecycle`]: this node's member state and the leave sequence.
 //!
 //! ## Data paths
-//! - request: listener -> service -> picker (pool snapshot + local and remote in-flight) ->
+//! - request: listener -> client_h1 | client_h2 (through http1) -> forward -> picker (pool
+//!   snapshot + local and remote in-flight) -> upstream exchange over a
 //!   pooled upstream connection -> response body streamed back (in-flight ends with the body);
 //! - gossip: chitchat -> view task -> new view snapshot and per-backend remote load;
 //! - local load: in-flight counters -> publish tick -> gossip keys -> peers' views;

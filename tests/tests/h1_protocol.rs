@@ -1,5 +1,6 @@
-//! HTTP/1.1 protocol behaviour of shoald's client-facing codec (`node/src/proxy/h1.rs`) and its
-//! upstream side (`node/src/proxy/upstream.rs`), end to end: raw bytes written to a node's
+//! HTTP/1.1 protocol behaviour of shoald's client-facing side (`node/src/proxy/client_h1.rs`,
+//! on the codec in `node/src/http1/`) and its upstream side (`node/src/proxy/upstream.rs`),
+//! end to end: raw bytes written to a node's
 //! proxy port, every byte of the answer checked. Pipelining, keep-alive and HTTP/1.0, response
 //! framing (chunked, close-delimited, large lengths) for both client versions, HEAD/204/304,
 //! `Expect: 100-continue`, absolute-form targets, hop-by-hop headers both ways, chunked request

@@ -4,21 +4,11 @@
 
 use http::Method;
 
+pub use super::rewrite::Refusal;
 use super::rewrite::{self, Forwarding, Framing, Inspection, Target};
 
 /// Most header lines in a request head (hyper's default too); more is a 431.
 pub const MAX_HEADERS: usize = 100;
-
-/// Why a request head is refused before anything is forwarded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// Larger than the head limit, or too many header lines: 431.
-    TooLarge,
-    /// Malformed or ambiguous: 400, with what is wrong.
-    Bad(&'static str),
-    /// Something the proxy cannot pass on faithfully: 501, with what.
-    Unsupported(&'static str),
-}
 
 /// How the request body arrives from the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,17 @@
 //! the proxy itself: one `content-length: N` or `transfer-encoding: chunked`, never both.
 
 use super::fields::{self, FORWARDING};
-use super::request::Refusal;
+
+/// Why a request head is refused before anything is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Larger than the head limit, or too many header lines: 431.
+    TooLarge,
+    /// Malformed or ambiguous: 400, with what is wrong.
+    Bad(&'static str),
+    /// Something the proxy cannot pass on faithfully: 501, with what.
+    Unsupported(&'static str),
+}
 
 /// A request's fields as (name, value) pairs, in order; iterated more than once.
 pub trait Fields<'f>: Iterator<Item = (&'f str, &'f [u8])> + Clone {}
