@@ -420,6 +420,28 @@ async fn idle_http2_connection_is_closed_after_keepalive_timeout() -> R {
     Ok(())
 }
 
+/// The idle clock of an HTTP/2 connection starts when the connection does, not when the node
+/// did: a connection opened after the node has been up longer than `keepalive_timeout` is
+/// served, and stays open while it is used within the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connection_to_a_long_running_node_is_served() -> R {
+    let server = RawServer::echo().await?;
+    let node = node_for("h2late", &server, "", "[node]\nkeepalive_timeout = \"1s\"\n").await?;
+    // A first connection, so the node has served HTTP/2 before.
+    let (mut first, _first_conn) = h2_connect(node.proxy).await?;
+    let r = h2_request(&mut first, http::Request::get("http://h2.test/first").body(())?).await?;
+    assert_eq!(r.status, 200, "{r:?}");
+    // The condition under test is the node's age itself: let it pass keepalive_timeout.
+    tokio::time::sleep(ONE_SECOND + Duration::from_millis(500)).await;
+    let (mut send, _conn) = h2_connect(node.proxy).await?;
+    for i in 0..3 {
+        let r = h2_request(&mut send, http::Request::get(format!("http://h2.test/late{i}")).body(())?).await?;
+        assert_eq!(r.status, 200, "request {i} on a new connection to a node up for > keepalive_timeout: {r:?}");
+        tokio::time::sleep(ONE_SECOND / 2).await;
+    }
+    Ok(())
+}
+
 /// Answers with `100 Continue` every 200 ms, for up to 30 s, and never with a final response.
 async fn drip_script(mut c: RawConn) -> anyhow::Result<()> {
     let Some(_req) = c.read_request(Duration::from_secs(20)).await? else { return Ok(()) };

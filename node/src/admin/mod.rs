@@ -45,7 +45,6 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationTok
             let svc = service_fn(move |req| route(node.clone(), registry.clone(), req));
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
-            builder.http2().timer(TokioTimer::new()).keep_alive_interval(header_timeout);
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }

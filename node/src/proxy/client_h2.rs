@@ -40,7 +40,7 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let streams = Arc::new(Streams::default());
+    let streams = Arc::new(Streams::new());
     let shared = Arc::new(Shared { proxy, client, streams: streams.clone(), request_buffer_bytes });
     let service = service_fn(move |req| handle(shared.clone(), req));
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -70,16 +70,20 @@ pub async fn serve<IO>(
 }
 
 /// The open streams of one connection, and since when none has been open.
-#[derive(Default)]
 struct Streams {
     open: AtomicUsize,
-    /// Milliseconds since `BASE` when the last stream ended.
+    /// Milliseconds since `BASE` when the last stream ended (or the connection began).
     quiet_since_ms: std::sync::atomic::AtomicU64,
 }
 
 static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
 impl Streams {
+    /// A new connection: quiet since now.
+    fn new() -> Self {
+        Streams { open: AtomicUsize::new(0), quiet_since_ms: (BASE.elapsed().as_millis() as u64).into() }
+    }
+
     /// How long no stream has been open (`None` while one is).
     fn quiet_for(&self) -> Option<Duration> {
         if self.open.load(Relaxed) > 0 {
