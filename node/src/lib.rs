@@ -211,7 +211,7 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
     node.apply_backends();
 
     let stop_accepting = CancellationToken::new();
-    let listener_settings = proxy::client_h1::Limits {
+    let listener_settings = proxy::Limits {
         header_timeout: config.node.client_header_timeout,
         max_header_bytes: config.node.max_header_bytes,
         keepalive_timeout: config.node.keepalive_timeout,

@@ -577,3 +577,90 @@ async fn body_larger_than_request_buffer_still_arrives_whole() -> R {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. HTTP/2 clients are held to the same limits (found in review)
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP/2 request body that stops arriving is cut after `client_body_timeout`, as over
+/// HTTP/1.1, and nothing of it reaches the backend (it was being buffered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_request_body_that_stalls_is_cut_after_client_body_timeout() -> R {
+    let server = RawServer::echo().await?;
+    let node = node_for("h2stall", &server, "", "[node]\nclient_body_timeout = \"1s\"\n").await?;
+    let (send, _conn) = h2_connect(node.proxy).await?;
+    let mut ready = send.ready().await.context("connection not ready")?;
+    let req = http::Request::post("http://h2.test/stall").header("content-length", "100").body(())?;
+    let (resp, mut body) = ready.send_request(req, false).context("send_request")?;
+    body.send_data(Bytes::from_static(b"0123456789"), false)?;
+    let started = Instant::now();
+    let resp = tokio::time::timeout(ONE_SECOND + CLOSE_HEADROOM + Duration::from_secs(2), resp)
+        .await
+        .with_context(|| format!("no answer {:?} after the body stalled", started.elapsed()))?;
+    let after = started.elapsed();
+    match resp {
+        Ok(r) => assert_eq!(r.status(), 400, "after {after:?}: {r:?}"),
+        Err(e) => assert!(e.is_reset() || e.is_go_away() || e.is_io(), "after {after:?}: {e}"),
+    }
+    assert!(after <= ONE_SECOND + CLOSE_HEADROOM, "the stalled body was cut only after {after:?}");
+    ensure!(server.requests().is_empty(), "the backend saw the stalled request: {:?}", server.requests());
+    Ok(())
+}
+
+/// Answers any request with a 16 MiB body, then lets the proxy close.
+async fn big_body_script(mut c: RawConn) -> anyhow::Result<()> {
+    let Some(_req) = c.read_request(Duration::from_secs(20)).await? else { return Ok(()) };
+    let size = 16 << 20;
+    c.write(format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n").as_bytes()).await?;
+    let chunk = vec![b'x'; 64 << 10];
+    for _ in 0..size / chunk.len() {
+        if c.write(&chunk).await.is_err() {
+            break;
+        }
+    }
+    finish(c).await
+}
+
+/// An HTTP/2 client that takes nothing of a large response (no WINDOW_UPDATE) is closed after
+/// `send_timeout`, and the backend connection is let go: a stalled reader must not hold a
+/// backend and an in-flight slot forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_client_that_reads_nothing_is_cut_after_send_timeout() -> R {
+    let server = RawServer::start(big_body_script).await?;
+    let node = node_for("h2send", &server, "", "[node]\nsend_timeout = \"1s\"\n").await?;
+    let (send, conn) = h2_connect(node.proxy).await?;
+    let mut ready = send.ready().await.context("connection not ready")?;
+    let (resp, _stream) = ready.send_request(http::Request::get("http://h2.test/big").body(())?, true)?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp).await.context("no response head")??;
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    // The body is never read: its flow-control window stays closed once full.
+    let _body = resp.into_body();
+    let started = Instant::now();
+    let ended = tokio::time::timeout(ONE_SECOND + CLOSE_HEADROOM + Duration::from_secs(2), conn).await;
+    let after = started.elapsed();
+    ensure!(ended.is_ok(), "the HTTP/2 connection of a client that reads nothing is open after {after:?}");
+    assert!(after <= ONE_SECOND + CLOSE_HEADROOM, "closed only after {after:?}");
+    wait_until(CLOSE_HEADROOM, "the backend connection let go", async || {
+        server.conns().first().is_some_and(|c| c.closed_at().is_some())
+    })
+    .await?;
+    Ok(())
+}
+
+/// A rate-limited request without a body gets its 429 on a connection that stays open: a
+/// limited keep-alive client need not reconnect for every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_get_keeps_the_connection_open() -> R {
+    let server = RawServer::echo().await?;
+    let node = node_for("limited", &server, "", "[rate_limit]\nrate = \"1r/m\"\nburst = 0\nnodelay = true\n").await?;
+    let mut c = RawClient::connect(node.proxy).await?;
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        c.send(format!("GET /limited{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await?;
+        let r = c.read_response("GET").await.with_context(|| format!("answer {i}"))?;
+        assert_ne!(r.header("connection"), Some("close"), "answer {i} closes the connection: {r:?}");
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, [200, 429, 429], "one request a minute passes, then 429 on the same connection");
+    Ok(())
+}

@@ -1638,6 +1638,25 @@ async fn expect_not_blamed(node: &Node, addr: SocketAddr, what: &str) -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_413_while_the_body_is_sent_reaches_the_client_and_ejects_nothing() -> R {
     let (node, b) = raw_setup("early413").await?;
+    early_413_cases(&node, &b, false).await
+}
+
+/// The same with a body the node buffers whole first (`request_buffer_bytes` above its size):
+/// the body goes upstream in one write that the backend cuts short; its answer still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_413_to_a_buffered_body_reaches_the_client_and_ejects_nothing() -> R {
+    let b = RawBackend::start().await?;
+    let node = Node::builder("early413buf")
+        .config("[node]\nrequest_buffer_bytes = 8388608\n")
+        .backend_spec(&b.addr.to_string())
+        .start()
+        .await?;
+    early_413_cases(&node, &b, true).await
+}
+
+/// `buffered`: the node read the whole body before the backend answered, so the client's
+/// connection can carry another request; otherwise it must close (the body is left unread).
+async fn early_413_cases(node: &Node, b: &RawBackend, buffered: bool) -> R {
     let big = 6 << 20;
     for (target, what) in [
         ("/early-413?hold_ms=2500", "backend answers 413 and stops reading"),
@@ -1652,11 +1671,11 @@ async fn early_413_while_the_body_is_sent_reaches_the_client_and_ejects_nothing(
             "{what}: the backend's answer, not the proxy's: {r:?}"
         );
         assert_eq!(r.header("x-kind"), Some("early"), "{what}: {r:?}");
-        assert!(r.says_close(), "{what}: {r:?}");
+        assert_eq!(r.says_close(), !buffered, "{what}: {r:?}");
         assert!(started.elapsed() < Duration::from_secs(6), "{what}: answered and closed in {:?}", started.elapsed());
         let seen = b.last(target)?;
         assert_eq!(seen.head.header("content-length"), Some(&*big.to_string()), "{what}: {seen:?}");
-        expect_not_blamed(&node, b.addr, what).await?;
+        expect_not_blamed(node, b.addr, what).await?;
         let mut c = Wire::connect(node.proxy, "next client").await?;
         get_default(&mut c, "/after-413", &format!("{what}: a new connection")).await?;
     }

@@ -244,6 +244,11 @@ mod tests {
         let head =
             upstream_head(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n");
         assert!(!head.to_ascii_lowercase().contains("upgrade"), "h2c is not passed on: {head}");
+        let head = upstream_head(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nUpgrade: websocket\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+        );
+        let lower = head.to_ascii_lowercase();
+        assert!(!lower.contains("upgrade") && !lower.contains("http2-settings"), "h2c next to another: {head}");
         let head =
             upstream_head(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n");
         assert!(head.ends_with("transfer-encoding: chunked\r\n\r\n") && !head.contains("Expect"), "{head}");

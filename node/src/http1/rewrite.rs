@@ -43,8 +43,12 @@ pub struct Inspection {
     /// `Connection` named fields besides its own options: they are hop-by-hop too.
     pub named_in_connection: bool,
     pub expect_continue: bool,
-    /// An `Upgrade` field naming a protocol this proxy passes on (not `h2c`).
+    /// An `Upgrade` field came.
     pub upgrade_field: bool,
+    /// Some `Upgrade` field names `h2c`: an upgrade of this hop only (RFC 9113 §3.2 removed
+    /// it; RFC 7540 never let proxies pass it): tunnelling it would carry requests past limits
+    /// and logs, so no upgrade passes then.
+    pub h2c: bool,
     pub cookies: usize,
     pub sticky: Option<String>,
 }
@@ -52,7 +56,7 @@ pub struct Inspection {
 impl Inspection {
     /// Whether this is an upgrade handshake to pass on.
     pub fn upgrade(&self) -> bool {
-        self.upgrade_token && self.upgrade_field
+        self.upgrade_token && self.upgrade_field && !self.h2c
     }
 }
 
@@ -91,9 +95,8 @@ pub fn inspect<'f>(fields: impl Fields<'f>, sticky_cookie: Option<&str>) -> Resu
         } else if name.eq_ignore_ascii_case("expect") {
             i.expect_continue = fields::trim_ows(value).eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case("upgrade") {
-            // h2c is an upgrade of this hop only (RFC 9113 §3.2 removed it; RFC 7540 never let
-            // proxies pass it): tunnelling it would carry requests past limits and logs.
-            i.upgrade_field = !fields::has_token(value, "h2c");
+            i.upgrade_field = true;
+            i.h2c |= fields::has_token(value, "h2c");
         } else if name.eq_ignore_ascii_case("cookie") {
             i.cookies += 1;
             if let Some(cookie) = sticky_cookie
@@ -191,6 +194,8 @@ pub fn write_head<'f>(
         if name.eq_ignore_ascii_case("connection")
             || name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case("expect")
+            // The settings of an h2c upgrade, which is never passed on.
+            || name.eq_ignore_ascii_case("http2-settings")
             || fields::is_hop_by_hop(name, upgrade)
             || !fields::is_forwardable_name(name)
             || FORWARDING.iter().any(|f| name.eq_ignore_ascii_case(f))

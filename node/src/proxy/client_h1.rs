@@ -21,11 +21,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::Proxy;
 use super::access_log::RequestLine;
 use super::error::ProxyError;
 use super::forward::{self, ClientConn, Forwarded, Outgoing, forward};
 use super::upstream::{BodySource, RequestBody};
+use super::{Limits, Proxy};
 use crate::http1::chunked::{self, Chunk, Step};
 use crate::http1::request::{self, BodyFraming, Refusal, Request};
 use crate::http1::response::ClientFraming;
@@ -33,23 +33,6 @@ use crate::http1::rewrite::{self, Forwarding, Framing};
 
 /// Read buffer of a client connection (grown for large heads, up to `max_header_bytes`).
 const READ_BUF: usize = 4096;
-
-/// Limits applied to every client connection (`[node]` keys).
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub header_timeout: Duration,
-    pub max_header_bytes: usize,
-    /// How long a kept-alive connection may sit idle between requests.
-    pub keepalive_timeout: Duration,
-    /// How long a client may send nothing while its request body is expected.
-    pub body_timeout: Duration,
-    /// How long a write to a client may wait for it to read.
-    pub send_timeout: Duration,
-    /// How long an upgraded connection may carry nothing either way.
-    pub tunnel_timeout: Duration,
-    /// Bodies up to this size are read whole before a backend is picked (0: never).
-    pub request_buffer_bytes: usize,
-}
 
 /// A client connection: the socket, bytes read and not yet consumed, the response buffer, and
 /// how much of the current request's body is still unread.
@@ -385,7 +368,10 @@ async fn exchange(
     let head_request = parsed.method == Method::HEAD;
     io.body = BodyLeft::of(parsed.body);
     if let Err(e) = forward::admit(proxy, &runtime, client, io.body != BodyLeft::None).await {
-        return answer(proxy, io, e, head_request, log_line, started).await;
+        // Without a body to skip, the connection can carry the next request (a limited client
+        // need not reconnect).
+        let keep = parsed.keep_alive && io.body == BodyLeft::None && !stop.is_cancelled();
+        return answer(proxy, io, e, head_request, log_line, started, keep).await;
     }
     let buffered = if io.body == BodyLeft::None {
         Ok(Buffered::Whole(Bytes::new()))
@@ -407,7 +393,7 @@ async fn exchange(
             tracing::debug!(client = %client.addr, error = %why, "request body refused");
             let e = ProxyError::BadRequest("invalid or incomplete request body");
             proxy.count_error(e);
-            return answer(proxy, io, e, head_request, log_line, started).await;
+            return answer(proxy, io, e, head_request, log_line, started, false).await;
         }
     };
     rewrite::finish_head(upstream_head, framing);
@@ -455,8 +441,8 @@ async fn exchange(
     Ok(keep_alive)
 }
 
-/// Answers with one of the proxy's own errors (counted already) before anything was forwarded,
-/// and closes: the request body, if any, was not read.
+/// Answers with one of the proxy's own errors (counted already) before anything was forwarded;
+/// `keep`: the connection stays open (no body was left unread).
 async fn answer(
     proxy: &Proxy,
     io: &mut ClientIo,
@@ -464,10 +450,11 @@ async fn answer(
     head_request: bool,
     log_line: Option<RequestLine>,
     started: Option<Instant>,
+    keep: bool,
 ) -> std::io::Result<bool> {
-    write_error(io, e, proxy, true, head_request).await?;
+    write_error(io, e, proxy, !keep, head_request).await?;
     log(proxy, log_line, e.status().as_u16(), Some(e.body().len() as u64), None, started);
-    Ok(false)
+    Ok(keep)
 }
 
 fn log(

@@ -2,11 +2,13 @@
 //! fields go through the same rules as HTTP/1.1 (`http1::rewrite`: the same dropped fields,
 //! `:authority` over `Host`, one canonical framing field), a small body is read whole before
 //! a backend is picked, and the response body goes back frame by frame ([`RespBody`]). A
-//! connection with no open stream for `keepalive_timeout` is closed (GOAWAY).
+//! connection with no open stream for `keepalive_timeout` is closed (GOAWAY); one whose client
+//! takes nothing for `send_timeout` while responses wait is closed; each read of a request body
+//! waits at most `client_body_timeout`.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -20,28 +22,31 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-use super::Proxy;
 use super::access_log::RequestLine;
 use super::error::ProxyError;
 use super::forward::{self, ClientConn, Outgoing, forward};
 use super::upstream::{BodySource, RequestBody, UpstreamBody};
+use super::{Limits, Proxy};
 use crate::http1::request::Refusal;
 use crate::http1::rewrite::{self, Forwarding, Framing, Target};
 
-/// Serves an HTTP/2 connection until it ends, the node drains (`stop`), or it has had no open
-/// stream for `idle`.
-pub async fn serve<IO>(
-    proxy: Arc<Proxy>,
-    client: ClientConn,
-    io: IO,
-    idle: Duration,
-    request_buffer_bytes: usize,
-    stop: CancellationToken,
-) where
+/// Serves an HTTP/2 connection until it ends, the node drains (`stop`), it has had no open
+/// stream for `keepalive_timeout` (GOAWAY), or a response has waited for the client to take
+/// it for `send_timeout` with nothing taken meanwhile (closed: the client stopped reading).
+/// Each read of a request body is bounded by `client_body_timeout`.
+pub async fn serve<IO>(proxy: Arc<Proxy>, client: ClientConn, io: IO, limits: &Limits, stop: CancellationToken)
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (idle, send_timeout) = (limits.keepalive_timeout, limits.send_timeout);
     let streams = Arc::new(Streams::new());
-    let shared = Arc::new(Shared { proxy, client, streams: streams.clone(), request_buffer_bytes });
+    let shared = Arc::new(Shared {
+        proxy,
+        client,
+        streams: streams.clone(),
+        request_buffer_bytes: limits.request_buffer_bytes,
+        body_timeout: limits.body_timeout,
+    });
     let service = service_fn(move |req| handle(shared.clone(), req));
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -49,17 +54,28 @@ pub async fn serve<IO>(
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = loop {
-        let quiet_for = streams.quiet_for();
+        // Wake when the connection would have idled out, and at least every half send_timeout
+        // (streams open and close without waking this loop), to see whether the client
+        // stopped reading.
+        let wait = match streams.quiet_for() {
+            Some(quiet) => idle.saturating_sub(quiet),
+            None => idle,
+        }
+        .min(send_timeout / 2);
         tokio::select! {
             r = conn.as_mut() => break r,
             _ = stop.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 break conn.await;
             }
-            _ = tokio::time::sleep(idle.saturating_sub(quiet_for.unwrap_or_default())) => {
+            _ = tokio::time::sleep(wait) => {
                 if streams.quiet_for().is_some_and(|q| q >= idle) {
                     conn.as_mut().graceful_shutdown();
                     break conn.await;
+                }
+                if streams.stalled_for().is_some_and(|s| s >= send_timeout) {
+                    tracing::debug!("HTTP/2 client read nothing within send_timeout: closing");
+                    break Ok(());
                 }
             }
         }
@@ -69,19 +85,44 @@ pub async fn serve<IO>(
     }
 }
 
-/// The open streams of one connection, and since when none has been open.
+/// The open streams of one connection: since when none has been open, and whether responses
+/// wait for the client to take them.
 struct Streams {
     open: AtomicUsize,
     /// Milliseconds since `BASE` when the last stream ended (or the connection began).
-    quiet_since_ms: std::sync::atomic::AtomicU64,
+    quiet_since_ms: AtomicU64,
+    /// Response bodies that handed a frame to hyper and were not asked for the next one yet
+    /// (waiting on the client's flow-control window, not on a backend).
+    waiting_on_client: AtomicUsize,
+    /// Milliseconds since `BASE` when hyper last asked any response body for a frame.
+    last_taken_ms: AtomicU64,
 }
 
 static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
+/// Milliseconds since `BASE` (monotonic).
+fn now_ms() -> u64 {
+    BASE.elapsed().as_millis() as u64
+}
+
 impl Streams {
     /// A new connection: quiet since now.
     fn new() -> Self {
-        Streams { open: AtomicUsize::new(0), quiet_since_ms: (BASE.elapsed().as_millis() as u64).into() }
+        let now = now_ms();
+        Streams {
+            open: AtomicUsize::new(0),
+            quiet_since_ms: now.into(),
+            waiting_on_client: AtomicUsize::new(0),
+            last_taken_ms: now.into(),
+        }
+    }
+
+    /// How long responses have waited for the client with nothing taken (`None`: none waits).
+    fn stalled_for(&self) -> Option<Duration> {
+        if self.waiting_on_client.load(Relaxed) == 0 {
+            return None;
+        }
+        Some(Duration::from_millis(now_ms().saturating_sub(self.last_taken_ms.load(Relaxed))))
     }
 
     /// How long no stream has been open (`None` while one is).
@@ -89,8 +130,7 @@ impl Streams {
         if self.open.load(Relaxed) > 0 {
             return None;
         }
-        let since = Duration::from_millis(self.quiet_since_ms.load(Relaxed));
-        Some(BASE.elapsed().saturating_sub(since))
+        Some(Duration::from_millis(now_ms().saturating_sub(self.quiet_since_ms.load(Relaxed))))
     }
 }
 
@@ -106,7 +146,7 @@ impl StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.quiet_since_ms.store(BASE.elapsed().as_millis() as u64, Relaxed);
+        self.0.quiet_since_ms.store(now_ms(), Relaxed);
         self.0.open.fetch_sub(1, Relaxed);
     }
 }
@@ -117,12 +157,24 @@ struct Shared {
     client: ClientConn,
     streams: Arc<Streams>,
     request_buffer_bytes: usize,
+    body_timeout: Duration,
 }
 
 /// A response body sent to the client; holds its stream's guard.
 pub struct RespBody {
     inner: Inner,
-    _stream: Option<StreamGuard>,
+    stream: StreamGuard,
+    /// A frame was handed over and the next not asked for yet (counted in the connection's
+    /// `waiting_on_client`).
+    waiting: bool,
+}
+
+impl Drop for RespBody {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.stream.0.waiting_on_client.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 enum Inner {
@@ -131,8 +183,8 @@ enum Inner {
 }
 
 impl RespBody {
-    fn full(data: Bytes, guard: StreamGuard) -> Self {
-        RespBody { inner: Inner::Full(Some(data)), _stream: Some(guard) }
+    fn new(inner: Inner, stream: StreamGuard) -> Self {
+        RespBody { inner, stream, waiting: false }
     }
 }
 
@@ -141,10 +193,21 @@ impl Body for RespBody {
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        let streams = &this.stream.0;
+        streams.last_taken_ms.store(now_ms(), Relaxed);
+        if std::mem::take(&mut this.waiting) {
+            streams.waiting_on_client.fetch_sub(1, Relaxed);
+        }
+        let polled = match &mut this.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             Inner::Upstream(u) => Pin::new(u).poll_frame(cx).map_err(Into::into),
+        };
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.is_end_stream() {
+            this.waiting = true;
+            streams.waiting_on_client.fetch_add(1, Relaxed);
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -163,10 +226,11 @@ impl Body for RespBody {
 }
 
 /// An HTTP/2 client's request body, streamed upstream; `prefix` is what was read while trying
-/// to buffer it.
+/// to buffer it. Each read waits at most `timeout` (`client_body_timeout`).
 struct H2Body {
     body: Incoming,
     prefix: Option<Bytes>,
+    timeout: Duration,
 }
 
 impl BodySource for H2Body {
@@ -175,7 +239,10 @@ impl BodySource for H2Body {
             return Some(Ok(p));
         }
         loop {
-            match self.body.frame().await? {
+            let Ok(frame) = tokio::time::timeout(self.timeout, self.body.frame()).await else {
+                return Some(Err(format!("no request body data within {:?}", self.timeout)));
+            };
+            match frame? {
                 Err(e) => return Some(Err(e.to_string())),
                 Ok(frame) => match frame.into_data() {
                     Ok(data) => return Some(Ok(data)),
@@ -188,7 +255,7 @@ impl BodySource for H2Body {
 
 /// The proxy's own answer.
 fn error_response(e: ProxyError, node: &HeaderValue, guard: StreamGuard) -> Response<RespBody> {
-    let mut resp = Response::new(RespBody::full(Bytes::from(e.body().into_owned()), guard));
+    let mut resp = Response::new(RespBody::new(Inner::Full(Some(Bytes::from(e.body().into_owned()))), guard));
     *resp.status_mut() = e.status();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
@@ -220,7 +287,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         Err(e) => (error_response(e, &proxy.node_id, guard), None),
         Ok((resp, backend)) => {
             let (parts, body) = resp.into_parts();
-            (Response::from_parts(parts, RespBody { inner: body, _stream: Some(guard) }), Some(backend))
+            (Response::from_parts(parts, RespBody::new(body, guard)), Some(backend))
         }
     };
     if let (Some(line), Some(log)) = (log_line, proxy.access_log.load().as_ref()) {
@@ -286,7 +353,7 @@ async fn forward_h2(
         proxy.count_error(e);
     })?;
     forward::admit(proxy, runtime, &shared.client, !body.is_end_stream()).await?;
-    let mut source = H2Body { body, prefix: None };
+    let mut source = H2Body { body, prefix: None, timeout: shared.body_timeout };
     let (body, framing) = if source.body.is_end_stream() {
         (RequestBody::None, length.map_or(Framing::None, Framing::Length))
     } else {

@@ -15,10 +15,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::Proxy;
-use super::client_h1::{self, ClientIo, Limits};
+use super::client_h1::{self, ClientIo};
 use super::client_h2;
 use super::forward::ClientConn;
+use super::{Limits, Proxy};
 
 /// After accepting stops, how long just-accepted connections get to send their first request
 /// before idle connections are closed.
@@ -137,7 +137,7 @@ async fn connection(
     match is_h2 {
         Ok(Ok(true)) => {
             let io = Prefixed { prefix: buf, inner: stream };
-            client_h2::serve(proxy, client, io, limits.keepalive_timeout, limits.request_buffer_bytes, stop).await
+            client_h2::serve(proxy, client, io, &limits, stop).await
         }
         Ok(Ok(false)) if buf.is_empty() => {}
         Ok(Ok(false)) => {

@@ -16,6 +16,7 @@ pub mod upstream;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
@@ -24,6 +25,23 @@ use crate::balance::{Picker, picker_for};
 use crate::config::{Config, StickySettings, UpstreamSettings};
 use crate::limit::Limiter;
 use crate::pool::Pool;
+
+/// Limits applied to every client connection (`[node]` keys).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    /// How long a kept-alive connection may sit idle between requests.
+    pub keepalive_timeout: Duration,
+    /// How long a client may send nothing while its request body is expected.
+    pub body_timeout: Duration,
+    /// How long a write to a client may wait for it to read.
+    pub send_timeout: Duration,
+    /// How long an upgraded connection may carry nothing either way.
+    pub tunnel_timeout: Duration,
+    /// Bodies up to this size are read whole before a backend is picked (0: never).
+    pub request_buffer_bytes: usize,
+}
 
 /// nginx `stub_status`-style totals of this node.
 #[derive(Debug, Default)]

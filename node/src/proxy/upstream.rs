@@ -58,12 +58,6 @@ pub enum RequestBody<S> {
     Stream(S),
 }
 
-impl<S> RequestBody<S> {
-    pub fn is_none(&self) -> bool {
-        matches!(self, RequestBody::None)
-    }
-}
-
 /// Writes `data` to the backend within `timeout` (nginx's `proxy_send_timeout`).
 async fn write_upstream<W: AsyncWrite + Unpin>(
     up: &mut W,
@@ -127,18 +121,23 @@ pub async fn exchange<S: BodySource>(
 ) -> Result<ResponseHead, ExchangeError> {
     let may_be_stale = conn.reused;
     match body {
-        RequestBody::Buffered(data) if head.len() + data.len() <= 16 * 1024 => {
-            // Head and a small body in one write; it fits the socket buffer of an idle connection.
-            let mut both = Vec::with_capacity(head.len() + data.len());
-            both.extend_from_slice(head);
-            both.extend_from_slice(data);
-            conn.stream.write_all(&both).await.map_err(ExchangeError::Unsent)?;
-        }
-        RequestBody::Buffered(data) => {
-            conn.stream.write_all(head).await.map_err(ExchangeError::Unsent)?;
-            write_upstream(&mut conn.stream, data, timeout).await?;
-        }
         RequestBody::None => conn.stream.write_all(head).await.map_err(ExchangeError::Unsent)?,
+        RequestBody::Buffered(data) => {
+            // Head and body in one vectored write; nothing written counts as unsent.
+            let mut out = bytes::Buf::chain(head, &data[..]);
+            let total = head.len() + data.len();
+            let write = tokio::time::timeout(timeout, conn.stream.write_all_buf(&mut out));
+            let e = match write.await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) if bytes::Buf::remaining(&out) == total => return Err(ExchangeError::Unsent(e)),
+                Ok(Err(e)) => Some(e),
+                Err(_) => return Err(ExchangeError::Timeout),
+            };
+            if let Some(e) = e {
+                let Upstream { stream, read_buf, .. } = conn;
+                return answer_after_write_error(stream, read_buf, head_request, may_be_stale, timeout, e).await;
+            }
+        }
         RequestBody::Stream(source) => {
             conn.stream.write_all(head).await.map_err(ExchangeError::Unsent)?;
             let Upstream { stream, read_buf, .. } = conn;
@@ -149,20 +148,9 @@ pub async fn exchange<S: BodySource>(
                 tokio::select! {
                     sent = &mut send => match sent {
                         Ok(()) => break,
-                        // The backend may have answered and closed: its answer is what counts.
                         Err(ExchangeError::Io(e)) => {
-                            let read = read_head(&mut rd, read_buf, head_request, may_be_stale);
-                            return match tokio::time::timeout(timeout, read).await {
-                                Ok(Ok(mut head)) if !head.status.is_informational() => {
-                                    head.keep_alive = false;
-                                    Ok(head)
-                                }
-                                // A reused connection that broke before any response byte: the
-                                // backend had closed it while idle.
-                                Ok(Err(ExchangeError::Stale)) => Err(ExchangeError::Stale),
-                                _ if may_be_stale && read_buf.is_empty() => Err(ExchangeError::Stale),
-                                _ => Err(ExchangeError::Io(e)),
-                            };
+                            return answer_after_write_error(&mut rd, read_buf, head_request, may_be_stale, timeout, e)
+                                .await;
                         }
                         Err(e) => return Err(e),
                     },
@@ -191,6 +179,30 @@ pub async fn exchange<S: BodySource>(
             continue;
         }
         return Ok(head);
+    }
+}
+
+/// After writing the body failed: the backend may have answered and closed (a 413 or 401
+/// before it read the body), and its answer is what counts; a reused connection that broke
+/// before any response byte had been closed by the backend while idle. The connection is not
+/// reused after this.
+async fn answer_after_write_error<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    read_buf: &mut BytesMut,
+    head_request: bool,
+    may_be_stale: bool,
+    timeout: Duration,
+    e: io::Error,
+) -> Result<ResponseHead, ExchangeError> {
+    let read = read_head(reader, read_buf, head_request, may_be_stale);
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(mut head)) if !head.status.is_informational() => {
+            head.keep_alive = false;
+            Ok(head)
+        }
+        Ok(Err(ExchangeError::Stale)) => Err(ExchangeError::Stale),
+        _ if may_be_stale && read_buf.is_empty() => Err(ExchangeError::Stale),
+        _ => Err(ExchangeError::Io(e)),
     }
 }
 
