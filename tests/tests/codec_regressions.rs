@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use shoal_tests::raw::{RawConn, RawHead, RawServer, default_answer, finish};
-use shoal_tests::{Node, RawClient, wait_until};
+use shoal_tests::{Node, RawClient, pattern, wait_until};
 use tokio::task::JoinHandle;
 
 type R = anyhow::Result<()>;
@@ -41,19 +41,6 @@ const ONE_SECOND: Duration = Duration::from_secs(1);
 /// A node in front of `server` with backend options `opts` (e.g. `",max_fails=0"`) and a config.
 async fn node_for(id: &str, server: &RawServer, opts: &str, config: &str) -> anyhow::Result<Node> {
     Node::builder(id).config(config).backend_spec(&format!("{}{opts}", server.addr)).start().await
-}
-
-/// `n` deterministic pseudo-random bytes (xorshift): a lost or reordered byte shows.
-fn pattern(n: usize) -> Vec<u8> {
-    let mut x: u32 = 0x2545_f491;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn lossy(b: &[u8]) -> String {
