@@ -258,6 +258,9 @@ mod tests {
         assert!(head.ends_with("\r\ncontent-length: 0\r\n\r\n"), "a zero length stays: {head}");
         let head = upstream_head(b"GET / HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n");
         assert!(head.contains("\r\ncookie: a=1; b=2\r\n"), "one Cookie line: {head}");
+        let head =
+            upstream_head(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: cookie\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n");
+        assert!(!head.to_ascii_lowercase().contains("cookie"), "Connection names Cookie: {head}");
     }
 
     #[test]

@@ -182,15 +182,6 @@ pub fn write_head<'f>(
             v.extend_from_slice(b", ");
             continue;
         }
-        if i.cookies > 1 && name.eq_ignore_ascii_case("cookie") {
-            // One Cookie line (RFC 9113 §8.2.3 for HTTP/2 crumbs; RFC 6265 §5.4 for HTTP/1.1).
-            let v = cookie.get_or_insert_with(Vec::new);
-            if !v.is_empty() {
-                v.extend_from_slice(b"; ");
-            }
-            v.extend_from_slice(value);
-            continue;
-        }
         if name.eq_ignore_ascii_case("connection")
             || name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case("expect")
@@ -202,6 +193,15 @@ pub fn write_head<'f>(
             || (i.named_in_connection && !fields::is_pinned(name) && named_in(fields.clone(), name))
             || (target.authority.is_some() && name.eq_ignore_ascii_case("host"))
         {
+            continue;
+        }
+        if i.cookies > 1 && name.eq_ignore_ascii_case("cookie") {
+            // One Cookie line (RFC 9113 §8.2.3 for HTTP/2 crumbs; RFC 6265 §5.4 for HTTP/1.1).
+            let v = cookie.get_or_insert_with(Vec::new);
+            if !v.is_empty() {
+                v.extend_from_slice(b"; ");
+            }
+            v.extend_from_slice(value);
             continue;
         }
         push_field(out, name.as_bytes(), value);
