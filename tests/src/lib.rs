@@ -40,6 +40,7 @@ pub mod cluster;
 pub mod http;
 pub mod load;
 pub mod node;
+pub mod paced;
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
