@@ -1018,6 +1018,13 @@ impl NetLab {
         self.add_rule(&from, &dst.to_string(), "prohibit")
     }
 
+    /// Silently drops every packet to `dst` that crosses the switch (a `blackhole` rule), e.g.
+    /// a node namespace with nothing listening: connects to it time out instead of being
+    /// refused (SYNs dropped).
+    pub fn blackhole_to(&mut self, dst: IpAddr) -> anyhow::Result<()> {
+        self.add_rule("all", &dst.to_string(), "blackhole")
+    }
+
     /// Removes every partition and block.
     pub fn heal(&mut self) -> anyhow::Result<()> {
         for prio in std::mem::take(&mut self.rules) {
