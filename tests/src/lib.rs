@@ -37,10 +37,12 @@ pub mod backend;
 pub mod bins;
 pub mod chaos;
 pub mod cluster;
+pub mod gossip;
 pub mod http;
 pub mod load;
 pub mod node;
 pub mod paced;
+pub mod state;
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener, UdpSocket};

@@ -212,7 +212,7 @@ async fn a_broken_file_keeps_the_old_config_under_load() -> R {
         load.completed() >= n + 300
     })
     .await?;
-    let failed_line = node.log().lines().filter(|l| l.contains("reload failed")).last().unwrap_or_default().to_string();
+    let failed_line = node.log_plain().lines().rfind(|l| l.contains("reload failed")).unwrap_or_default().to_string();
     assert!(
         failed_line.contains("shoald.toml") && failed_line.contains("line 3"),
         "the log names the file and the line: {failed_line}"
