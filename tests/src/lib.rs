@@ -23,6 +23,12 @@
 //! - [`chaos`]: what the chaos suite adds: a DNS client for Shoal's responder, a DNS
 //!   round-robin load generator that retries the next address like a browser ([`DnsLoad`]),
 //!   network namespaces to partition nodes ([`NetLab`]) and a TCP [`Relay`] into them.
+//! - [`paced`]: open-loop load at a fixed request rate (each request on its own task), for
+//!   rate limits: the offered rate is exact and delayed answers do not slow the rest.
+//! - [`state`]: reads a node's persisted `data_dir/shoal-state.bin` (the registry), so a test
+//!   waits until a node has written what it merged.
+//! - [`gossip`]: opens and seals gossip datagrams with a cluster secret, per the documented
+//!   wire format (e.g. a genuine payload with a timestamp outside the replay window).
 //! - [`wait_until`]: polls a condition until a deadline; tests never sleep for a condition.
 //!
 //! ## Rules the tests follow
