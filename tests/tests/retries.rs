@@ -171,3 +171,51 @@ async fn random_two_spreads_and_avoids_a_backend_with_many_in_flight() -> R {
     assert!(skew.from("a") > 100 && skew.from("b") > 100, "the others share the rest: {skew}");
     Ok(())
 }
+
+/// README: random-two is "power of two choices over the cluster-wide load". Node 1 keeps
+/// requests piled on a slow backend; node 2, with nothing in flight itself, sees them through
+/// gossip and keeps its own requests off that backend. On local load only, node 2 would send
+/// it about a third of them (it is in 2 of the 3 possible pairs and ties half the time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_two_uses_the_cluster_wide_load() -> R {
+    let bs = Backend::start_many(&["slow", "f1", "f2"]).await?;
+    bs[0].set_delay(Duration::from_millis(400));
+    let slow = bs[0].addr;
+    let c = shoal_tests::Cluster::builder("r2c", 2)
+        .algorithm("random-two")
+        .backend(&bs[0])
+        .backend(&bs[1])
+        .backend(&bs[2])
+        .start()
+        .await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    let load = Load::new(c[0].proxy).concurrency(24).until_stopped().spawn();
+    shoal_tests::cluster::wait_backend(
+        &[&c[1]],
+        slow,
+        "carries node 1's load in node 2's view",
+        Duration::from_secs(3),
+        |e| e["in_flight"] == 0 && e["cluster_in_flight"].as_u64() >= Some(3),
+    )
+    .await?;
+    // One request at a time through node 2, over ~10 gossip rounds.
+    let mut probes = Vec::new();
+    for _ in 0..30 {
+        let e = shoal_tests::cluster::backend_entry(&c[1], slow).await;
+        let r = get(c[1].proxy, "/").await?;
+        assert_eq!(r.status.as_u16(), 200, "{r:?}");
+        probes.push((e["cluster_in_flight"].as_u64().unwrap_or(0), r.body));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let s = load.stop().await;
+    assert_eq!(s.failed(), 0, "{s}");
+    let to_slow = probes.iter().filter(|p| p.1 == "slow").count();
+    let loaded = probes.iter().filter(|p| p.0 >= 2).count();
+    println!(
+        "RANDOM-TWO cluster: node 2 sent {to_slow} of 30 to slow; (slow's cluster in-flight it saw, answer): {probes:?}"
+    );
+    assert!(loaded >= 25, "node 2 saw node 1's load on slow in only {loaded} of 30 probes: {probes:?}");
+    // P(<= 3 of 30) with a one-in-three chance each is 0.3 %.
+    assert!(to_slow <= 3, "{to_slow} of 30 requests through node 2 went to the backend node 1 loaded: {probes:?}");
+    Ok(())
+}
