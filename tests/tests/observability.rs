@@ -427,8 +427,16 @@ async fn garbage_datagrams_are_counted_without_a_secret_too() -> R {
     let before = node.metric("shoal_gossip_rejected_datagrams", &[]).await;
     assert!(before.is_some(), "the metric exists");
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    // Bytes no chitchat codec decodes: an unknown message tag first, then noise.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for i in 0..5u8 {
-        let junk: Vec<u8> = (0..100u8).map(|k| k.wrapping_mul(31).wrapping_add(i)).collect();
+        let mut junk = vec![0xff, 0xfe, i];
+        junk.extend((0..100).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        }));
         udp.send_to(&junk, node.gossip).await?;
     }
     let want = before.unwrap_or(0.0) + 5.0;
