@@ -252,6 +252,10 @@ pub struct Attempt {
     pub addr: IpAddr,
     /// On a reused keep-alive connection (else: while connecting).
     pub reused: bool,
+    /// On a reused connection: the request had been handed to the connection (it may have
+    /// reached the node) before it closed; `false`: the connection was closed before the
+    /// request went out (the plain keep-alive race).
+    pub sent: bool,
     pub error: String,
 }
 
@@ -313,8 +317,9 @@ impl Conn {
 
 /// Why an exchange failed.
 enum ExchangeError {
-    /// No response head arrived (the connection was closed, reset, or not usable).
-    BeforeResponse(String),
+    /// No response head arrived (the connection was closed, reset, or not usable); `true`
+    /// when the request had been handed to the connection first.
+    BeforeResponse(String, bool),
     /// The response head arrived but the body broke.
     Body(String),
 }
@@ -505,9 +510,11 @@ impl DnsLoad {
                         }
                         return (Some(ip), Ok((r.0, r.1)), r.2);
                     }
-                    Err(ExchangeError::BeforeResponse(e)) => {
-                        // The keep-alive race: retried on a new connection, as browsers do.
-                        retried.push(Attempt { addr: ip, reused: true, error: e });
+                    Err(ExchangeError::BeforeResponse(e, sent)) => {
+                        // The keep-alive race: retried on a new connection, once per address,
+                        // as browsers do; counted (`ChaosSummary::keepalive_retries`), and each
+                        // scenario bounds them by the connections its nodes could have closed.
+                        retried.push(Attempt { addr: ip, reused: true, sent, error: e });
                     }
                     Err(ExchangeError::Body(e)) => return (Some(ip), Err(format!("{ip}: {e}")), None),
                 }
@@ -515,7 +522,7 @@ impl DnsLoad {
             let mut s = match connect(SocketAddr::new(ip, self.port), self.connect_timeout).await {
                 Ok(s) => s,
                 Err(e) => {
-                    retried.push(Attempt { addr: ip, reused: false, error: e });
+                    retried.push(Attempt { addr: ip, reused: false, sent: false, error: e });
                     continue;
                 }
             };
@@ -526,7 +533,7 @@ impl DnsLoad {
                     }
                     (Some(ip), Ok((r.0, r.1)), r.2)
                 }
-                Err(ExchangeError::BeforeResponse(e)) => {
+                Err(ExchangeError::BeforeResponse(e, _)) => {
                     (Some(ip), Err(format!("{ip}: fresh connection failed before the response: {e}")), None)
                 }
                 Err(ExchangeError::Body(e)) => (Some(ip), Err(format!("{ip}: {e}")), None),
@@ -559,17 +566,19 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, String> {
 async fn exchange(c: &mut Conn, req: Request<Full<Bytes>>) -> Result<(u16, String, Option<String>), ExchangeError> {
     if let Err(e) = c.sender.ready().await {
         tokio::task::yield_now().await;
-        return Err(ExchangeError::BeforeResponse(format!(
-            "closed before the request was sent: {}{}",
-            chain(&e),
-            c.why()
-        )));
+        return Err(ExchangeError::BeforeResponse(
+            format!("closed before the request was sent: {}{}", chain(&e), c.why()),
+            false,
+        ));
     }
-    let resp = match c.sender.send_request(req).await {
+    let resp = match c.sender.try_send_request(req).await {
         Ok(r) => r,
         Err(e) => {
             tokio::task::yield_now().await;
-            return Err(ExchangeError::BeforeResponse(format!("{}{}", chain(&e), c.why())));
+            let text = format!("{}{}", chain(e.error()), c.why());
+            // hyper hands the request back when it never started writing it.
+            let sent = e.message().is_none();
+            return Err(ExchangeError::BeforeResponse(text, sent));
         }
     };
     let (parts, body) = resp.into_parts();
@@ -766,6 +775,19 @@ impl ChaosSummary {
         (w.len(), w.iter().filter(|r| r.is_ok()).count())
     }
 
+    /// Attempts on a reused keep-alive connection that was closed before any response byte,
+    /// each retried on a new connection (the keep-alive race), and how many of them had handed
+    /// the request to the connection first.
+    pub fn keepalive_retries(&self) -> (usize, usize) {
+        let reused = self.records.iter().flat_map(|r| &r.retried).filter(|a| a.reused);
+        let (mut all, mut sent) = (0, 0);
+        for a in reused {
+            all += 1;
+            sent += usize::from(a.sent);
+        }
+        (all, sent)
+    }
+
     /// Requests that tried `ip` and moved on (connect failures and keep-alive races there).
     pub fn retried_away_from(&self, ip: IpAddr) -> usize {
         self.records.iter().filter(|r| r.retried.iter().any(|a| a.addr == ip)).count()
@@ -784,7 +806,7 @@ impl fmt::Display for ChaosSummary {
         let p = |q: f64| lat.get(((lat.len().saturating_sub(1)) as f64 * q) as usize).copied().unwrap_or_default();
         write!(
             f,
-            "[{}] sent={} ok={} failed={} statuses={:?} errors={} retried={} (attempts {}) per_node={:?} per_backend={:?} p50={:?} p99={:?} max={:?} resolutions={} in {:?}; samples={:?}",
+            "[{}] sent={} ok={} failed={} statuses={:?} errors={} retried={} (attempts {}) keepalive_retries={:?} per_node={:?} per_backend={:?} p50={:?} p99={:?} max={:?} resolutions={} in {:?}; samples={:?}",
             self.label,
             self.sent,
             self.ok,
@@ -793,6 +815,7 @@ impl fmt::Display for ChaosSummary {
             self.errors,
             self.retried_requests,
             self.retried_attempts,
+            self.keepalive_retries(),
             self.per_node,
             self.per_backend,
             p(0.5),
@@ -1016,6 +1039,13 @@ impl NetLab {
     pub fn block(&mut self, i: usize, dst: IpAddr) -> anyhow::Result<()> {
         let from = self.node_net(i);
         self.add_rule(&from, &dst.to_string(), "prohibit")
+    }
+
+    /// Silently drops every packet to `dst` that crosses the switch (a `blackhole` rule), e.g.
+    /// a node namespace with nothing listening: connects to it time out instead of being
+    /// refused (SYNs dropped).
+    pub fn blackhole_to(&mut self, dst: IpAddr) -> anyhow::Result<()> {
+        self.add_rule("all", &dst.to_string(), "blackhole")
     }
 
     /// Removes every partition and block.

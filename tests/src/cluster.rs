@@ -48,6 +48,7 @@ pub struct ClusterBuilder {
     hosts: Vec<IpAddr>,
     proxy_port: Option<u16>,
     wrappers: Vec<(usize, Vec<String>)>,
+    gossip_debug: bool,
 }
 
 impl ClusterBuilder {
@@ -129,6 +130,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// Every node logs each gossip datagram it rejects (see [`NodeBuilder::gossip_debug`]).
+    pub fn gossip_debug(mut self) -> Self {
+        self.gossip_debug = true;
+        self
+    }
+
     /// Gives every node `--data-dir <cluster dir>/data-<id>` (kept across [`Cluster::restart`]).
     pub fn data_dirs(mut self) -> Self {
         self.data_dirs = true;
@@ -152,6 +159,9 @@ impl ClusterBuilder {
             Node::builder(&self.id(i)).host(self.host(i)).gossip_addr(gossip).arg("--cluster-id").arg(&self.cluster_id);
         if let Some(p) = self.proxy_port {
             b = b.proxy_port(p);
+        }
+        if self.gossip_debug {
+            b = b.gossip_debug();
         }
         if let Some((_, w)) = self.wrappers.iter().find(|(n, _)| *n == i) {
             b = b.wrapper(w);
@@ -231,6 +241,7 @@ impl Cluster {
             hosts: Vec::new(),
             proxy_port: None,
             wrappers: Vec::new(),
+            gossip_debug: false,
         }
     }
 

@@ -25,6 +25,12 @@
 //!   network namespaces to partition nodes ([`NetLab`]) and a TCP [`Relay`] into them.
 //! - [`raw`]: [`RawServer`], a scripted raw-TCP backend recording every byte it receives, and
 //!   [`RawClient`], a strict raw-TCP client (byte-exact codec tests).
+//! - [`paced`]: open-loop load at a fixed request rate (each request on its own task), for
+//!   rate limits: the offered rate is exact and delayed answers do not slow the rest.
+//! - [`state`]: reads a node's persisted `data_dir/shoal-state.bin` (the registry), so a test
+//!   waits until a node has written what it merged.
+//! - [`gossip`]: opens and seals gossip datagrams with a cluster secret, per the documented
+//!   wire format (e.g. a genuine payload with a timestamp outside the replay window).
 //! - [`wait_until`]: polls a condition until a deadline; tests never sleep for a condition.
 //!
 //! ## Rules the tests follow
@@ -39,10 +45,13 @@ pub mod backend;
 pub mod bins;
 pub mod chaos;
 pub mod cluster;
+pub mod gossip;
 pub mod http;
 pub mod load;
 pub mod node;
+pub mod paced;
 pub mod raw;
+pub mod state;
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener, UdpSocket};

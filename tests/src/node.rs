@@ -23,6 +23,10 @@ use crate::backend::Backend;
 use crate::http::{RawResponse, raw_exchange};
 use crate::{TempDir, bins, free_port};
 
+/// The `RUST_LOG` directive that makes the sealed gossip transport log each rejection
+/// (`dropped a gossip datagram ... from=ADDR bytes=N`).
+pub const GOSSIP_DEBUG: &str = "shoal_node::cluster::transport=debug";
+
 /// Signals a test sends to a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
@@ -124,6 +128,13 @@ impl NodeBuilder {
     pub fn arg(mut self, a: &str) -> Self {
         self.args.push(a.into());
         self
+    }
+
+    /// Logs every gossip datagram the node rejects (debug level for the sealed transport, on
+    /// top of `SHOAL_TEST_LOG`), which [`Node::settled_rejected_datagrams`] needs.
+    pub fn gossip_debug(self) -> Self {
+        let level = std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into());
+        self.env("RUST_LOG", &format!("{level},{GOSSIP_DEBUG}"))
     }
 
     /// An environment variable for the process (e.g. `RUST_LOG`).
@@ -370,6 +381,54 @@ impl Node {
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let text = self.metrics_text().await.ok()?;
         metric_value(&text, name, labels)
+    }
+
+    /// The log with terminal colour codes removed (tracing colours field names).
+    pub fn log_plain(&self) -> String {
+        let log = self.log();
+        let mut out = String::with_capacity(log.len());
+        let mut chars = log.chars();
+        while let Some(ch) = chars.next() {
+            if ch == '\x1b' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(ch);
+            }
+        }
+        out
+    }
+
+    /// Log lines of gossip datagrams this node rejected that came from `from` (needs
+    /// [`NodeBuilder::gossip_debug`]).
+    pub fn rejections_logged_from(&self, from: SocketAddr) -> usize {
+        let want = format!("from={from} ");
+        self.log_plain().lines().filter(|l| l.contains("dropped a gossip datagram") && l.contains(&want)).count()
+    }
+
+    /// `shoal_gossip_rejected_datagrams` once every datagram sent to the node so far has been
+    /// handled: sends one junk datagram from a fresh socket and waits until the node logs its
+    /// rejection. The node handles its gossip socket's datagrams in arrival order, and counts a
+    /// rejection before logging it, so the value read then includes everything sent before
+    /// (and this junk datagram). Needs [`NodeBuilder::gossip_debug`].
+    pub async fn settled_rejected_datagrams(&self, timeout: Duration) -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let me = udp.local_addr()?;
+        udp.send_to(b"settle: not a gossip datagram", self.gossip).await?;
+        while self.rejections_logged_from(me) == 0 {
+            if start.elapsed() > timeout {
+                bail!(
+                    "{}: the settling datagram from {me} was not logged as rejected within {timeout:?} (is the node started with gossip_debug()?)",
+                    self.id
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.metric("shoal_gossip_rejected_datagrams", &[]).await.context("no shoal_gossip_rejected_datagrams")
     }
 
     /// The status code of `/ready` (0 when the admin listener does not answer).

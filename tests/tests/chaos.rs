@@ -1,8 +1,9 @@
 //! The chaos suite: a 3-node cluster under load from DNS round-robin clients while nodes are
 //! killed, leave, restart, get partitioned, backends die or flap, and strangers send forged
 //! gossip and unauthenticated calls. Every scenario asserts figures against the product's
-//! targets (dead on every peer < 5 s, out of every DNS answer < 5 s, shared ejection < 1 s,
-//! convergence after a partition < 5 s, zero failed requests where the contract says zero) and
+//! targets, each the documented figure with stated headroom (dead on every peer < 2 s, out of
+//! every DNS answer < 2 s, shared ejection < 600 ms, convergence after a partition or a
+//! restart < 2 s, zero failed requests where the contract says zero) and
 //! prints them as one `CHAOS scenario=<name> key=value ...` line (`docs/CHAOS.md`).
 //!
 //! Clients are [`DnsLoad`]s: they resolve `lb.test.internal` through the nodes' own responders
@@ -27,24 +28,52 @@ use serde_json::Value;
 use shoal_tests::chaos::{Figures, dns_addrs, serial, wait_dns};
 use shoal_tests::cluster::{backend_entry, find_backend, member_states, wait_backend};
 use shoal_tests::http::{RawResponse, raw_exchange};
+use shoal_tests::state::RegOp;
 use shoal_tests::{
     Backend, Cluster, ClusterBuilder, DnsLoad, Load, NetLab, Node, Records, Relay, Shoal, Signal, TempDir, free_port,
+    wait_until,
 };
 
 type R = anyhow::Result<()>;
 
 const NAME: &str = "lb.test.internal";
-/// Product targets.
-const DEAD_TARGET: Duration = Duration::from_secs(5);
-const DNS_TARGET: Duration = Duration::from_secs(5);
-const SHARED_EJECTION_TARGET: Duration = Duration::from_secs(1);
-const CONVERGE_TARGET: Duration = Duration::from_secs(5);
+/// The default gossip interval the nodes run with.
+const GOSSIP_INTERVAL_MS: u64 = 150;
+/// Product targets, each the documented figure with stated headroom.
+/// README/OPERATIONS: a killed node is `dead` on its peers "within ~1 s" (0.95 s measured);
+/// 2x that, the scenarios run under load on 2 cores.
+const DEAD_TARGET: Duration = Duration::from_secs(2);
+/// The responders answer with alive members only, so a dead node leaves DNS when it turns
+/// dead: the same bound (measured: 1 ms after `dead`).
+const DNS_TARGET: Duration = DEAD_TARGET;
+/// OPERATIONS: "out of rotation on all nodes within one gossip round" (150 ms): the round plus
+/// the publish tick before it and the view tick after it, plus polling slack.
+const SHARED_EJECTION_TARGET: Duration = Duration::from_millis(3 * GOSSIP_INTERVAL_MS + 150);
+/// OPERATIONS: a restarted node "is `alive` on them within about a second"; a healed
+/// partition is the same rejoin. 2x, as for `dead`.
+const CONVERGE_TARGET: Duration = Duration::from_secs(2);
 /// How often the clients re-resolve (the responders' TTL is 1 s too).
 const REFRESH: Duration = Duration::from_secs(1);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
+
+/// The clients retry a request on a new connection when a reused keep-alive one closes before
+/// any response byte (the keep-alive race, as browsers do). Each such retry needs a kept-alive
+/// connection that a node closed or lost, so a scenario bounds them: `bound` = keep-alive
+/// clients x the node connections that went away (0 when no node closes or loses any). More
+/// would be the proxy dropping requests on open connections, hidden by the clients. Adds the
+/// counts to the figures.
+fn bound_keepalive_retries(l: &shoal_tests::ChaosSummary, bound: usize, f: &mut Figures) {
+    let (all, sent) = l.keepalive_retries();
+    f.add(&format!("{}_keepalive_retries", l.label), all).add(&format!("{}_keepalive_retries_sent", l.label), sent);
+    assert!(
+        all <= bound,
+        "[{}] {all} keep-alive races retried ({sent} after the request was sent), bound {bound}: {l}",
+        l.label
+    );
+}
 
 /// A cluster whose node `i` binds everything on 127.77.<net>.<i>, with one proxy port for all
 /// and a DNS responder (TTL 1 s) on each node's address. `leave_grace` is 1.5 s: the TTL, plus
@@ -182,7 +211,13 @@ async fn kill_9_a_node_under_dns_load() -> R {
         .add("zone_retried_to_dead", z.retried_away_from(victim_ip))
         .add_ms("dead_ms", max_of(&dead))
         .add_ms("dns_removed_ms", max_of(&dns_gone));
+    // Strict clients never reuse a connection; each keep-alive zone client had one connection
+    // to the killed node.
+    bound_keepalive_retries(&s, 0, &mut f);
+    bound_keepalive_retries(&z, ZONE, &mut f);
     f.print();
+    let races: Vec<_> = z.records.iter().flat_map(|r| &r.retried).filter(|a| a.reused && a.addr != victim_ip).collect();
+    assert!(races.is_empty(), "keep-alive races on surviving nodes: {races:?}");
     assert_eq!(dead.len(), 2, "{victim} not dead on both survivors within 10 s: {dead:?}");
     assert_eq!(dns_gone.len(), 2, "{victim_ip} still in a survivor's DNS answer after 10 s: {dns_gone:?}");
     for (id, d) in dead.iter().chain(dns_gone.iter()) {
@@ -250,6 +285,8 @@ async fn kill_9_a_backend_under_load() -> R {
         .add_ms("first_eject_ms", first)
         .add_ms("all_down_ms", last)
         .add_ms("spread_ms", last - first);
+    // Every node stays up: no client connection to a node is closed under it.
+    bound_keepalive_retries(&s, 0, &mut f);
     f.print();
     assert_eq!(down.len(), 3, "not down on every node within 5 s: {down:?}");
     assert_eq!(s.failed(), 0, "idempotent GETs are retried on another backend: {s}");
@@ -345,6 +382,10 @@ async fn leave_and_sigterm_under_dns_load() -> R {
         .add("served_while_leaving", served_by(&s, dc.ips[2], leave_at) + served_by(&k, dc.ips[2], leave_at))
         .add_ms("sigterm_dns_removed_ms", gone2)
         .add_ms("sigterm_exit_ms", left2);
+    // Two nodes leave; each keep-alive client may hold one connection to each.
+    bound_keepalive_retries(&s, 0, &mut f);
+    bound_keepalive_retries(&k, 4 * 2, &mut f);
+    bound_keepalive_retries(&z, 0, &mut f);
     f.print();
     assert!(gone3 <= Duration::from_secs(1) && gone2 <= Duration::from_secs(1), "draining leaves DNS at once");
     assert!(left3 <= Duration::from_secs(6) && left2 <= Duration::from_secs(6), "{left3:?} {left2:?}");
@@ -521,6 +562,9 @@ async fn partition_scenario(lab: &mut NetLab) -> R {
         .add_ms("converge_after_heal_ms", converged)
         .add_ms("dns_converge_after_heal_ms", converged + dns_converged)
         .add_ms("backends_up_after_heal_ms", backends_up);
+    // The cut is between the nodes (and node 1 and backend c), never the clients' links.
+    bound_keepalive_retries(&s1, 0, &mut f);
+    bound_keepalive_retries(&s23, 0, &mut f);
     f.print();
     assert!(detect <= DEAD_TARGET, "each side saw the other dead after {seen_dead:?}");
     assert!(converged <= CONVERGE_TARGET, "views converged {converged:?} after the heal");
@@ -584,6 +628,9 @@ async fn rolling_restart_under_dns_load() -> R {
         .add_ms("cycle_max_ms", figures.iter().map(|x| x.0).max().unwrap_or_default())
         .add_ms("rejoin_max_ms", figures.iter().map(|x| x.1).max().unwrap_or_default())
         .add_ms("back_in_dns_max_ms", figures.iter().map(|x| x.1 + x.2).max().unwrap_or_default());
+    // Three restarts; each keep-alive client may hold one connection to each restarted node.
+    bound_keepalive_retries(&s, 0, &mut f);
+    bound_keepalive_retries(&k, 4 * 3, &mut f);
     f.print();
     assert!(s.sent >= 200 && k.sent >= 200, "too little traffic to judge: {s} / {k}");
     assert_eq!(s.failed(), 0, "one connection per request: {s}");
@@ -685,6 +732,8 @@ async fn a_flapping_backend_does_not_thrash_the_cluster() -> R {
         .add("flapper_requests", got[2])
         .add("other_backend_requests_avg", others as u64)
         .add("flapper_health_checks", checks);
+    // Backends flap, nodes do not: no client connection to a node is closed under it.
+    bound_keepalive_retries(&s, 0, &mut f);
     f.print();
     assert_eq!(s.failed(), 0, "{s}");
     assert_eq!((tf.len(), ts.len()), (3, 3), "{seen:?}");
@@ -697,6 +746,26 @@ async fn a_flapping_backend_does_not_thrash_the_cluster() -> R {
         got[2],
         &got[..2]
     );
+
+    // The bound above also holds with active checks off, so: `sick` failing its check for good
+    // must be marked down on every node (fall 3 x 200 ms, plus one interval and slack), get no
+    // more requests, and come back after rise 2 good checks.
+    const CHECK_VERDICT_WITHIN: Duration = Duration::from_millis(3 * 200 + 200 + 600);
+    bs[3].set_health_status(500);
+    let down_after = wait_backend(&all, sick, "is down on every node by its own checks", CHECK_VERDICT_WITHIN, |e| {
+        e["state"] == "down" && e["own_verdict"] == "down"
+    })
+    .await?;
+    let before = bs[3].requests();
+    for n in &dc.c.nodes {
+        let s = Load::new(n.proxy).concurrency(2).count(20).run().await;
+        assert_eq!(s.ok, 20, "{}: {s}", n.id);
+    }
+    assert_eq!(bs[3].requests(), before, "no node sends requests to a backend its checks found down");
+    bs[3].set_health_status(200);
+    let up_after =
+        wait_backend(&all, sick, "is up again on every node", CHECK_VERDICT_WITHIN, |e| e["state"] == "up").await?;
+    println!("sick failing for good: down everywhere after {down_after:?}; good again: up after {up_after:?}");
     Ok(())
 }
 
@@ -720,8 +789,17 @@ async fn the_registry_survives_a_crash_of_the_whole_cluster() -> R {
     wait_backend(&all, b, "is added everywhere", Duration::from_secs(3), |e| e["weight"] == 4).await?;
     wait_backend(&all, gone, "is removed everywhere", Duration::from_secs(3), Value::is_null).await?;
     wait_backend(&all, a, "is draining everywhere", Duration::from_secs(3), |e| e["state"] == "draining").await?;
-    // Let every node persist what it merged from gossip.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every node has persisted what it merged from gossip (read back from its data dir).
+    let dirs: Vec<std::path::PathBuf> = c.nodes.iter().map(|n| c.dir().join(format!("data-{}", n.id))).collect();
+    wait_until(Duration::from_secs(3), "every node persisted the add, the remove and the drain", async || {
+        dirs.iter().all(|d| {
+            let op = |addr| shoal_tests::state::entry(d, addr).map(|e| (e.op, e.weight));
+            op(b) == Some((RegOp::Add, 4))
+                && op(gone).map(|o| o.0) == Some(RegOp::Remove)
+                && op(a).map(|o| o.0) == Some(RegOp::Drain)
+        })
+    })
+    .await?;
 
     // Power loss: every node at once, no leave.
     for n in &mut c.nodes {
@@ -780,7 +858,7 @@ async fn capture_datagram(id: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
 async fn forged_gossip_and_calls_without_the_secret_are_refused() -> R {
     let _serial = serial().await;
     let bs = Backend::start_many(&["a", "x"]).await?;
-    let c = Cluster::builder("sec", 3).secret(&secret32("right")).backend(&bs[0]).start().await?;
+    let c = Cluster::builder("sec", 3).secret(&secret32("right")).gossip_debug().backend(&bs[0]).start().await?;
     c.wait_converged(Duration::from_secs(10)).await?;
     let dir = TempDir::new("chaos-sec")?;
     let wrong = dir.write("wrong", &secret32("wrong"))?;
@@ -805,11 +883,10 @@ async fn forged_gossip_and_calls_without_the_secret_are_refused() -> R {
     forged.push(junk(200, b""));
     forged.push(junk(150, b"SHL1"));
     forged.push(junk(10, b"SHL1"));
-    // Let anything in flight land before counting.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Anything in flight handled before counting.
     let mut base = Vec::new();
     for n in &c.nodes {
-        base.push(n.metric("shoal_gossip_rejected_datagrams", &[]).await.expect("the metric exists"));
+        base.push(n.settled_rejected_datagrams(Duration::from_secs(5)).await?);
     }
     let sender = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     for n in &c.nodes {
@@ -830,10 +907,11 @@ async fn forged_gossip_and_calls_without_the_secret_are_refused() -> R {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Settling sends one more junk datagram after the forged ones and waits for it: every
+    // forged one has been handled by then, so a double count would show.
     let mut after = Vec::new();
     for n in &c.nodes {
-        after.push(n.metric("shoal_gossip_rejected_datagrams", &[]).await.unwrap_or(-1.0));
+        after.push(n.settled_rejected_datagrams(Duration::from_secs(5)).await? - 1.0);
     }
     assert_eq!(after, want, "each forged datagram rejected and counted once on each node (base {base:?})");
 

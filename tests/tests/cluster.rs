@@ -2,7 +2,8 @@
 //! `shoal` CLI (`--json`) and their admin `/status` and `/metrics`, in front of in-process
 //! backends. Each test asserts the cluster contract with figures: how long a state change
 //! takes to reach every peer (printed, and bounded by the targets: joining `alive` < 2 s,
-//! `left` < 1 s after leaving, `dead` < 5 s after `kill -9`, shared health < 1 s), exit codes,
+//! `left` < 1 s after leaving, `dead` < 2 s after `kill -9` (docs: ~1 s), shared health within
+//! one gossip round plus the ticks on either side (600 ms)), exit codes,
 //! counts of failed requests, and the peak concurrency a backend saw.
 //!
 //! Every node runs with the default gossip interval (150 ms) and leave grace (1 s).
@@ -11,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde_json::Value;
 use shoal_tests::cluster::{backend_entry, find_backend, member_states, wait_backend, wait_members};
 use shoal_tests::http::get;
@@ -24,9 +26,33 @@ type R = anyhow::Result<()>;
 /// Targets of the cluster contract.
 const JOIN_TARGET: Duration = Duration::from_secs(2);
 const LEAVE_TARGET: Duration = Duration::from_secs(1);
-const DEAD_TARGET: Duration = Duration::from_secs(5);
-const SHARED_HEALTH_TARGET: Duration = Duration::from_secs(1);
+/// The default gossip interval every node here runs with.
+const GOSSIP_INTERVAL_MS: u64 = 150;
+/// README/OPERATIONS: a killed node is `dead` on its peers "within ~1 s" (0.95 s measured on
+/// loopback); 2x that for a shared 2-core machine.
+const DEAD_TARGET: Duration = Duration::from_secs(2);
+/// OPERATIONS: out of rotation on all nodes "within one gossip round"; the round plus the
+/// publish tick that writes the verdict and the view tick that reads it (each up to one
+/// interval), plus 150 ms of polling and scheduling slack.
+const SHARED_HEALTH_TARGET: Duration = Duration::from_millis(3 * GOSSIP_INTERVAL_MS + 150);
 const REGISTRY_TARGET: Duration = Duration::from_secs(1);
+
+/// Milliseconds since the epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The HLC stamps `node` logged for changes it made to backend `addr`, in order (from its
+/// `backend registry changed here ... hlc=N` lines; colour codes removed).
+fn registry_stamps(node: &Node, addr: SocketAddr) -> Vec<u64> {
+    let plain = node.log_plain();
+    let want = format!("backend={addr}");
+    plain
+        .lines()
+        .filter(|l| l.contains("backend registry changed here") && l.contains(&want))
+        .filter_map(|l| l.split("hlc=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
 
 /// `n` sequential requests through `proxy` on one keep-alive connection.
 async fn sample(proxy: SocketAddr, n: usize) -> LoadSummary {
@@ -448,6 +474,44 @@ async fn backend_add_drain_remove_reach_every_node() -> R {
     assert_eq!(agreed.len(), 1, "last writer wins on every node: {agreed:?}");
     assert!(agreed.contains("11") || agreed.contains("22"), "{agreed:?}");
 
+    // Two writes a few ms apart on two nodes, faster than gossip: each is stamped by its own
+    // node's clock (the HLC each node logs), the stamps order them as the wall clock does, and
+    // the later one wins everywhere.
+    let mut stamps = Vec::new();
+    for (i, weight) in [(0usize, "33"), (1, "44")] {
+        if let Some((_, last)) = stamps.last() {
+            // The next write starts in a later millisecond than the previous one's stamp.
+            let after = *last >> 16;
+            wait_until(Duration::from_secs(1), "the wall clock passes the first write's stamp", async || {
+                now_ms() > after
+            })
+            .await?;
+        }
+        let logged = registry_stamps(&c[i], b).len();
+        let t0 = now_ms();
+        c.shoal(i).json(&["backend", "add", &b_text, "--weight", weight]).await?;
+        let t1 = now_ms();
+        let mut hlc = None;
+        wait_until(Duration::from_secs(2), "the node logs the change's HLC", async || {
+            hlc = registry_stamps(&c[i], b).get(logged).copied();
+            hlc.is_some()
+        })
+        .await?;
+        let hlc = hlc.unwrap_or_default();
+        // The HLC's physical part is the writing node's clock (ms) when it made the change, or a
+        // stamp it had already seen, if later.
+        assert!(
+            hlc >> 16 >= t0 && hlc >> 16 <= t1 + 5,
+            "{}: HLC {hlc} ({} ms) outside its call [{t0}, {t1}]",
+            c[i].id,
+            hlc >> 16
+        );
+        stamps.push((weight, hlc));
+    }
+    println!("sequential writes: {stamps:?}");
+    assert!(stamps[1].1 > stamps[0].1, "the later write has the larger stamp: {stamps:?}");
+    wait_backend(&all, b, "has the later write's weight everywhere", REGISTRY_TARGET, |e| e["weight"] == 44).await?;
+
     // exit codes: unknown backend 3, bad input 1, unreachable node 2
     for (op, i) in [("remove", 0), ("drain", 1)] {
         let out = c.shoal(i).run(&["backend", op, "127.0.0.1:1"]).await?;
@@ -808,7 +872,7 @@ async fn rejected_datagrams(n: &Node) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gossip_and_control_need_the_cluster_secret() -> R {
     let b = Backend::start("a").await?;
-    let c = Cluster::builder("sec", 3).secret(&secret32("right")).backend(&b).start().await?;
+    let c = Cluster::builder("sec", 3).secret(&secret32("right")).gossip_debug().backend(&b).start().await?;
     c.wait_converged(Duration::from_secs(10)).await?;
     let right = c.secret_file().expect("a secret");
     let dir = TempDir::new("sec-files")?;
@@ -868,10 +932,12 @@ async fn gossip_and_control_need_the_cluster_secret() -> R {
     let real = buf[..n].to_vec();
     drop(tap_node);
     assert!(real.starts_with(b"SHL1") && real.len() > 60, "a sealed datagram: {:?}", &real[..real.len().min(8)]);
-    // Let anything in flight from the intruder land before counting.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let r0 = rejected_datagrams(&c[0]).await;
-    let others: Vec<f64> = [rejected_datagrams(&c[1]).await, rejected_datagrams(&c[2]).await].to_vec();
+    // Anything in flight from the (killed) intruder handled before counting.
+    let r0 = c[0].settled_rejected_datagrams(Duration::from_secs(5)).await?;
+    let others = vec![
+        c[1].settled_rejected_datagrams(Duration::from_secs(5)).await?,
+        c[2].settled_rejected_datagrams(Duration::from_secs(5)).await?,
+    ];
     let mut forged: Vec<Vec<u8>> = Vec::new();
     for i in 0..5u8 {
         forged.push((0..200).map(|_| junk_byte(i)).collect());
@@ -898,8 +964,10 @@ async fn gossip_and_control_need_the_cluster_secret() -> R {
         rejected_datagrams(&c[0]).await >= want
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(rejected_datagrams(&c[0]).await, want, "each forged datagram counted once");
+    // Settling sends one more junk datagram after the forged ones and waits for it: every
+    // forged one has been handled by then, so any double count would show.
+    let settled = c[0].settled_rejected_datagrams(Duration::from_secs(5)).await?;
+    assert_eq!(settled, want + 1.0, "each forged datagram counted once (plus the settling one)");
     assert_eq!(vec![rejected_datagrams(&c[1]).await, rejected_datagrams(&c[2]).await], others);
     for n in &c.nodes {
         let m = member_states(n).await?;
@@ -923,6 +991,67 @@ async fn gossip_and_control_need_the_cluster_secret() -> R {
     assert_eq!(c[0].ready_status().await, 200, "the refused leave changed nothing");
     let ok = c.shoal(0).json(&["status"]).await?;
     assert_eq!(ok["members"].as_array().map(Vec::len), Some(3), "{ok}");
+    Ok(())
+}
+
+/// OPERATIONS: "timestamps bound replays to 60 s". A datagram sealed with the right secret but
+/// a timestamp outside the window (past or future) is refused and counted, while the same
+/// payload sealed with the current time is accepted: so the refusal is the timestamp's, and
+/// the test needs no minute of waiting. A tampered copy is refused and counted too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_datagrams_outside_the_replay_window_are_refused_and_counted() -> R {
+    use shoal_tests::gossip::{REPLAY_WINDOW_MS, Sealer, now_ms};
+    let b = Backend::start("a").await?;
+    let secret = secret32("replay");
+    let c = Cluster::builder("replay", 2).secret(&secret).gossip_debug().backend(&b).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    // A genuine datagram: from a node with the right secret that gossips to a socket of ours.
+    let tap = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let right = c.secret_file().expect("a secret");
+    let tap_node = Node::builder("replay-tap")
+        .arg("--cluster-id")
+        .arg(c.cluster_id())
+        .arg("--secret-file")
+        .arg(&right.display().to_string())
+        .arg("--seed")
+        .arg(&tap.local_addr()?.to_string())
+        .start()
+        .await?;
+    let mut buf = vec![0u8; 65536];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), tap.recv_from(&mut buf)).await??;
+    drop(tap_node);
+    let sealer = Sealer::new(secret.as_bytes());
+    let (ts, payload) = sealer.open(&buf[..n]).context("the captured datagram opens with the cluster secret")?;
+    assert!(ts.abs_diff(now_ms()) < 5_000, "its timestamp {ts} is about now ({})", now_ms());
+
+    let node = &c[0];
+    let settle = Duration::from_secs(5);
+    // Each case: the datagram, and how many rejections it must add. Each is sent from its own
+    // socket, so the node's log tells which datagram it rejected; the settling junk datagram
+    // (one more rejection) marks when everything before it was handled.
+    let fresh = sealer.seal(now_ms(), &payload);
+    let mut tampered = fresh.clone();
+    let mid = tampered.len() / 2;
+    tampered[mid] ^= 0x04;
+    let cases: Vec<(&str, Vec<u8>, f64)> = vec![
+        ("re-sealed now", sealer.seal(now_ms(), &payload), 0.0),
+        ("older than the window", sealer.seal(now_ms() - REPLAY_WINDOW_MS - 5_000, &payload), 1.0),
+        ("newer than the window", sealer.seal(now_ms() + REPLAY_WINDOW_MS + 5_000, &payload), 1.0),
+        ("just inside the window", sealer.seal(now_ms() - REPLAY_WINDOW_MS + 10_000, &payload), 0.0),
+        ("tampered", tampered, 1.0),
+    ];
+    for (what, d, adds) in cases {
+        let before = node.settled_rejected_datagrams(settle).await?;
+        let sender = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        sender.send_to(&d, node.gossip).await?;
+        let after = node.settled_rejected_datagrams(settle).await?;
+        let logged = node.rejections_logged_from(sender.local_addr()?);
+        println!("REPLAY {what}: counted +{}, logged {logged}", after - before - 1.0);
+        assert_eq!(logged as f64, adds, "a datagram {what}: rejected (from the node's log)");
+        assert_eq!(after - before - 1.0, adds, "a datagram {what}: rejections counted in the metric");
+    }
+    let m = member_states(node).await?;
+    assert!(c.ids().iter().all(|id| m.get(id).map(String::as_str) == Some("alive")), "{m:?}");
     Ok(())
 }
 
