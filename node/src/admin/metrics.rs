@@ -169,18 +169,8 @@ impl Collector for NodeCollector {
                 "Cluster view rebuilds (one per gossip interval)",
                 c.rounds.load(Relaxed),
             )?;
-            counter(
-                &mut enc,
-                "gossip_sent_bytes",
-                "Gossip bytes sent (authenticated transport)",
-                g.sent_bytes.load(Relaxed),
-            )?;
-            counter(
-                &mut enc,
-                "gossip_received_bytes",
-                "Gossip bytes received (authenticated transport)",
-                g.received_bytes.load(Relaxed),
-            )?;
+            counter(&mut enc, "gossip_sent_bytes", "Gossip bytes sent", g.sent_bytes.load(Relaxed))?;
+            counter(&mut enc, "gossip_received_bytes", "Gossip bytes received", g.received_bytes.load(Relaxed))?;
             counter(
                 &mut enc,
                 "gossip_rejected_datagrams",

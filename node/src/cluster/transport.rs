@@ -56,15 +56,14 @@ impl GossipCounters {
     /// dropped since the last warning.
     pub fn reject(&self, from: SocketAddr, why: &'static str) {
         let total = self.rejected.fetch_add(1, Relaxed) + 1;
+        tracing::debug!(from = %from, why, "dropped a gossip datagram");
         let now = now_ms();
         let last = self.warned_at_ms.load(Relaxed);
         if now.saturating_sub(last) >= WARN_EVERY_MS
             && self.warned_at_ms.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
         {
             let since = total - self.warned_count.swap(total, Relaxed);
-            tracing::warn!(from = %from, why, dropped = since, "dropped gossip datagrams");
-        } else {
-            tracing::debug!(from = %from, why, "dropped a gossip datagram");
+            tracing::warn!(last_from = %from, why, dropped = since, "dropped gossip datagrams");
         }
     }
 }

@@ -1,10 +1,13 @@
-//! Rate limiting per client IP, like nginx `limit_req` (`rate`, `burst`, `nodelay`), with the
-//! generic cell rate algorithm (GCRA): one timestamp per key, no timers.
+//! Rate limiting per client IP, like nginx `limit_req` (`rate`, `burst`, `nodelay`), as a
+//! leaky bucket per key counted in requests: one level and one timestamp per key, no timers.
 //!
-//! A request is admitted when the key's theoretical arrival time (TAT) is no more than
-//! `burst` emission intervals ahead of now; admitting it moves the TAT one interval on. With
-//! `nodelay` an admitted request goes through at once; without it, it waits until its TAT
-//! (nginx's delaying of excess requests). Keys live in 64 shards behind short, non-async mutexes.
+//! The level drains at the node's rate; a request is admitted when the level is at most
+//! `burst`, and adds one. With `nodelay` an admitted request goes through at once; without it,
+//! it waits until the requests before it have drained (nginx's delaying of excess requests).
+//! Keys live in 64 shards behind short, non-async mutexes. The level is kept in requests, not
+//! as a time ahead (GCRA's TAT): when the cluster share changes, only the drain speed does, so
+//! a request admitted while the share was briefly tiny (a node that has not yet published its
+//! rate) costs one request, not one slow interval of many seconds.
 //!
 //! The per-node rate is `rate * share`: `scope = "cluster"` sets `share` from the gossiped
 //! request rates of the nodes (`crate::view`), so the limit holds across the cluster.
@@ -34,7 +37,8 @@ pub struct Limiter {
     settings: RateLimitSettings,
     /// Fraction of the configured rate this node admits, as f64 bits (1.0 = all of it).
     share: AtomicU64,
-    shards: Vec<Mutex<HashMap<IpAddr, u64>>>,
+    /// Per key: (level in requests, when it was last updated in µs).
+    shards: Vec<Mutex<HashMap<IpAddr, (f64, u64)>>>,
     /// Requests rejected since start.
     pub rejected: AtomicU64,
 }
@@ -62,7 +66,7 @@ impl Limiter {
         f64::from_bits(self.share.load(Relaxed))
     }
 
-    fn shard(&self, key: &IpAddr) -> &Mutex<HashMap<IpAddr, u64>> {
+    fn shard(&self, key: &IpAddr) -> &Mutex<HashMap<IpAddr, (f64, u64)>> {
         use std::hash::Hasher;
         let mut fixed = siphasher::sip::SipHasher13::new_with_keys(1, 2);
         match key {
@@ -74,24 +78,27 @@ impl Limiter {
 
     /// Decides on one request from `key` at `now_us` (microseconds, monotonic).
     pub fn check_at(&self, key: IpAddr, now_us: u64) -> Verdict {
+        /// Levels below this are empty (float residue of draining).
+        const EMPTY: f64 = 1e-9;
         let rate = self.settings.per_second * self.share();
-        let interval_us = (1e6 / rate) as u64;
-        let tolerance_us = interval_us.saturating_mul(self.settings.burst as u64);
         let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
-        let tat = shard.get(&key).copied().unwrap_or(now_us).max(now_us);
-        if tat - now_us > tolerance_us {
+        let (level, at) = shard.get(&key).copied().unwrap_or((0.0, now_us));
+        let drained = now_us.saturating_sub(at) as f64 / 1e6 * rate;
+        let level = (level - drained).max(0.0);
+        if level > self.settings.burst as f64 + EMPTY {
+            shard.insert(key, (level, now_us));
             drop(shard);
             self.rejected.fetch_add(1, Relaxed);
             return Verdict::Reject;
         }
-        shard.insert(key, tat + interval_us);
+        shard.insert(key, (level + 1.0, now_us));
         if shard.len() > 4096 {
-            shard.retain(|_, t| *t + IDLE_FORGET_MS * 1000 > now_us);
+            shard.retain(|_, (_, t)| *t + IDLE_FORGET_MS * 1000 > now_us);
         }
-        if self.settings.nodelay || tat == now_us {
+        if self.settings.nodelay || level <= EMPTY {
             Verdict::Pass
         } else {
-            Verdict::Delay(Duration::from_micros(tat - now_us))
+            Verdict::Delay(Duration::from_secs_f64(level / rate))
         }
     }
 
@@ -142,5 +149,19 @@ mod tests {
         assert_eq!(l.check_at(ip, 0), Verdict::Pass);
         assert_eq!(l.check_at(ip, 150_000), Verdict::Reject); // interval is now 200 ms
         assert_eq!(l.check_at(ip, 200_000), Verdict::Pass);
+    }
+
+    #[test]
+    fn a_brief_tiny_share_does_not_block_a_client_for_long() {
+        // A node that has not published its rate yet gets the floor share for a moment.
+        let l = limiter(10.0, 0, true);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        l.set_share(0.01);
+        assert_eq!(l.check_at(ip, 0), Verdict::Pass);
+        l.set_share(1.0);
+        // One request of debt drains in one interval of the real rate (100 ms), not in the
+        // 10 s interval of the floor share.
+        assert_eq!(l.check_at(ip, 50_000), Verdict::Reject);
+        assert_eq!(l.check_at(ip, 100_000), Verdict::Pass);
     }
 }
