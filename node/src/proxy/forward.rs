@@ -273,8 +273,9 @@ async fn attempts<S: BodySource>(
                 match e {
                     // A kept-alive connection the backend had closed (keep-alive race): the
                     // backend is fine; send again to it on a new connection, once, for free.
-                    // After a Stale read that is safe only for idempotent requests without a
-                    // body (the backend may have seen it); after an Unsent write always.
+                    // After a Stale read that is safe only for idempotent requests whose body,
+                    // if any, was buffered (the backend may have seen it); after an Unsent
+                    // write always.
                     ExchangeError::Unsent(_) if conn.reused && !fresh_retried => {
                         outgoing.body = resend;
                         fresh_on = Some(index);
