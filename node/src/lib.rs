@@ -23,6 +23,8 @@
 //! - local load: in-flight counters -> publish tick -> gossip keys -> peers' views;
 //! - control: gRPC or config file -> registry -> gossip and pool.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod balance;
 pub mod cluster;
