@@ -59,7 +59,7 @@ impl Drop for Kill {
 }
 
 /// Local addresses (`/proc/net/{tcp,udp}` hex form, e.g. `0100007F:1CE8`) of the sockets
-/// process `pid` holds, per protocol file.
+/// process `pid` holds, per protocol file (read in the process's own network namespace).
 fn socket_addrs_of(pid: u32, proto: &str) -> anyhow::Result<BTreeSet<String>> {
     let mut inodes = HashSet::new();
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
@@ -71,7 +71,7 @@ fn socket_addrs_of(pid: u32, proto: &str) -> anyhow::Result<BTreeSet<String>> {
             }
         }
     }
-    let table = std::fs::read_to_string(format!("/proc/net/{proto}"))?;
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/{proto}"))?;
     Ok(table
         .lines()
         .skip(1)
@@ -217,6 +217,60 @@ async fn without_a_secret_control_and_gossip_bind_loopback_and_say_so() -> R {
     Ok(())
 }
 
+/// The same with a secret (`[cluster] secret_file`) and still no control or gossip address:
+/// the defaults are `0.0.0.0:7400` and `0.0.0.0:7946`, and no "no cluster secret" line. A
+/// wildcard bind must not reach beyond loopback, so the node runs in a network namespace of
+/// its own (`unshare -n`) whose only interface is `lo`: nothing outside can reach it, and the
+/// default ports are free there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_secret_control_and_gossip_default_to_every_address() -> R {
+    let dir = TempDir::new("promises-secret")?;
+    let secret = dir.write("secret", "0123456789abcdef0123456789abcdef\n")?;
+    let config = dir.write("shoald.toml", &format!("[cluster]\nsecret_file = {:?}\n", secret.display().to_string()))?;
+    let log_path = dir.path().join("node.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut child = Kill(
+        Command::new("unshare")
+            .args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+            .arg(bins::shoald())
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--node-id", "secret-default", "--cluster-id", "promises-secret"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()?,
+    );
+    let read_log = |p: &Path| plain(&std::fs::read_to_string(p).unwrap_or_default());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !read_log(&log_path).contains("shoald started") {
+        if let Some(status) = child.0.try_wait()? {
+            bail!("shoald exited with {status} before it started; log:\n{}", read_log(&log_path));
+        }
+        ensure!(Instant::now() < deadline, "no \"shoald started\" within 20 s; log:\n{}", read_log(&log_path));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = read_log(&log_path);
+    ensure!(!text.contains("no cluster secret"), "a node with a secret warned about none:\n{text}");
+    let started = text.lines().find(|l| l.contains("shoald started")).context("no started line")?;
+    ensure!(started.contains("control=0.0.0.0:7400") && started.contains("gossip=0.0.0.0:7946"), "{started}");
+    // `exec` keeps the pid: it is shoald's, inside the namespace.
+    let pid = child.0.id();
+    let any = Ipv4Addr::UNSPECIFIED;
+    let mut last = (BTreeSet::new(), BTreeSet::new());
+    let found = wait_until(Duration::from_secs(10), "the node holds its control and gossip sockets", async || {
+        let tcp = socket_addrs_of(pid, "tcp").unwrap_or_default();
+        let udp = socket_addrs_of(pid, "udp").unwrap_or_default();
+        let ok = tcp.contains(&proc_hex(any, 7400)) && udp.contains(&proc_hex(any, 7946));
+        last = (tcp, udp);
+        ok
+    })
+    .await;
+    found.with_context(|| format!("node sockets tcp {:?} udp {:?}; log:\n{text}", last.0, last.1))?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. [node] workers
 // ---------------------------------------------------------------------------------------------
@@ -251,41 +305,48 @@ async fn workers_setting_sets_the_number_of_proxy_threads() -> R {
 // 4. ip-hash agreement over run-time backends added in different orders
 // ---------------------------------------------------------------------------------------------
 
-/// Two unseeded nodes (so each registry holds exactly the order it was given) running
-/// ip-hash; the same three backends are added at run time with `shoal backend add`, in
-/// opposite orders. 50 client IPs (127.0.0.2..=51): each reaches the same backend through
-/// either node, and the 50 spread over more than one backend.
+/// Two unseeded nodes (so each registry holds exactly what it was given) running ip-hash;
+/// the same three backends are added at run time with `shoal backend add`, in other orders
+/// on each node. The registry keeps its entries sorted by address, so add order alone does
+/// not change a node's backend list; node 2 therefore also has the highest-addressed backend
+/// in its startup flags, which puts it first there: the lists really differ
+/// (`[b0, b1, b2]` and `[b2, b0, b1]` in `/status`, checked). 50 client IPs
+/// (127.0.0.2..=51): each reaches the same backend through either node, and the 50 spread
+/// over more than one backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ip_hash_agrees_across_nodes_when_the_registry_got_backends_in_other_orders() -> R {
-    let backends = Backend::start_many(&["iph-a", "iph-b", "iph-c"]).await?;
-    let c = Cluster::builder("iph", 2).unseeded().algorithm("ip-hash").start().await?;
-    let orders: [[usize; 3]; 2] = [[0, 1, 2], [2, 0, 1]];
+    let mut backends = Backend::start_many(&["iph-a", "iph-b", "iph-c"]).await?;
+    backends.sort_by_key(|b| b.addr);
+    let addrs: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+    let c = Cluster::builder("iph", 2)
+        .unseeded()
+        .algorithm("ip-hash")
+        .node_arg(2, "--backend")
+        .node_arg(2, &addrs[2])
+        .start()
+        .await?;
+    let orders: [[usize; 3]; 2] = [[1, 2, 0], [2, 1, 0]];
     for (node, order) in orders.iter().enumerate() {
         for &i in order {
-            let addr = backends[i].addr.to_string();
-            let out = c.shoal(node).run(&["backend", "add", &addr]).await?;
-            ensure!(out.code == 0, "backend add {addr} on node {node}: {out:?}");
+            let out = c.shoal(node).run(&["backend", "add", &addrs[i]]).await?;
+            ensure!(out.code == 0, "backend add {} on node {node}: {out:?}", addrs[i]);
         }
     }
-    let mut want: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
-    want.sort();
-    for n in &c.nodes {
-        let r = wait_until(Duration::from_secs(15), "the node has all 3 backends up", async || {
-            if n.backend_addrs().await.unwrap_or_default() != want {
-                return false;
-            }
-            for b in &backends {
-                if n.backend_state(b.addr).await != "up" {
-                    return false;
-                }
-            }
-            true
+    let want_order = [
+        vec![addrs[0].clone(), addrs[1].clone(), addrs[2].clone()],
+        vec![addrs[2].clone(), addrs[0].clone(), addrs[1].clone()],
+    ];
+    for (n, want) in c.nodes.iter().zip(&want_order) {
+        let mut seen = Vec::new();
+        let r = wait_until(Duration::from_secs(15), "the node lists the 3 backends, all up", async || {
+            let Ok(s) = n.status_json().await else { return false };
+            let list = s["backends"].as_array().cloned().unwrap_or_default();
+            seen = list.iter().map(|b| format!("{} {}", b["addr"], b["state"])).collect();
+            let order: Vec<String> = list.iter().filter_map(|b| b["addr"].as_str().map(String::from)).collect();
+            order == *want && list.iter().all(|b| b["state"] == "up")
         })
         .await;
-        if r.is_err() {
-            let status = n.status_json().await.ok();
-            r.with_context(|| format!("{}: {status:?}", n.id))?;
-        }
+        r.with_context(|| format!("{}: backends {seen:?}, want the order {want:?}", n.id))?;
     }
     let mut picks: BTreeMap<u8, Vec<String>> = BTreeMap::new();
     for last in 2..=51u8 {
