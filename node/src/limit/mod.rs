@@ -164,4 +164,51 @@ mod tests {
         assert_eq!(l.check_at(ip, 50_000), Verdict::Reject);
         assert_eq!(l.check_at(ip, 100_000), Verdict::Pass);
     }
+
+    /// Keys that land in the same shard as `first` (10.x.y.z), `first` excluded.
+    fn same_shard_keys(l: &Limiter, first: IpAddr) -> impl Iterator<Item = IpAddr> + '_ {
+        let target = l.shard(&first) as *const _;
+        (0..u32::MAX)
+            .map(|n| IpAddr::from((10u32 << 24 | (n & 0x00ff_ffff)).to_be_bytes()))
+            .take(1 << 22)
+            .filter(move |k| *k != first && std::ptr::eq(l.shard(k), target))
+    }
+
+    #[test]
+    fn keys_idle_over_60_s_are_forgotten_once_a_shard_grows_past_4096() {
+        // OPERATIONS.md: "one rate-limit entry per active client IP (forgotten after 60 s idle)".
+        // The code prunes a shard when it grows past 4096 keys; this fills one shard past that
+        // with keys seen at t = 61 s and checks that a key idle for 61 s is gone, one idle for
+        // 59 s is kept, and nothing was pruned before the shard outgrew 4096.
+        let l = limiter(1.0, 0, true);
+        let old: IpAddr = "10.200.0.1".parse().unwrap();
+        let t_old = 5_000_000;
+        let now = t_old + 61_000_000;
+        assert_eq!(l.check_at(old, t_old), Verdict::Pass);
+        // The old key is rejected right after (burst 0, 1 req/s): it has state.
+        assert_eq!(l.check_at(old, t_old + 1), Verdict::Reject);
+        let mut keys = same_shard_keys(&l, old);
+        let recent = keys.next().unwrap();
+        assert_eq!(l.check_at(recent, now - 59_000_000), Verdict::Pass);
+        let shard_len = || l.shard(&old).lock().unwrap().len();
+        let has = |k: &IpAddr| l.shard(&old).lock().unwrap().contains_key(k);
+        // old + recent + 4094 fresh = 4096 keys: no pruning yet.
+        let fresh: Vec<IpAddr> = keys.by_ref().take(4095).collect();
+        assert_eq!(fresh.len(), 4095, "not enough keys for one shard");
+        for k in &fresh[..4094] {
+            assert_eq!(l.check_at(*k, now), Verdict::Pass);
+        }
+        assert_eq!(shard_len(), 4096);
+        assert!(has(&old), "pruned before the shard grew past 4096");
+        // The 4097th key: the shard is pruned of keys idle for 60 s or more.
+        assert_eq!(l.check_at(fresh[4094], now), Verdict::Pass);
+        assert!(!has(&old), "a key idle for 61 s was kept");
+        assert!(has(&recent), "a key idle for 59 s was forgotten");
+        assert_eq!(shard_len(), 4096);
+        for k in &fresh {
+            assert!(has(k), "a fresh key was forgotten");
+        }
+        // Forgotten is as if new: the old key passes at once.
+        assert_eq!(l.check_at(old, now), Verdict::Pass);
+    }
 }
