@@ -31,6 +31,7 @@
 //!   waits until a node has written what it merged.
 //! - [`gossip`]: opens and seals gossip datagrams with a cluster secret, per the documented
 //!   wire format (e.g. a genuine payload with a timestamp outside the replay window).
+//! - [`h2c`]: an HTTP/2 (prior knowledge) client that sends what hyper's would not.
 //! - [`wait_until`]: polls a condition until a deadline; tests never sleep for a condition.
 //!
 //! ## Rules the tests follow
@@ -46,6 +47,7 @@ pub mod bins;
 pub mod chaos;
 pub mod cluster;
 pub mod gossip;
+pub mod h2c;
 pub mod http;
 pub mod load;
 pub mod node;

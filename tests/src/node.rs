@@ -385,21 +385,7 @@ impl Node {
 
     /// The log with terminal colour codes removed (tracing colours field names).
     pub fn log_plain(&self) -> String {
-        let log = self.log();
-        let mut out = String::with_capacity(log.len());
-        let mut chars = log.chars();
-        while let Some(ch) = chars.next() {
-            if ch == '\x1b' {
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            } else {
-                out.push(ch);
-            }
-        }
-        out
+        plain(&self.log())
     }
 
     /// Log lines of gossip datagrams this node rejected that came from `from` (needs
@@ -539,4 +525,22 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         let all = labels.iter().all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
         if all { value.parse().ok() } else { None }
     })
+}
+
+/// `text` with terminal colour codes removed (tracing colours field names).
+pub fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }

@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use shoal_tests::raw::{RawConn, RawHead, RawServer, default_answer, finish};
-use shoal_tests::{Node, RawClient, pattern, wait_until};
-use tokio::task::JoinHandle;
+use shoal_tests::{Node, RawClient, h2c, pattern, wait_until};
 
 type R = anyhow::Result<()>;
 
@@ -60,52 +59,6 @@ async fn exchange_to_close(addr: SocketAddr, request: &[u8]) -> anyhow::Result<(
     let head =
         got.bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|end| RawHead::parse(got.bytes[..end + 4].to_vec()));
     Ok((head, got.bytes))
-}
-
-/// An HTTP/2 connection (prior knowledge) to `addr`: the handle to send requests, and the
-/// task driving the connection (it ends when the server closes it).
-async fn h2_connect(
-    addr: SocketAddr,
-) -> anyhow::Result<(h2::client::SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>)> {
-    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .context("connect: timed out")??;
-    tcp.set_nodelay(true)?;
-    let (send, conn) = tokio::time::timeout(Duration::from_secs(5), h2::client::handshake(tcp))
-        .await
-        .context("h2 handshake: timed out")??;
-    Ok((send, tokio::spawn(conn)))
-}
-
-/// An HTTP/2 response read whole.
-#[derive(Debug)]
-struct H2Reply {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Vec<u8>,
-}
-
-/// Sends `req` (no body) on `send` and reads the whole response, within 10 s.
-async fn h2_request(send: &mut h2::client::SendRequest<Bytes>, req: http::Request<()>) -> anyhow::Result<H2Reply> {
-    let what = format!("{} {}", req.method(), req.uri());
-    let fut = async {
-        let mut ready = send.clone().ready().await.context("connection not ready")?;
-        let (resp, _stream) = ready.send_request(req, true).context("send_request")?;
-        let resp = resp.await.context("response")?;
-        let (parts, mut body) = resp.into_parts();
-        let mut out = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.context("body")?;
-            let _ = body.flow_control().release_capacity(chunk.len());
-            out.extend_from_slice(&chunk);
-            ensure!(out.len() < 16 << 20, "body over 16 MiB");
-        }
-        Ok(H2Reply { status: parts.status.as_u16(), headers: parts.headers, body: out })
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .with_context(|| format!("{what}: no response within 10 s"))?
-        .with_context(|| what)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -258,9 +211,9 @@ async fn gzip_then_chunked_from_a_backend_reaches_an_http11_client_once() -> R {
 async fn underscore_header_names_are_dropped_over_http2() -> R {
     let server = RawServer::echo().await?;
     let node = node_for("h2under", &server, "", "").await?;
-    let (mut send, _conn) = h2_connect(node.proxy).await?;
+    let (mut send, _conn) = h2c::connect(node.proxy).await?;
     let req = http::Request::get("http://h2.test/h2-underscore").header("x_real_ip", "6.6.6.6").body(())?;
-    let r = h2_request(&mut send, req).await?;
+    let r = h2c::request(&mut send, req, Vec::new()).await?;
     assert_eq!((r.status, lossy(&r.body)), (200, "GET /h2-underscore 0".to_string()), "{r:?}");
     let seen = server.last("/h2-underscore")?;
     let underscored: Vec<&String> =
@@ -276,9 +229,9 @@ async fn underscore_header_names_are_dropped_over_http2() -> R {
 async fn connect_over_http2_is_501_and_reaches_nothing() -> R {
     let server = RawServer::echo().await?;
     let node = node_for("h2connect", &server, "", "").await?;
-    let (mut send, _conn) = h2_connect(node.proxy).await?;
+    let (mut send, _conn) = h2c::connect(node.proxy).await?;
     let req = http::Request::builder().method(http::Method::CONNECT).uri("example.com:443").body(())?;
-    let answer = match h2_request(&mut send, req).await {
+    let answer = match h2c::request(&mut send, req, Vec::new()).await {
         Ok(r) => {
             let node_header = r.headers.get("x-shoal-node").and_then(|v| v.to_str().ok());
             (r.status == 501 && node_header == Some("h2connect")).then_some(()).ok_or(format!("{r:?}"))
@@ -314,9 +267,9 @@ async fn connect_over_http1_is_501_and_reaches_nothing() -> R {
 async fn http2_authority_wins_over_a_host_header() -> R {
     let server = RawServer::echo().await?;
     let node = node_for("h2auth", &server, "", "").await?;
-    let (mut send, _conn) = h2_connect(node.proxy).await?;
+    let (mut send, _conn) = h2c::connect(node.proxy).await?;
     let req = http::Request::get("http://a.example/h2-authority").header("host", "b.example").body(())?;
-    let r = h2_request(&mut send, req).await?;
+    let r = h2c::request(&mut send, req, Vec::new()).await?;
     assert_eq!(r.status, 200, "{r:?}");
     let seen = server.last("/h2-authority")?;
     assert_eq!(seen.head.all("host"), vec!["a.example"], "the backend's Host: {:?}", seen.head);
@@ -394,8 +347,8 @@ async fn active_tunnel_outlives_tunnel_timeout() -> R {
 async fn idle_http2_connection_is_closed_after_keepalive_timeout() -> R {
     let server = RawServer::echo().await?;
     let node = node_for("h2idle", &server, "", "[node]\nkeepalive_timeout = \"1s\"\n").await?;
-    let (mut send, conn) = h2_connect(node.proxy).await?;
-    let r = h2_request(&mut send, http::Request::get("http://h2.test/once").body(())?).await?;
+    let (mut send, conn) = h2c::connect(node.proxy).await?;
+    let r = h2c::request(&mut send, http::Request::get("http://h2.test/once").body(())?, Vec::new()).await?;
     assert_eq!(r.status, 200, "{r:?}");
     let idle_from = Instant::now();
     // `send` stays alive: the client itself would close a connection nobody can use.
@@ -415,14 +368,15 @@ async fn http2_connection_to_a_long_running_node_is_served() -> R {
     let server = RawServer::echo().await?;
     let node = node_for("h2late", &server, "", "[node]\nkeepalive_timeout = \"1s\"\n").await?;
     // A first connection, so the node has served HTTP/2 before.
-    let (mut first, _first_conn) = h2_connect(node.proxy).await?;
-    let r = h2_request(&mut first, http::Request::get("http://h2.test/first").body(())?).await?;
+    let (mut first, _first_conn) = h2c::connect(node.proxy).await?;
+    let r = h2c::request(&mut first, http::Request::get("http://h2.test/first").body(())?, Vec::new()).await?;
     assert_eq!(r.status, 200, "{r:?}");
     // The condition under test is the node's age itself: let it pass keepalive_timeout.
     tokio::time::sleep(ONE_SECOND + Duration::from_millis(500)).await;
-    let (mut send, _conn) = h2_connect(node.proxy).await?;
+    let (mut send, _conn) = h2c::connect(node.proxy).await?;
     for i in 0..3 {
-        let r = h2_request(&mut send, http::Request::get(format!("http://h2.test/late{i}")).body(())?).await?;
+        let r = h2c::request(&mut send, http::Request::get(format!("http://h2.test/late{i}")).body(())?, Vec::new())
+            .await?;
         assert_eq!(r.status, 200, "request {i} on a new connection to a node up for > keepalive_timeout: {r:?}");
         tokio::time::sleep(ONE_SECOND / 2).await;
     }
@@ -575,7 +529,7 @@ async fn body_larger_than_request_buffer_still_arrives_whole() -> R {
 async fn http2_request_body_that_stalls_is_cut_after_client_body_timeout() -> R {
     let server = RawServer::echo().await?;
     let node = node_for("h2stall", &server, "", "[node]\nclient_body_timeout = \"1s\"\n").await?;
-    let (send, _conn) = h2_connect(node.proxy).await?;
+    let (send, _conn) = h2c::connect(node.proxy).await?;
     let mut ready = send.ready().await.context("connection not ready")?;
     let req = http::Request::post("http://h2.test/stall").header("content-length", "100").body(())?;
     let (resp, mut body) = ready.send_request(req, false).context("send_request")?;
@@ -615,7 +569,7 @@ async fn big_body_script(mut c: RawConn) -> anyhow::Result<()> {
 async fn http2_client_that_reads_nothing_is_cut_after_send_timeout() -> R {
     let server = RawServer::start(big_body_script).await?;
     let node = node_for("h2send", &server, "", "[node]\nsend_timeout = \"1s\"\n").await?;
-    let (send, conn) = h2_connect(node.proxy).await?;
+    let (send, conn) = h2c::connect(node.proxy).await?;
     let mut ready = send.ready().await.context("connection not ready")?;
     let (resp, _stream) = ready.send_request(http::Request::get("http://h2.test/big").body(())?, true)?;
     let resp = tokio::time::timeout(Duration::from_secs(5), resp).await.context("no response head")??;

@@ -19,34 +19,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use bytes::Bytes;
 use shoal_tests::http::{RawResponse, raw_exchange_from};
-use shoal_tests::{Backend, Cluster, Node, RawServer, TempDir, bins, free_addr, pattern, wait_until};
-use tokio::task::JoinHandle;
+use shoal_tests::node::plain;
+use shoal_tests::{Backend, Cluster, Node, RawServer, TempDir, bins, free_addr, h2c, pattern, wait_until};
 
 type R = anyhow::Result<()>;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Removes terminal colour codes (tracing colours field names).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
 
 /// A child process killed and reaped on drop.
 struct Kill(Child);
@@ -95,58 +76,6 @@ fn thread_names(pid: u32) -> Vec<String> {
         .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
         .map(|s| s.trim().to_string())
         .collect()
-}
-
-/// An HTTP/2 connection (prior knowledge) to `addr` (as in `codec_regressions.rs`).
-async fn h2_connect(
-    addr: SocketAddr,
-) -> anyhow::Result<(h2::client::SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>)> {
-    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .context("connect: timed out")??;
-    tcp.set_nodelay(true)?;
-    let (send, conn) = tokio::time::timeout(Duration::from_secs(5), h2::client::handshake(tcp))
-        .await
-        .context("h2 handshake: timed out")??;
-    Ok((send, tokio::spawn(conn)))
-}
-
-#[derive(Debug)]
-struct H2Reply {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Vec<u8>,
-}
-
-/// Sends `req` with `body` (none when empty) on `send` and reads the whole response, within 20 s.
-async fn h2_send(
-    send: &mut h2::client::SendRequest<Bytes>,
-    req: http::Request<()>,
-    body: Vec<u8>,
-) -> anyhow::Result<H2Reply> {
-    let what = format!("{} {}", req.method(), req.uri());
-    let fut = async {
-        let mut ready = send.clone().ready().await.context("connection not ready")?;
-        let (resp, mut stream) = ready.send_request(req, body.is_empty()).context("send_request")?;
-        if !body.is_empty() {
-            // h2 buffers what the peer's window does not take yet and sends it as it opens.
-            stream.send_data(Bytes::from(body), true).context("send_data")?;
-        }
-        let resp = resp.await.context("response")?;
-        let (parts, mut body) = resp.into_parts();
-        let mut out = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.context("body")?;
-            let _ = body.flow_control().release_capacity(chunk.len());
-            out.extend_from_slice(&chunk);
-            ensure!(out.len() < 16 << 20, "body over 16 MiB");
-        }
-        Ok(H2Reply { status: parts.status.as_u16(), headers: parts.headers, body: out })
-    };
-    tokio::time::timeout(Duration::from_secs(20), fut)
-        .await
-        .with_context(|| format!("{what}: no response within 20 s"))?
-        .with_context(|| what)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -376,11 +305,11 @@ async fn ip_hash_agrees_across_nodes_when_the_registry_got_backends_in_other_ord
 async fn http2_post_bodies_small_and_streamed_reach_the_backend_byte_exact() -> R {
     let server = RawServer::echo().await?;
     let node = Node::builder("h2-body").backend_spec(&format!("{},max_fails=0", server.addr)).start().await?;
-    let (mut send, _conn) = h2_connect(node.proxy).await?;
+    let (mut send, _conn) = h2c::connect(node.proxy).await?;
     for (path, len) in [("/small", 1024usize), ("/big", 100 * 1024)] {
         let body: Vec<u8> = pattern(len + 7).split_off(7);
         let req = http::Request::post(format!("http://{}{path}", node.proxy)).body(())?;
-        let reply = h2_send(&mut send, req, body.clone()).await?;
+        let reply = h2c::request(&mut send, req, body.clone()).await?;
         ensure!(reply.status == 200, "{path}: {reply:?}");
         let text = String::from_utf8_lossy(&reply.body).into_owned();
         ensure!(text == format!("POST {path} {len}"), "{path}: client got {text:?}");
@@ -395,15 +324,15 @@ async fn http2_post_bodies_small_and_streamed_reach_the_backend_byte_exact() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_request_with_no_backend_is_503_with_x_shoal_node() -> R {
     let node = Node::builder("h2-nobackend").start().await?;
-    let (mut send, _conn) = h2_connect(node.proxy).await?;
+    let (mut send, _conn) = h2c::connect(node.proxy).await?;
     let req = http::Request::get(format!("http://{}/", node.proxy)).body(())?;
-    let reply = h2_send(&mut send, req, Vec::new()).await?;
+    let reply = h2c::request(&mut send, req, Vec::new()).await?;
     ensure!(reply.status == 503, "{reply:?}");
     let named = reply.headers.get("x-shoal-node").and_then(|v| v.to_str().ok()).unwrap_or("");
     ensure!(named == "h2-nobackend", "x-shoal-node {named:?}: {reply:?}");
     // And a POST with a body likewise (refused before the body is read).
     let req = http::Request::post(format!("http://{}/up", node.proxy)).body(())?;
-    let reply = h2_send(&mut send, req, pattern(2048)).await?;
+    let reply = h2c::request(&mut send, req, pattern(2048)).await?;
     ensure!(reply.status == 503, "{reply:?}");
     ensure!(reply.headers.get("x-shoal-node").is_some_and(|v| v == "h2-nobackend"), "{reply:?}");
     Ok(())
