@@ -142,6 +142,9 @@ pub fn encode_size(len: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// What follows a chunk's data.
+pub const CHUNK_END: &[u8] = b"\r\n";
+
 /// Appends one whole chunk (size line, data, CRLF); nothing for empty data, which would end
 /// the body.
 pub fn encode(data: &[u8], out: &mut Vec<u8>) {
@@ -150,7 +153,7 @@ pub fn encode(data: &[u8], out: &mut Vec<u8>) {
     }
     encode_size(data.len(), out);
     out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(CHUNK_END);
 }
 
 #[cfg(test)]

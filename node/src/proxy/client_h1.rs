@@ -129,13 +129,25 @@ impl ClientIo {
     async fn send_out(&mut self) -> std::io::Result<()> {
         send_within(&mut self.stream, &self.out, self.send_timeout).await
     }
+
+    /// Writes one chunk of a chunk-encoded body: size line, data and CRLF in one vectored
+    /// write, without copying the data (`self.out` holds the size line).
+    async fn send_chunk(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.out.clear();
+        chunked::encode_size(data.len(), &mut self.out);
+        let mut chunk = bytes::Buf::chain(bytes::Buf::chain(&self.out[..], data), chunked::CHUNK_END);
+        tokio::time::timeout(self.send_timeout, self.stream.write_all_buf(&mut chunk))
+            .await
+            .unwrap_or_else(|_| Err(send_timed_out()))
+    }
 }
 
 async fn send_within(stream: &mut TcpStream, data: &[u8], limit: Duration) -> std::io::Result<()> {
-    match tokio::time::timeout(limit, stream.write_all(data)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client read nothing within send_timeout")),
-    }
+    tokio::time::timeout(limit, stream.write_all(data)).await.unwrap_or_else(|_| Err(send_timed_out()))
+}
+
+fn send_timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "client read nothing within send_timeout")
 }
 
 /// The body of an HTTP/1.1 client's request, sent upstream as it is read; `prefix` is what was
@@ -245,11 +257,7 @@ pub async fn serve(
                 return;
             }
             Err(NoRequest::Refused(r)) => {
-                let e = match r {
-                    Refusal::TooLarge => ProxyError::HeadersTooLarge,
-                    Refusal::Bad(why) => ProxyError::BadRequest(why),
-                    Refusal::Unsupported(what) => ProxyError::NotImplemented(what),
-                };
+                let e = ProxyError::from(r);
                 proxy.count_error(e);
                 tracing::debug!(client = %client.addr, error = %e.body(), "request refused");
                 if write_error(&mut io, e, &proxy, true, false).await.is_ok() {
@@ -521,16 +529,8 @@ async fn write_response(
         sent += data.len() as u64;
         if framing != ClientFraming::Chunk {
             io.send(&data).await?;
-        } else if data.len() <= 8192 {
-            io.out.clear();
-            chunked::encode(&data, &mut io.out);
-            io.send_out().await?;
-        } else {
-            io.out.clear();
-            chunked::encode_size(data.len(), &mut io.out);
-            io.send_out().await?;
-            io.send(&data).await?;
-            io.send(b"\r\n").await?;
+        } else if !data.is_empty() {
+            io.send_chunk(&data).await?;
         }
     }
     if framing == ClientFraming::Chunk {

@@ -27,7 +27,6 @@ use super::error::ProxyError;
 use super::forward::{self, ClientConn, Outgoing, forward};
 use super::upstream::{BodySource, RequestBody, UpstreamBody};
 use super::{Limits, Proxy};
-use crate::http1::request::Refusal;
 use crate::http1::rewrite::{self, Forwarding, Framing, Target};
 
 /// Serves an HTTP/2 connection until it ends, the node drains (`stop`), it has had no open
@@ -316,11 +315,7 @@ fn check_h2(shared: &Shared, runtime: &super::Runtime, parts: &http::request::Pa
     let fields: Vec<(&str, &[u8])> = parts.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
     let fields = fields.iter().copied();
     let sticky_name = runtime.sticky.as_ref().map(|s| s.cookie.as_str());
-    let inspection = rewrite::inspect(fields.clone(), sticky_name).map_err(|r| match r {
-        Refusal::TooLarge => ProxyError::HeadersTooLarge,
-        Refusal::Bad(why) => ProxyError::BadRequest(why),
-        Refusal::Unsupported(what) => ProxyError::NotImplemented(what),
-    })?;
+    let inspection = rewrite::inspect(fields.clone(), sticky_name)?;
     if inspection.te_fields > 0 {
         return Err(ProxyError::BadRequest("Transfer-Encoding in an HTTP/2 request"));
     }

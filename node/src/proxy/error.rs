@@ -5,6 +5,8 @@ use std::borrow::Cow;
 
 use http::{HeaderValue, StatusCode};
 
+use crate::http1::request::Refusal;
+
 /// Why the proxy answered instead of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyError {
@@ -26,6 +28,17 @@ pub enum ProxyError {
     HeaderTimeout,
     /// The request uses something the proxy cannot pass on faithfully (what).
     NotImplemented(&'static str),
+}
+
+impl From<Refusal> for ProxyError {
+    /// The codec's refusal of a request head, as the client sees it.
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::TooLarge => ProxyError::HeadersTooLarge,
+            Refusal::Bad(why) => ProxyError::BadRequest(why),
+            Refusal::Unsupported(what) => ProxyError::NotImplemented(what),
+        }
+    }
 }
 
 impl ProxyError {

@@ -143,7 +143,13 @@ fn usable_now(proxy: &Proxy, runtime: &Runtime) -> Result<(), ProxyError> {
     if open && pool.backends.iter().any(|b| !b.state.health.draining.load(Relaxed)) {
         return Ok(());
     }
-    Err(if pool.backends.iter().any(|b| b.state.is_healthy(now)) { ProxyError::AllBusy } else { ProxyError::NoBackend })
+    Err(none_usable(&pool, now))
+}
+
+/// Why no backend of `pool` could be picked: every healthy one is at `max_conns` (all busy),
+/// or none is healthy.
+fn none_usable(pool: &PoolSnapshot, now: u64) -> ProxyError {
+    if pool.backends.iter().any(|b| b.state.is_healthy(now)) { ProxyError::AllBusy } else { ProxyError::NoBackend }
 }
 
 /// Forwards one request (admitted already): picks, exchanges, retries. The error is counted
@@ -205,11 +211,7 @@ async fn attempts<S: BodySource>(
                 attempt += 1;
                 let Some(index) = pick(&pool, serving_nodes, &tried, &pick_req, runtime, settings.when_all_down) else {
                     if attempt == 1 {
-                        last_error = if pool.backends.iter().any(|b| b.state.is_healthy(now_ms())) {
-                            ProxyError::AllBusy
-                        } else {
-                            ProxyError::NoBackend
-                        };
+                        last_error = none_usable(&pool, now_ms());
                     }
                     break;
                 };

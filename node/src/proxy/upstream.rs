@@ -89,15 +89,11 @@ async fn send_stream<W: AsyncWrite + Unpin, S: BodySource>(
         }
         framed.clear();
         chunked::encode_size(data.len(), &mut framed);
-        // Small chunks in one write; large ones without copying the data.
-        if data.len() <= 16 * 1024 {
-            framed.extend_from_slice(&data);
-            framed.extend_from_slice(b"\r\n");
-            write_upstream(up, &framed, timeout).await?;
-        } else {
-            write_upstream(up, &framed, timeout).await?;
-            write_upstream(up, &data, timeout).await?;
-            write_upstream(up, b"\r\n", timeout).await?;
+        // Size line, data and CRLF in one vectored write, without copying the data.
+        let mut chunk = bytes::Buf::chain(bytes::Buf::chain(&framed[..], &data[..]), chunked::CHUNK_END);
+        match tokio::time::timeout(timeout, up.write_all_buf(&mut chunk)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(ExchangeError::Timeout),
         }
     }
     if chunked {
