@@ -78,6 +78,22 @@ fn thread_names(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// Waits until process `pid` holds the default control (TCP 7400) and gossip (UDP 7946) sockets
+/// on `ip`; the TCP and UDP local addresses it holds then.
+async fn wait_for_default_sockets(pid: u32, ip: Ipv4Addr) -> anyhow::Result<(BTreeSet<String>, BTreeSet<String>)> {
+    let mut last = (BTreeSet::new(), BTreeSet::new());
+    let found = wait_until(Duration::from_secs(10), "the node holds its control and gossip sockets", async || {
+        let tcp = socket_addrs_of(pid, "tcp").unwrap_or_default();
+        let udp = socket_addrs_of(pid, "udp").unwrap_or_default();
+        let ok = tcp.contains(&proc_hex(ip, 7400)) && udp.contains(&proc_hex(ip, 7946));
+        last = (tcp, udp);
+        ok
+    })
+    .await;
+    found.with_context(|| format!("node sockets tcp {:?} udp {:?}", last.0, last.1))?;
+    Ok(last)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. No secret: loopback only, and said at start
 // ---------------------------------------------------------------------------------------------
@@ -125,17 +141,7 @@ async fn without_a_secret_control_and_gossip_bind_loopback_and_say_so() -> R {
 
     let pid = child.0.id();
     let lo = Ipv4Addr::LOCALHOST;
-    let mut last = (BTreeSet::new(), BTreeSet::new());
-    let found = wait_until(Duration::from_secs(10), "the node holds its control and gossip sockets", async || {
-        let tcp = socket_addrs_of(pid, "tcp").unwrap_or_default();
-        let udp = socket_addrs_of(pid, "udp").unwrap_or_default();
-        let ok = tcp.contains(&proc_hex(lo, 7400)) && udp.contains(&proc_hex(lo, 7946));
-        last = (tcp, udp);
-        ok
-    })
-    .await;
-    found.with_context(|| format!("node sockets tcp {:?} udp {:?}", last.0, last.1))?;
-    let (tcp, udp) = &last;
+    let (tcp, udp) = &wait_for_default_sockets(pid, lo).await?;
     for (what, set, port) in [("control", tcp, 7400u16), ("gossip", udp, 7946)] {
         let wildcard = proc_hex(Ipv4Addr::UNSPECIFIED, port);
         ensure!(!set.contains(&wildcard), "{what} is also bound on 0.0.0.0:{port}: {set:?}");
@@ -186,17 +192,7 @@ async fn with_a_secret_control_and_gossip_default_to_every_address() -> R {
     ensure!(started.contains("control=0.0.0.0:7400") && started.contains("gossip=0.0.0.0:7946"), "{started}");
     // `exec` keeps the pid: it is shoald's, inside the namespace.
     let pid = child.0.id();
-    let any = Ipv4Addr::UNSPECIFIED;
-    let mut last = (BTreeSet::new(), BTreeSet::new());
-    let found = wait_until(Duration::from_secs(10), "the node holds its control and gossip sockets", async || {
-        let tcp = socket_addrs_of(pid, "tcp").unwrap_or_default();
-        let udp = socket_addrs_of(pid, "udp").unwrap_or_default();
-        let ok = tcp.contains(&proc_hex(any, 7400)) && udp.contains(&proc_hex(any, 7946));
-        last = (tcp, udp);
-        ok
-    })
-    .await;
-    found.with_context(|| format!("node sockets tcp {:?} udp {:?}; log:\n{text}", last.0, last.1))?;
+    wait_for_default_sockets(pid, Ipv4Addr::UNSPECIFIED).await.with_context(|| format!("log:\n{text}"))?;
     Ok(())
 }
 

@@ -35,6 +35,23 @@ async fn node(id: &str, upstream: &str, backends: &[SocketAddr]) -> anyhow::Resu
     b.start().await
 }
 
+/// Four GETs, each answered by the backend `fine` within `timeout` + headroom; the times of
+/// those that waited out `timeout` first (they met the failing backend and were retried).
+async fn gets_answered_by_fine(node: &Node, timeout: Duration) -> anyhow::Result<Vec<Duration>> {
+    let mut slow = Vec::new();
+    for i in 0..4 {
+        let t = Instant::now();
+        let r = get(node.proxy, "/").await?;
+        let took = t.elapsed();
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "fine"), "GET #{i} after {took:?}");
+        assert!(took < timeout + HEADROOM, "GET #{i} took {took:?} (timeout {timeout:?})");
+        if took >= timeout {
+            slow.push(took);
+        }
+    }
+    Ok(slow)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_get_is_retried_on_the_next_backend() -> R {
     let (stalls, fine) = (Backend::start("stalls").await?, Backend::start("fine").await?);
@@ -42,17 +59,7 @@ async fn a_timed_out_get_is_retried_on_the_next_backend() -> R {
     let node =
         node("retry-get", "algorithm = \"round-robin\"\nread_timeout = \"1s\"\nretries = 1", &[stalls.addr, fine.addr])
             .await?;
-    let mut slow = Vec::new();
-    for i in 0..4 {
-        let t = Instant::now();
-        let r = get(node.proxy, "/").await?;
-        let took = t.elapsed();
-        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "fine"), "GET #{i} after {took:?}");
-        assert!(took < READ_TIMEOUT + HEADROOM, "GET #{i} took {took:?}");
-        if took >= READ_TIMEOUT {
-            slow.push(took);
-        }
-    }
+    let slow = gets_answered_by_fine(&node, READ_TIMEOUT).await?;
     let retries = node.metric("shoal_retries", &[]).await.unwrap_or(-1.0);
     println!("RETRY get: stalled backend saw {}, retried answers took {slow:?}, retries {retries}", stalls.requests());
     // (The retry takes the next round-robin turn, so the next GET meets the stall again.)
@@ -126,17 +133,7 @@ async fn a_connect_timeout_moves_the_pick_to_the_next_backend() -> R {
         &[silent, fine.addr],
     )
     .await?;
-    let mut slow = Vec::new();
-    for i in 0..4 {
-        let t = Instant::now();
-        let r = get(node.proxy, "/").await?;
-        let took = t.elapsed();
-        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "fine"), "GET #{i} after {took:?}");
-        assert!(took < CONNECT_TIMEOUT + HEADROOM, "GET #{i} took {took:?} (connect_timeout {CONNECT_TIMEOUT:?})");
-        if took >= CONNECT_TIMEOUT {
-            slow.push(took);
-        }
-    }
+    let slow = gets_answered_by_fine(&node, CONNECT_TIMEOUT).await?;
     println!("RETRY connect: answers that met the silent address took {slow:?}");
     // (The retry takes the next round-robin turn, so the next GET meets the silent one again.)
     assert!(slow.len() >= 2, "GETs met the silent address, waited connect_timeout, moved on: {slow:?}");
