@@ -27,6 +27,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod buffers;
 pub mod cluster;
 pub mod config;
 pub mod control;
@@ -36,6 +37,7 @@ pub mod health;
 pub mod http1;
 pub mod lifecycle;
 pub mod limit;
+pub mod memory;
 pub mod pool;
 pub mod proxy;
 pub mod store;
@@ -241,6 +243,10 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
                 }
             };
             let left = rt.block_on(async move {
+                let releaser = proxy.clone();
+                tokio::spawn(async move {
+                    memory::release_after_bursts(&releaser.stats.active, &releaser.stats.requests).await
+                });
                 match TcpListener::from_std(std_listener) {
                     Ok(l) => proxy::listener::serve(l, proxy, settings, stop).await,
                     Err(e) => {

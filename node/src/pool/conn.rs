@@ -13,14 +13,14 @@ use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
 use tokio::net::TcpStream;
 
-/// Read buffer size of an upstream connection (grown when a response head needs more).
-pub const READ_BUF: usize = 16 * 1024;
+use crate::buffers;
 
 /// An HTTP/1.1 connection to a backend, ready to send one request.
 #[derive(Debug)]
 pub struct Upstream {
     pub stream: TcpStream,
-    /// Bytes read from the backend and not yet consumed.
+    /// Bytes read from the backend and not yet consumed (`buffers::UPSTREAM_SIZE`, grown when a
+    /// response head needs more). An idle connection in the queue holds none.
     pub read_buf: BytesMut,
     /// Whether the connection came from the idle queue (it may have been closed meanwhile).
     pub reused: bool,
@@ -28,7 +28,7 @@ pub struct Upstream {
 
 impl Upstream {
     fn new(stream: TcpStream) -> Self {
-        Upstream { stream, read_buf: BytesMut::with_capacity(READ_BUF), reused: false }
+        Upstream { stream, read_buf: buffers::take_upstream(), reused: false }
     }
 
     /// Whether an idle connection can carry a request: the backend has neither closed it nor
@@ -141,10 +141,11 @@ impl IdleConns {
     pub fn put(&self, mut conn: Upstream) {
         let Some(q) = self.queue() else { return };
         let worker = worker_index();
-        if q.is_full() || !self.budget.try_reserve(worker) {
+        if !conn.read_buf.is_empty() || q.is_full() || !self.budget.try_reserve(worker) {
             return;
         }
         conn.reused = true;
+        buffers::give_upstream(std::mem::take(&mut conn.read_buf));
         if q.push(conn).is_err() {
             self.budget.release(worker, 1);
         }
@@ -157,6 +158,8 @@ impl IdleConns {
         while let Some(conn) = q.pop() {
             self.budget.release(worker, 1);
             if conn.still_open() {
+                let mut conn = conn;
+                conn.read_buf = buffers::take_upstream();
                 return Some(conn);
             }
         }

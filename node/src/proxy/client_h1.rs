@@ -7,10 +7,16 @@
 //! (`client_header_timeout`), the idle keep-alive (`keepalive_timeout`), each body read
 //! (`client_body_timeout`), each write to the client (`send_timeout`), an idle tunnel
 //! (`tunnel_timeout`).
+//!
+//! Memory: between requests a connection holds its socket, its timer and a few words, no
+//! buffer (they go back to the worker's `buffers` when it goes idle and are taken again when
+//! bytes arrive), and each request runs in a future of its own, allocated for the request's
+//! life only, so the connection's task stays small. An upgraded tunnel likewise holds no
+//! buffer between messages.
 
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -24,18 +30,19 @@ use tokio_util::sync::CancellationToken;
 use super::access_log::RequestLine;
 use super::error::ProxyError;
 use super::forward::{self, ClientConn, Forwarded, Outgoing, forward};
+use super::idle::{self, Woke};
 use super::upstream::{BodySource, RequestBody};
-use super::{Limits, Proxy};
+use super::{Limits, Open, Proxy};
+use crate::buffers;
 use crate::http1::chunked::{self, Chunk, Step};
 use crate::http1::request::{self, BodyFraming, Refusal, Request};
 use crate::http1::response::ClientFraming;
 use crate::http1::rewrite::{self, Forwarding, Framing};
+use crate::pool::InFlight;
 
-/// Read buffer of a client connection (grown for large heads, up to `max_header_bytes`).
-const READ_BUF: usize = 4096;
-
-/// A client connection: the socket, bytes read and not yet consumed, the response buffer, and
-/// how much of the current request's body is still unread.
+/// A client connection: the socket, bytes read and not yet consumed (the read buffer, grown
+/// for large heads up to `max_header_bytes`), the response buffer, and how much of the current
+/// request's body is still unread. Both buffers are empty and unallocated while idle.
 pub struct ClientIo {
     pub stream: TcpStream,
     pub buf: BytesMut,
@@ -68,19 +75,43 @@ impl ClientIo {
         ClientIo {
             stream,
             buf,
-            out: Vec::with_capacity(1024),
+            out: Vec::new(),
             body: BodyLeft::None,
             send_timeout: limits.send_timeout,
             body_timeout: limits.body_timeout,
         }
     }
 
+    /// Makes room to read into: a buffer from the worker's pool, or more room in this one.
+    fn room(&mut self) {
+        if self.buf.capacity() == 0 {
+            self.buf = buffers::take_read();
+        } else if self.buf.capacity() - self.buf.len() < 512 {
+            self.buf.reserve(buffers::SIZE);
+        }
+    }
+
     /// Reads more from the client; `Ok(0)` is end of stream.
     async fn fill(&mut self) -> std::io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < 512 {
-            self.buf.reserve(READ_BUF);
-        }
+        self.room();
         self.stream.read_buf(&mut self.buf).await
+    }
+
+    /// The response buffer, taken from the worker's pool if the connection holds none.
+    fn out(&mut self) -> &mut Vec<u8> {
+        if self.out.capacity() == 0 {
+            self.out = buffers::take_write();
+        }
+        &mut self.out
+    }
+
+    /// Gives both buffers back to the worker's pool (the read buffer only if nothing in it is
+    /// unread): the connection is about to wait.
+    fn release(&mut self) {
+        if self.buf.is_empty() {
+            buffers::give_read(std::mem::take(&mut self.buf));
+        }
+        buffers::give_write(std::mem::take(&mut self.out));
     }
 
     /// The next piece of the current request body, reading within `body_timeout`.
@@ -133,8 +164,9 @@ impl ClientIo {
     /// Writes one chunk of a chunk-encoded body: size line, data and CRLF in one vectored
     /// write, without copying the data (`self.out` holds the size line).
     async fn send_chunk(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.out.clear();
-        chunked::encode_size(data.len(), &mut self.out);
+        let out = self.out();
+        out.clear();
+        chunked::encode_size(data.len(), out);
         let mut chunk = bytes::Buf::chain(bytes::Buf::chain(&self.out[..], data), chunked::CHUNK_END);
         tokio::time::timeout(self.send_timeout, self.stream.write_all_buf(&mut chunk))
             .await
@@ -220,62 +252,152 @@ enum NoRequest {
     Refused(Refusal),
 }
 
-/// Serves HTTP/1.1 requests on one client connection until it closes, errs, or the node drains
-/// (`stop`). `io.buf` may already hold the start of the first request.
-/// The first head must be complete by `first_deadline` (accept + `client_header_timeout`).
-pub async fn serve(
-    proxy: Arc<Proxy>,
-    client: ClientConn,
-    mut io: ClientIo,
-    limits: Limits,
-    stop: CancellationToken,
-    first_deadline: tokio::time::Instant,
-) {
-    let mut first = Some(first_deadline);
-    let idle = tokio::time::sleep(limits.keepalive_timeout);
-    tokio::pin!(idle);
-    // The head for the backend, rewritten in place for every request.
-    let mut upstream_head = Vec::with_capacity(1024);
-    loop {
-        // Held across the keep-alive wait: an owned Arc, not an arc-swap guard.
-        let runtime = proxy.runtime.load_full();
-        let opts = request::Options {
-            max_header_bytes: limits.max_header_bytes,
-            sticky_cookie: runtime.sticky.as_ref().map(|s| s.cookie.as_str()),
-            log: proxy.access_log.load().is_some(),
-            forwarding: Forwarding { client_ip: client.real_ip.as_bytes(), proto: "http" },
-        };
-        let next = next_request(&opts, &mut io, &limits, &stop, first, idle.as_mut(), &mut upstream_head);
-        let parsed = match next.await {
-            Ok(p) => p,
-            Err(NoRequest::Gone) => return,
-            Err(NoRequest::Timeout) => {
-                proxy.count_error(ProxyError::HeaderTimeout);
-                if write_error(&mut io, ProxyError::HeaderTimeout, &proxy, true, false).await.is_ok() {
-                    linger(&mut io).await;
-                }
-                return;
+/// What a connection does after one request.
+enum Next {
+    /// Wait for the next request.
+    KeepAlive,
+    Close,
+    /// The backend switched protocols: copy bytes both ways.
+    Tunnel(Box<Tunnel>),
+}
+
+/// What the listener read before it knew the protocol: the start of the first request, which
+/// must be complete by `deadline` (accept + `client_header_timeout`).
+pub struct First {
+    pub buf: BytesMut,
+    pub deadline: tokio::time::Instant,
+}
+
+/// Serves HTTP/1.1 requests on one client connection (its own task) until it closes, errs, or
+/// the node drains.
+///
+/// Between requests the task holds the socket, the client's address and a word or two: no
+/// buffer, no timer (the worker's `idle` registry keeps `keepalive_timeout`), no cancellation
+/// future. Each run of requests (one, or several pipelined) is a future of its own (`burst`,
+/// boxed), allocated while it runs, which takes the socket and gives it back. Written as a
+/// function returning an `async move` block: an `async fn` would keep a second copy of its
+/// arguments in its future.
+pub fn serve(open: Open, addr: SocketAddr, mut stream: TcpStream, first: Box<First>) -> impl Future<Output = ()> {
+    let mut first = Some(first);
+    async move {
+        loop {
+            let next;
+            (stream, next) = {
+                let (buf, deadline) = match first.take() {
+                    // The first run of requests: its bytes are read already, its deadline
+                    // runs from accept.
+                    Some(f) => (f.buf, f.deadline),
+                    // Idle, holding no buffer, until the client sends the start of its next
+                    // request (a buffer from the worker's pool holds it); it may idle
+                    // `keepalive_timeout`. Written out here, not as an `async fn`, so the
+                    // wait is all this state holds.
+                    None => loop {
+                        match idle::wait(&stream, open.limits.keepalive_timeout).await {
+                            Ok(Woke::Readable) => {}
+                            Ok(Woke::TimedOut | Woke::Closing) | Err(_) => return,
+                        }
+                        let mut buf = buffers::take_read();
+                        match stream.try_read_buf(&mut buf) {
+                            Ok(0) => return,
+                            Ok(_) => break (buf, tokio::time::Instant::now() + open.limits.header_timeout),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buffers::give_read(buf),
+                            Err(_) => return,
+                        }
+                    },
+                };
+                Box::pin(burst(&open, addr, stream, buf, deadline))
             }
-            Err(NoRequest::Refused(r)) => {
-                let e = ProxyError::from(r);
-                proxy.count_error(e);
-                tracing::debug!(client = %client.addr, error = %e.body(), "request refused");
-                if write_error(&mut io, e, &proxy, true, false).await.is_ok() {
-                    linger(&mut io).await;
+            .await;
+            match next {
+                Next::KeepAlive => {}
+                Next::Close => return,
+                Next::Tunnel(t) => {
+                    // Boxed: the tunnel's copying state is not part of every connection's task.
+                    let tunnel = Box::pin(t.run(stream, open.limits.tunnel_timeout));
+                    return tunnel.await;
                 }
-                return;
             }
-        };
-        first = None;
-        match exchange(&proxy, &client, &mut io, parsed, &mut upstream_head, &limits, &stop).await {
-            Ok(true) => {}
+        }
+    }
+}
+
+/// Serves requests while the client has sent more (pipelined): from the first bytes in `buf`
+/// until the connection goes idle, closes or is upgraded. Gives the socket back, and the
+/// buffers back to the worker's pool.
+async fn burst(
+    open: &Open,
+    addr: SocketAddr,
+    stream: TcpStream,
+    buf: BytesMut,
+    mut head_deadline: tokio::time::Instant,
+) -> (TcpStream, Next) {
+    let client = ClientConn::new(addr);
+    let mut io = ClientIo::new(stream, buf, &open.limits);
+    let mut upstream_head = buffers::take_write();
+    let next = loop {
+        let next =
+            request(&open.proxy, &client, &mut io, &open.limits, &open.close_idle, head_deadline, &mut upstream_head)
+                .await;
+        match next {
+            Next::KeepAlive if !io.buf.is_empty() => {
+                head_deadline = tokio::time::Instant::now() + open.limits.header_timeout;
+            }
+            next => break next,
+        }
+    };
+    io.release();
+    buffers::give_write(upstream_head);
+    (io.stream, next)
+}
+
+/// One request, from its first bytes (already in `io.buf`) to the end of its response: the
+/// head must be complete by `head_deadline`.
+async fn request(
+    proxy: &Proxy,
+    client: &ClientConn,
+    io: &mut ClientIo,
+    limits: &Limits,
+    stop: &CancellationToken,
+    head_deadline: tokio::time::Instant,
+    upstream_head: &mut Vec<u8>,
+) -> Next {
+    // Held while the head arrives: an owned Arc, not an arc-swap guard.
+    let runtime = proxy.runtime.load_full();
+    let opts = request::Options {
+        max_header_bytes: limits.max_header_bytes,
+        sticky_cookie: runtime.sticky.as_ref().map(|s| s.cookie.as_str()),
+        log: proxy.access_log.load().is_some(),
+        forwarding: Forwarding { client_ip: client.real_ip.as_bytes(), proto: "http" },
+    };
+    let parsed = match next_request(&opts, io, head_deadline, upstream_head).await {
+        Ok(p) => p,
+        Err(NoRequest::Gone) => return Next::Close,
+        Err(NoRequest::Timeout) => {
+            proxy.count_error(ProxyError::HeaderTimeout);
+            if write_error(io, ProxyError::HeaderTimeout, proxy, true, false).await.is_ok() {
+                linger(io).await;
+            }
+            return Next::Close;
+        }
+        Err(NoRequest::Refused(r)) => {
+            let e = ProxyError::from(r);
+            proxy.count_error(e);
+            tracing::debug!(client = %client.addr, error = %e.body(), "request refused");
+            if write_error(io, e, proxy, true, false).await.is_ok() {
+                linger(io).await;
+            }
+            return Next::Close;
+        }
+    };
+    match exchange(proxy, client, io, parsed, upstream_head, limits, stop).await {
+        Ok(Next::Close) if io.body != BodyLeft::None || !io.buf.is_empty() || stop.is_cancelled() => {
             // Answered without reading the whole body, or closing with pipelined requests
             // unanswered, or draining while the client may be sending: let it see the answer.
-            Ok(false) if io.body != BodyLeft::None || !io.buf.is_empty() || stop.is_cancelled() => {
-                return linger(&mut io).await;
-            }
-            Ok(false) | Err(_) => return,
+            linger(io).await;
+            Next::Close
         }
+        Ok(next) => next,
+        Err(_) => Next::Close,
     }
 }
 
@@ -287,78 +409,46 @@ async fn linger(io: &mut ClientIo) {
     const MAX_DISCARD: usize = 1 << 20;
     let _ = io.stream.shutdown().await;
     let discard = async {
-        let mut scratch = [0u8; 8192];
         let mut total = 0;
-        while let Ok(n) = io.stream.read(&mut scratch).await
-            && n > 0
-            && total < MAX_DISCARD
-        {
-            total += n;
+        loop {
+            io.buf.clear();
+            match io.fill().await {
+                Ok(n) if n > 0 && total < MAX_DISCARD => total += n,
+                _ => break,
+            }
         }
     };
     let _ = tokio::time::timeout(LINGER, discard).await;
 }
 
-/// Waits for the next complete request head and takes it off the buffer.
+/// Reads until the request head in `io.buf` is complete (by `deadline`) and takes it off the
+/// buffer.
 async fn next_request(
     opts: &request::Options<'_>,
     io: &mut ClientIo,
-    limits: &Limits,
-    stop: &CancellationToken,
-    first: Option<tokio::time::Instant>,
-    mut idle: Pin<&mut tokio::time::Sleep>,
+    deadline: tokio::time::Instant,
     upstream_head: &mut Vec<u8>,
 ) -> Result<Request, NoRequest> {
-    // The first head (from accept) and any head once its first byte came must be complete
-    // within header_timeout; an idle kept-alive connection waits up to keepalive_timeout.
-    let mut head_deadline = first;
     loop {
         if !io.buf.is_empty() {
             match request::parse(&io.buf, opts, upstream_head) {
                 Ok(Some(parsed)) => {
-                    let _ = io.buf.split_to(parsed.head_size);
+                    bytes::Buf::advance(&mut io.buf, parsed.head_size);
                     return Ok(parsed);
                 }
                 Ok(None) => {}
                 Err(r) => return Err(NoRequest::Refused(r)),
             }
-            head_deadline.get_or_insert_with(|| tokio::time::Instant::now() + limits.header_timeout);
         }
-        let read = match head_deadline {
-            Some(deadline) => {
-                // Draining: a connection that has not started a request is closed.
-                let idle_since_accept = io.buf.is_empty();
-                tokio::select! {
-                    biased;
-                    r = io.fill() => r,
-                    _ = tokio::time::sleep_until(deadline) => return Err(NoRequest::Timeout),
-                    _ = stop.cancelled(), if idle_since_accept => return Err(NoRequest::Gone),
-                }
-            }
-            None => {
-                // Re-arm the idle timer only when an eighth of it has passed (a reset per
-                // request would cost a timer-wheel update per request).
-                let now = tokio::time::Instant::now();
-                let t = limits.keepalive_timeout;
-                if idle.deadline() < now + t - t / 8 {
-                    idle.as_mut().reset(now + t);
-                }
-                tokio::select! {
-                    biased;
-                    r = io.fill() => r,
-                    _ = stop.cancelled() => return Err(NoRequest::Gone),
-                    _ = idle.as_mut() => return Err(NoRequest::Gone),
-                }
-            }
-        };
-        match read {
-            Ok(0) | Err(_) => return Err(NoRequest::Gone),
-            Ok(_) => {}
+        match tokio::time::timeout_at(deadline, io.fill()).await {
+            Err(_) => return Err(NoRequest::Timeout),
+            Ok(Ok(0) | Err(_)) => return Err(NoRequest::Gone),
+            Ok(Ok(_)) => {}
         }
     }
 }
 
-/// Forwards one request and writes its response. `Ok(true)`: the connection can carry another.
+/// Forwards one request and writes its response, and says what the connection does next.
 async fn exchange(
     proxy: &Proxy,
     client: &ClientConn,
@@ -367,7 +457,7 @@ async fn exchange(
     upstream_head: &mut Vec<u8>,
     limits: &Limits,
     stop: &CancellationToken,
-) -> std::io::Result<bool> {
+) -> std::io::Result<Next> {
     // Only the access log needs the request's duration.
     let started = parsed.log.is_some().then(Instant::now);
     let log_line = parsed.log.take().map(|l| RequestLine::new(client.addr.ip(), l.request, l.referer, l.user_agent));
@@ -423,10 +513,11 @@ async fn exchange(
             (e.status().as_u16(), Some(e.body().len() as u64), None)
         }
         Ok(f) if f.head.is_upgrade() => {
-            let backend = f.backend.clone();
-            log(proxy, log_line, 101, None, Some(&backend), started);
-            tunnel(io, f, limits.tunnel_timeout).await;
-            return Ok(false);
+            log(proxy, log_line, 101, None, Some(&f.backend), started);
+            return Ok(match open_tunnel(io, f, limits.tunnel_timeout).await {
+                Some(t) => Next::Tunnel(Box::new(t)),
+                None => Next::Close,
+            });
         }
         // Transfer codings other than chunked cannot be expressed to an HTTP/1.0 client.
         Ok(f) if f.head.codings().is_some() && !parsed.http11 && f.head.has_body() => {
@@ -446,7 +537,7 @@ async fn exchange(
         }
     };
     log(proxy, log_line, status, sent, backend.as_deref(), started);
-    Ok(keep_alive)
+    Ok(if keep_alive { Next::KeepAlive } else { Next::Close })
 }
 
 /// Answers with one of the proxy's own errors (counted already) before anything was forwarded;
@@ -459,10 +550,10 @@ async fn answer(
     log_line: Option<RequestLine>,
     started: Option<Instant>,
     keep: bool,
-) -> std::io::Result<bool> {
+) -> std::io::Result<Next> {
     write_error(io, e, proxy, !keep, head_request).await?;
     log(proxy, log_line, e.status().as_u16(), Some(e.body().len() as u64), None, started);
-    Ok(keep)
+    Ok(if keep { Next::KeepAlive } else { Next::Close })
 }
 
 fn log(
@@ -487,8 +578,9 @@ async fn write_error(
     close: bool,
     head_request: bool,
 ) -> std::io::Result<()> {
-    io.out.clear();
-    e.write_h1(&mut io.out, &proxy.node_id, close, head_request);
+    let out = io.out();
+    out.clear();
+    e.write_h1(out, &proxy.node_id, close, head_request);
     io.send_out().await
 }
 
@@ -504,7 +596,7 @@ async fn write_response(
 ) -> std::io::Result<(Option<u64>, bool)> {
     let Forwarded { head, mut body, set_cookie, .. } = f;
     let close = !keep_alive || !http11;
-    let framing = head.write_h1(&mut io.out, set_cookie.as_deref().map(str::as_bytes), http11, head_request, close);
+    let framing = head.write_h1(io.out(), set_cookie.as_deref().map(str::as_bytes), http11, head_request, close);
     let close = close || framing == ClientFraming::Close;
     // The common small response is whole already: head and body in one write.
     if let Some(whole) = body.take_buffered() {
@@ -539,53 +631,87 @@ async fn write_response(
     Ok((Some(sent), !close))
 }
 
-/// After a 101: writes the handshake answer, then copies bytes both ways until either side
-/// closes or nothing moves for `idle` (HAProxy's `timeout tunnel`). Bytes already read on
-/// either side go first.
-async fn tunnel(io: &mut ClientIo, f: Forwarded, idle: Duration) {
+/// An upgraded connection's other side: the backend's stream and the request's in-flight
+/// guard, held until the tunnel closes.
+struct Tunnel {
+    upstream: TcpStream,
+    in_flight: InFlight,
+}
+
+/// After a 101: writes the handshake answer and passes on the bytes already read on either
+/// side (they belong to the new protocol). `None`: either side is gone already.
+async fn open_tunnel(io: &mut ClientIo, f: Forwarded, idle: Duration) -> Option<Tunnel> {
     let Forwarded { head, body, .. } = f;
-    head.write_h1(&mut io.out, None, true, false, false);
-    let Some((mut upstream, from_backend, in_flight)) = body.into_tunnel() else { return };
+    head.write_h1(io.out(), None, true, false, false);
+    let (mut upstream, from_backend, in_flight) = body.into_tunnel()?;
     let result = async {
         io.send_out().await?;
         io.send(&from_backend).await?;
         tokio::time::timeout(idle, upstream.write_all(&io.buf)).await??;
         io.buf.clear();
-        copy_both_ways(&mut io.stream, &mut upstream, idle).await
+        Ok::<_, std::io::Error>(())
     }
     .await;
-    if let Err(e) = result {
-        tracing::debug!(backend = %in_flight.backend().addr, error = %e, "tunnel ended with an error");
+    match result {
+        Ok(()) => Some(Tunnel { upstream, in_flight }),
+        Err(e) => {
+            tracing::debug!(backend = %in_flight.backend().addr, error = %e, "tunnel ended with an error");
+            None
+        }
     }
-    drop(in_flight);
 }
 
-/// Copies bytes both ways until both sides have closed, or nothing moved for `idle`.
+impl Tunnel {
+    /// Copies bytes both ways until either side closes or nothing moves for `idle`
+    /// (HAProxy's `timeout tunnel`).
+    async fn run(mut self: Box<Self>, mut client: TcpStream, idle: Duration) {
+        if let Err(e) = copy_both_ways(&mut client, &mut self.upstream, idle).await {
+            tracing::debug!(backend = %self.in_flight.backend().addr, error = %e, "tunnel ended with an error");
+        }
+    }
+}
+
+/// Copies bytes both ways until both sides have closed, or nothing moved for `idle`. Between
+/// messages nothing is held but the two sockets and a timer: a buffer is taken from the
+/// worker's pool only once a side is readable, and given back once its bytes are written.
 async fn copy_both_ways(a: &mut TcpStream, b: &mut TcpStream, idle: Duration) -> std::io::Result<()> {
-    const TUNNEL_BUF: usize = 8192;
-    let (mut ar, mut aw) = a.split();
-    let (mut br, mut bw) = b.split();
-    let (mut from_a, mut from_b) = (vec![0u8; TUNNEL_BUF], vec![0u8; TUNNEL_BUF]);
     let (mut a_open, mut b_open) = (true, true);
-    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "tunnel idle");
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
     while a_open || b_open {
-        tokio::select! {
-            r = ar.read(&mut from_a), if a_open => match r? {
-                0 => {
-                    a_open = false;
-                    let _ = bw.shutdown().await;
-                }
-                n => tokio::time::timeout(idle, bw.write_all(&from_a[..n])).await.map_err(|_| timed_out())??,
-            },
-            r = br.read(&mut from_b), if b_open => match r? {
-                0 => {
-                    b_open = false;
-                    let _ = aw.shutdown().await;
-                }
-                n => tokio::time::timeout(idle, aw.write_all(&from_b[..n])).await.map_err(|_| timed_out())??,
-            },
-            _ = tokio::time::sleep(idle) => return Err(timed_out()),
+        let from_a = tokio::select! {
+            r = a.readable(), if a_open => r.map(|()| true)?,
+            r = b.readable(), if b_open => r.map(|()| false)?,
+            _ = timer.as_mut() => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "tunnel idle")),
+        };
+        let moved = if from_a { pass(a, b, &mut a_open, idle).await? } else { pass(b, a, &mut b_open, idle).await? };
+        // Re-arm the idle timer only when an eighth of it has passed.
+        let now = tokio::time::Instant::now();
+        if moved && timer.deadline() < now + idle - idle / 8 {
+            timer.as_mut().reset(now + idle);
         }
     }
     Ok(())
+}
+
+/// Moves what `from` holds now to `to` (or passes on its end of stream: `open` turns false).
+/// `Ok(false)`: nothing was there after all.
+async fn pass(from: &TcpStream, to: &mut TcpStream, open: &mut bool, idle: Duration) -> std::io::Result<bool> {
+    let mut buf = buffers::take_write();
+    let read = from.try_read_buf(&mut buf);
+    let result = match read {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+        Ok(0) => {
+            *open = false;
+            let _ = to.shutdown().await;
+            Ok(true)
+        }
+        Ok(n) => match tokio::time::timeout(idle, to.write_all(&buf[..n])).await {
+            Ok(written) => written.map(|()| true),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "tunnel peer read nothing")),
+        },
+    };
+    buffers::give_write(buf);
+    result
 }

@@ -2,8 +2,10 @@
 //! connection preface) from HTTP/1.1, hands the first to `client_h2` and the second to
 //! `client_h1`, and
 //! drains on shutdown: stop accepting, serve what the kernel already accepted, let in-flight
-//! requests finish within the drain timeout, close idle keep-alives.
+//! requests finish within the drain timeout, close idle keep-alives. A connection holds no
+//! buffer until its first bytes arrive.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -15,25 +17,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::client_h1::{self, ClientIo};
 use super::client_h2;
 use super::forward::ClientConn;
-use super::{Limits, Proxy};
+use super::{Limits, Open, Proxy, Worker};
+use super::{client_h1, idle};
+use crate::buffers;
 
 /// After accepting stops, how long just-accepted connections get to send their first request
 /// before idle connections are closed.
 const LAST_REQUESTS_WINDOW: Duration = Duration::from_millis(250);
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Decrements the active-connection gauge when a connection ends.
-struct Active(Arc<Proxy>);
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.stats.active.fetch_sub(1, Relaxed);
-    }
-}
 
 /// Serves `listener` until `stop_accepting` fires, then drains. Returns the number of
 /// connections that were still open when the drain timeout ran out.
@@ -46,13 +40,13 @@ pub async fn serve(
     // Cancelled once the last-requests window after stop_accepting has passed: idle
     // connections close, busy ones close after their response.
     let close_idle = CancellationToken::new();
+    tokio::spawn(idle::sweep(limits.keepalive_timeout, close_idle.clone()));
+    let worker = Arc::new(Worker { proxy: proxy.clone(), limits, close_idle: close_idle.clone() });
     let serve_one = |stream: TcpStream, addr: std::net::SocketAddr| {
         proxy.stats.accepts.fetch_add(1, Relaxed);
         proxy.stats.handled.fetch_add(1, Relaxed);
-        proxy.stats.active.fetch_add(1, Relaxed);
         let _ = stream.set_nodelay(true);
-        let active = Active(proxy.clone());
-        tokio::spawn(connection(proxy.clone(), stream, addr, limits.clone(), close_idle.clone(), active));
+        tokio::spawn(connection(Open::new(worker.clone()), stream, addr));
     };
     loop {
         let (stream, addr) = tokio::select! {
@@ -104,50 +98,54 @@ pub async fn serve(
     }
 }
 
-/// One client connection: reads until it can tell the protocol, then serves it.
-async fn connection(
-    proxy: Arc<Proxy>,
-    mut stream: TcpStream,
-    addr: std::net::SocketAddr,
-    limits: Limits,
-    stop: CancellationToken,
-    active: Active,
-) {
-    let client = ClientConn::new(addr);
-    // One client_header_timeout from accept covers the sniff and the whole first head.
-    let head_deadline = tokio::time::Instant::now() + limits.header_timeout;
-    let mut buf = BytesMut::with_capacity(4096);
-    // Enough bytes to tell the HTTP/2 preface from an HTTP/1.1 request line (usually the
-    // first read); bounded by the header timeout like any request head.
-    let sniff = async {
-        loop {
-            let n = buf.len().min(H2_PREFACE.len());
-            if buf[..n] != H2_PREFACE[..n] || n == H2_PREFACE.len() {
-                return Ok::<bool, std::io::Error>(n == H2_PREFACE.len() && buf[..n] == *H2_PREFACE);
+/// One client connection, until its protocol is known: waits for its first bytes (holding no
+/// buffer), reads until it can tell HTTP/2's preface from an HTTP/1.1 request line, then
+/// serves HTTP/2 here or hands HTTP/1.1 to a task of its own (whose future then holds only what
+/// an idle HTTP/1.1 connection needs).
+#[expect(clippy::manual_async_fn, reason = "an async fn keeps a second copy of its arguments in its future")]
+fn connection(open: Open, mut stream: TcpStream, addr: SocketAddr) -> impl Future<Output = ()> {
+    async move {
+        // One client_header_timeout from accept covers the sniff and the whole first head.
+        let deadline = tokio::time::Instant::now() + open.limits.header_timeout;
+        let sniffed = tokio::select! {
+            r = tokio::time::timeout_at(deadline, sniff(&mut stream)) => r,
+            _ = open.close_idle.cancelled() => return,
+        };
+        match sniffed {
+            Ok(Ok((buf, true))) => {
+                let io = Prefixed { prefix: buf, inner: stream };
+                let client = ClientConn::new(addr);
+                let h2 =
+                    Box::pin(client_h2::serve(open.proxy.clone(), client, io, &open.limits, open.close_idle.clone()));
+                h2.await
             }
-            if stream.read_buf(&mut buf).await? == 0 {
-                return Ok(false);
+            Ok(Ok((buf, false))) if buf.is_empty() => buffers::give_read(buf),
+            Ok(Ok((buf, false))) => {
+                let first = Box::new(client_h1::First { buf, deadline });
+                tokio::spawn(client_h1::serve(open, addr, stream, first));
             }
+            Ok(Err(e)) => tracing::trace!(client = %addr, error = %e, "client connection failed"),
+            Err(_) => tracing::debug!(client = %addr, "no request within the header timeout"),
         }
-    };
-    let is_h2 = tokio::select! {
-        r = tokio::time::timeout_at(head_deadline, sniff) => r,
-        _ = stop.cancelled() => return,
-    };
-    match is_h2 {
-        Ok(Ok(true)) => {
-            let io = Prefixed { prefix: buf, inner: stream };
-            client_h2::serve(proxy, client, io, &limits, stop).await
-        }
-        Ok(Ok(false)) if buf.is_empty() => {}
-        Ok(Ok(false)) => {
-            let io = ClientIo::new(stream, buf, &limits);
-            client_h1::serve(proxy, client, io, limits, stop, head_deadline).await
-        }
-        Ok(Err(e)) => tracing::trace!(client = %addr, error = %e, "client connection failed"),
-        Err(_) => tracing::debug!(client = %addr, "no request within the header timeout"),
     }
-    drop(active);
+}
+
+/// Reads enough bytes to tell the HTTP/2 preface from an HTTP/1.1 request line (usually the
+/// first read). The buffer is taken once the socket is readable: a client that connects and
+/// says nothing costs no buffer. `true`: HTTP/2.
+async fn sniff(stream: &mut TcpStream) -> std::io::Result<(BytesMut, bool)> {
+    stream.readable().await?;
+    let mut buf = buffers::take_read();
+    loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] || n == H2_PREFACE.len() {
+            let h2 = n == H2_PREFACE.len() && buf[..n] == *H2_PREFACE;
+            return Ok((buf, h2));
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok((buf, false));
+        }
+    }
 }
 
 /// A stream whose first bytes were already read (the sniffed preface): they are read again.
@@ -163,6 +161,9 @@ impl AsyncRead for Prefixed {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                buffers::give_read(std::mem::take(&mut this.prefix));
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)

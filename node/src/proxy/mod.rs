@@ -1,16 +1,19 @@
 //! The data plane: accept client connections and tell HTTP/1.1 from HTTP/2 (`listener`), serve
 //! HTTP/1.1 clients (`client_h1`) and HTTP/2 clients through hyper (`client_h2`), turn each
 //! request into picks and attempts (`forward`), exchange it with a backend over HTTP/1.1
-//! (`upstream`), map failures to statuses (`error`) and log (`access_log`). The HTTP/1.1 rules
-//! are the pure `crate::http1`'s. Imports run one way:
-//! `listener -> client_h1 | client_h2 -> forward -> upstream -> http1`; `error` and
-//! `access_log` are leaves.
+//! (`upstream`), map failures to statuses (`error`) and log (`access_log`). Client connections
+//! take their buffers from a per-worker free list while bytes move and give them back when
+//! idle (`crate::buffers`); kept-alive connections wait for their next request in a per-worker
+//! registry with one coarse timer (`idle`). The HTTP/1.1 rules are the pure `crate::http1`'s.
+//! Imports run one way: `listener -> client_h1 | client_h2 -> forward -> upstream -> http1`;
+//! `error`, `access_log` and `idle` are leaves.
 
 pub mod access_log;
 pub mod client_h1;
 pub mod client_h2;
 pub mod error;
 pub mod forward;
+pub mod idle;
 pub mod listener;
 pub mod upstream;
 
@@ -20,6 +23,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
+use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Picker, picker_for};
 use crate::config::{Config, StickySettings, UpstreamSettings};
@@ -41,6 +45,39 @@ pub struct Limits {
     pub tunnel_timeout: Duration,
     /// Bodies up to this size are read whole before a backend is picked (0: never).
     pub request_buffer_bytes: usize,
+}
+
+/// What the client connections of one proxy worker share.
+pub struct Worker {
+    pub proxy: Arc<Proxy>,
+    pub limits: Limits,
+    /// Fires when the node drains: connections that are not busy close.
+    pub close_idle: CancellationToken,
+}
+
+/// One open client connection of a worker, counted in `Stats::active` while it lives (one
+/// word in the connection's task).
+pub struct Open(Arc<Worker>);
+
+impl Open {
+    pub fn new(worker: Arc<Worker>) -> Self {
+        worker.proxy.stats.active.fetch_add(1, Relaxed);
+        Open(worker)
+    }
+}
+
+impl std::ops::Deref for Open {
+    type Target = Worker;
+
+    fn deref(&self) -> &Worker {
+        &self.0
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.proxy.stats.active.fetch_sub(1, Relaxed);
+    }
 }
 
 /// nginx `stub_status`-style totals of this node.

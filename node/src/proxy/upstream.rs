@@ -16,10 +16,11 @@ use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use crate::buffers::UPSTREAM_SIZE;
 use crate::http1::chunked::{self, Chunk, ChunkError, Step};
 use crate::http1::response::{self, Framing, Invalid, ResponseHead};
 use crate::pool::InFlight;
-use crate::pool::conn::{READ_BUF, Upstream};
+use crate::pool::conn::Upstream;
 
 /// Why an exchange with a backend failed.
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +207,7 @@ async fn answer_after_write_error<R: AsyncRead + Unpin>(
 async fn fill<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
     use tokio::io::AsyncReadExt;
     if buf.capacity() - buf.len() < 1024 {
-        buf.reserve(READ_BUF);
+        buf.reserve(UPSTREAM_SIZE);
     }
     reader.read_buf(buf).await
 }
@@ -333,7 +334,7 @@ impl UpstreamBody {
         let UpstreamBody { conn, timeout, waiting, armed, .. } = self;
         let conn = conn.as_mut().expect("a body that is not done owns its connection");
         if conn.read_buf.capacity() - conn.read_buf.len() < 1024 {
-            conn.read_buf.reserve(READ_BUF);
+            conn.read_buf.reserve(UPSTREAM_SIZE);
         }
         match tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.read_buf) {
             Poll::Ready(result) => {
