@@ -12,6 +12,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// maps, hyper's dispatch messages); glibc malloc showed up at ~6% of CPU under load.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Returns the calling thread's free pages to the system (`shoal_node::memory`): mimalloc
+/// purges pages that have been free for its `purge_delay` when a thread collects.
+fn release_memory() {
+    // SAFETY: `mi_collect` has no preconditions; it only walks the calling thread's heap.
+    unsafe { libmimalloc_sys::mi_collect(false) }
+}
 use shoal_node::config::{self, flags::RunFlags};
 use shoal_node::{Listeners, Node};
 
@@ -67,7 +74,36 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Raises the open-files soft limit to the hard one: every client and backend connection is a
+/// file, and the usual soft default (1024) would refuse clients long before memory or CPU run
+/// out (HAProxy raises its limit the same way; nginx needs `worker_rlimit_nofile`).
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else { return };
+    let files = if soft < hard {
+        match setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) }) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if files < 4096 {
+        tracing::warn!(
+            open_files = files,
+            "low open-files limit: each connection needs one (two when proxied); raise `ulimit -Hn`"
+        );
+    } else {
+        tracing::debug!(open_files = files, "open-files limit");
+    }
+}
+
 fn main() -> ExitCode {
+    shoal_node::memory::set_release(release_memory);
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match config::load(Some(&config), &RunFlags::default()) {
@@ -96,6 +132,7 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(cli.log_format);
+            raise_open_files_limit();
             // The proxy runs on its own worker threads (see `shoal_node::run`); this runtime
             // carries gossip, the control plane, admin and health checks.
             let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
@@ -132,6 +169,7 @@ fn main() -> ExitCode {
         }
         Command::Demo { nodes, backends, port_offset } => {
             init_tracing(cli.log_format);
+            raise_open_files_limit();
             match shoal_node::demo::run(nodes, backends, port_offset) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
