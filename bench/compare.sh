@@ -5,7 +5,8 @@
 #   compare.sh TARGET_A TARGET_B
 #     TARGET: a URL (http://127.0.0.1:PORT/...) or a preset name:
 #       shoal=:18090 shoal2=:18092 (bench/shoal.sh)
-#       nginx=:18080 haproxy=:18081 nginx2=:18082 haproxy2=:18083 direct=:19001 (one backend)
+#       nginx=:18080 haproxy=:18081 nginx2=:18082 haproxy2=:18083 (bench/lb.sh)
+#       ideal=:18600 (the ideal forwarder, bench/lb.sh start ideal) direct=:19001 (one backend)
 #   env: REPEATS=5      rounds per connection count
 #        DURATION=5     seconds per wrk run (wrk -d; each run is also under `timeout`)
 #        CONNS="64 256" connection counts (wrk -c), THREADS=1 (wrk -t)
@@ -33,13 +34,14 @@ resolve() {
     haproxy) echo "http://127.0.0.1:18081/" ;;
     nginx2) echo "http://127.0.0.1:18082/" ;;
     haproxy2) echo "http://127.0.0.1:18083/" ;;
+    ideal) echo "http://127.0.0.1:18600/" ;;
     direct) echo "http://127.0.0.1:$((BACKEND_BASE_PORT + 1))/" ;;
     http://127.*) echo "$1" ;;
     *) die "target must be a preset or a loopback URL http://127.x.x.x:PORT/: $1" ;;
   esac
 }
 
-[ $# -eq 2 ] || { sed -n '2,21p' "$0"; exit 2; }
+[ $# -eq 2 ] || { sed -n '2,22p' "$0"; exit 2; }
 A=$1 B=$2 UA=$(resolve "$1") UB=$(resolve "$2")
 REF=${REF-direct}; UR=""; [ -n "$REF" ] && UR=$(resolve "$REF")
 REPEATS=${REPEATS:-5} DURATION=${DURATION:-5} CONNS=${CONNS:-64 256} PAUSE=${PAUSE:-1}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the benchmark tools idempotently: nginx, haproxy, wrk (Debian), python3.
+# Install the benchmark tools idempotently: nginx, haproxy, wrk (Debian), python3, gcc (builds
+# bench/ideal/fwd.c, the ideal forwarder).
 # Optional: WITH_PROFILE=1 ./setup.sh -> also linux-perf and strace (for profile.sh).
 #           WITH_OHA=1 ./setup.sh  -> also `cargo install oha` (slow: compiles from crates.io).
 # The system nginx/haproxy services are NOT started (policy-rc.d blocks it during install);
@@ -7,7 +8,7 @@
 set -euo pipefail
 
 need=()
-for pkg_bin in nginx:nginx haproxy:haproxy wrk:wrk python3:python3 procps:ps util-linux:taskset curl:curl; do
+for pkg_bin in nginx:nginx haproxy:haproxy wrk:wrk python3:python3 procps:ps util-linux:taskset curl:curl gcc:gcc; do
   pkg=${pkg_bin%%:*}; bin=${pkg_bin##*:}
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then need+=("$pkg"); fi
 done
@@ -47,3 +48,4 @@ echo "versions:"
 /usr/sbin/haproxy -v 2>&1 | head -1 | sed 's/^/  /'
 wrk -v 2>&1 | head -1 | sed 's/^/  /' || true
 python3 --version | sed 's/^/  /'
+gcc --version | head -1 | sed "s/^/  /"

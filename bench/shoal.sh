@@ -6,16 +6,25 @@
 #   shoal.sh start [NAME [WORKERS [PORT]]]
 #       NAME default "shoal", WORKERS default $SHOAL_WORKERS (1), PORT default 18090.
 #       Single node (no seeds), least-conn over the running backends (backends.sh), pinned to
-#       $LB_CPUS (CPU 0) for 1 worker, to $LB2_CPUS (0,1) for more. Logs at RUST_LOG (warn).
+#       $LB_CPUS (CPU 0) for 1 worker, to $LB2_CPUS (0,1) for more.
 #       Admin/control/gossip ports: PORT+1400 / PORT-600 / PORT-100 (19490/17490/17990 for 18090).
 #   shoal.sh stop [NAME...]              SIGTERM (graceful, ~1 s), wait; default: every instance
 #   shoal.sh pid NAME                    PID of a running instance
 #   shoal.sh show NAME                   print the generated config
 #
-# Upstream keep-alive: Shoal's `keepalive` is a cap PER BACKEND, while nginx's `keepalive 64` caps
-# the whole upstream (per worker) and lb.sh gives HAProxy pool-max-conn ceil(64/N) per server.
-# For the same total idle pool, the default is SHOAL_KEEPALIVE=ceil($LB_KEEPALIVE/N) (16 for 4
-# backends). Set SHOAL_KEEPALIVE=64 to give every backend 64.
+# Shoal runs with its DEFAULT config plus only what nginx and HAProxy are given too (lb.sh):
+# the addresses, `algorithm = "least-conn"` (their least_conn / leastconn), the backends and
+# the upstream keep-alive pool (below). Nothing else is tuned:
+#   * workers: no `workers` line for 1 worker when pinned to a single CPU: shoald then starts
+#     one proxy worker per CPU it may run on (std::thread::available_parallelism, which honours
+#     the taskset mask), i.e. 1. `workers = N` only for N > 1 (or for 1 when $LB_CPUS is not a
+#     single CPU, so that 1 stays 1).
+#   * logging: RUST_LOG is passed through as the caller has it; unset = shoald's default (info).
+#   * upstream keep-alive (what the peers are given, so it is set): Shoal's `keepalive` is a cap
+#     PER BACKEND (shoald's default: 32), while nginx's `keepalive 64` caps the whole upstream
+#     (per worker) and lb.sh gives HAProxy pool-max-conn ceil(64/N) per server. For the same
+#     total idle pool, the default is SHOAL_KEEPALIVE=ceil($LB_KEEPALIVE/N) (16 for 4
+#     backends). Set SHOAL_KEEPALIVE=64 to give every backend 64.
 # Binary: $SHOALD (default <repo>/target/release/shoald).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -23,8 +32,18 @@ SDIR=$BENCH_TMP/shoal
 LB2_CPUS=${LB2_CPUS-0,1}
 LB_KEEPALIVE=${LB_KEEPALIVE:-64}
 
-write_conf() { # name workers port
-  local name=$1 w=$2 port=$3 n p ka
+# one_cpu CPULIST -> true when the taskset list names exactly one CPU ("0", "3", "2-2")
+one_cpu() {
+  case "$1" in
+    '' | *,*) return 1 ;;
+    *-*) [ "${1%-*}" = "${1#*-}" ] ;;
+    *) return 0 ;;
+  esac
+}
+
+write_conf() { # name workers port cpus
+  local name=$1 w=$2 port=$3 cpus=$4 n p ka workers_line=""
+  if [ "$w" -gt 1 ] || ! one_cpu "$cpus"; then workers_line=$'\n'"workers = $w"; fi
   n=$(backend_ports | wc -l)
   ka=${SHOAL_KEEPALIVE:-$(( (LB_KEEPALIVE + n - 1) / n ))}
   cat <<EOF
@@ -34,8 +53,7 @@ id = "bench-$name"
 listen = "127.0.0.1:$port"
 admin = "127.0.0.1:$((port + 1400))"
 control = "127.0.0.1:$((port - 600))"
-gossip = "127.0.0.1:$((port - 100))"
-workers = $w
+gossip = "127.0.0.1:$((port - 100))"$workers_line
 
 [upstream]
 algorithm = "least-conn"
@@ -53,12 +71,12 @@ start_one() { # name workers port
   local d=$SDIR/$name
   stop_one "$name"
   rm -rf "$d"; mkdir -p "$d"
-  write_conf "$name" "$w" "$port" > "$d/shoal.toml"
+  write_conf "$name" "$w" "$port" "$cpus" > "$d/shoal.toml"
   echo "$port" > "$d/port"
   local pre=($(pin_prefix "$cpus"))
   # taskset/nice/setsid exec in turn, so $! is shoald itself; setsid keeps a terminal ^C away
-  # from it (the caller's trap stops it politely).
-  RUST_LOG=${RUST_LOG:-warn} "${pre[@]}" setsid "$SHOALD" run --config "$d/shoal.toml" \
+  # from it (the caller's trap stops it politely). RUST_LOG: the caller's, if any.
+  "${pre[@]}" setsid "$SHOALD" run --config "$d/shoal.toml" \
       > "$d/shoald.log" 2>&1 < /dev/null &
   pid=$!
   echo "$pid" > "$d/shoald.pid"
@@ -67,7 +85,8 @@ start_one() { # name workers port
     die "shoald $name did not answer on :$port (log: $d/shoald.log)"
   fi
   [ "$(port_pids "http://127.0.0.1:$port/")" = "$pid" ] || die "port $port is not held by shoald pid $pid"
-  echo "shoal $name: workers=$w keepalive/backend=$(awk '/^keepalive/{print $3}' "$d/shoal.toml") http://127.0.0.1:$port/ cpus=${cpus:-any} pid=$pid"
+  local wdesc="$w (config: $(grep -q '^workers' "$d/shoal.toml" && grep '^workers' "$d/shoal.toml" || echo 'default, one per CPU'))"
+  echo "shoal $name: workers=$wdesc threads=$(ls /proc/"$pid"/task | wc -l) keepalive/backend=$(awk '/^keepalive/{print $3}' "$d/shoal.toml") RUST_LOG=${RUST_LOG-(unset)} http://127.0.0.1:$port/ cpus=${cpus:-any} pid=$pid"
 }
 
 stop_one() {
@@ -87,5 +106,5 @@ case "$cmd" in
     for n in "$@"; do stop_one "$n"; done; echo "shoal stopped" ;;
   pid) cat "$SDIR/${1:-shoal}/shoald.pid" ;;
   show) cat "$SDIR/${1:-shoal}/shoal.toml" ;;
-  *) sed -n '2,20p' "$0"; exit 2 ;;
+  *) sed -n '2,28p' "$0"; exit 2 ;;
 esac
