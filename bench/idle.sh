@@ -102,16 +102,18 @@ EOF
 EOF
 }
 
-haproxy_conf() { # port
+haproxy_conf() { # port maxconn
   local p i=0
-  # maxconn counts client connections; HAProxy sizes its fd table for 2 x maxconn and warns
-  # ("FD limit too low") when that exceeds ulimit-n, which it does for N=10000 with a 20000
-  # limit. Harmless here: N keep-alive clients need N + <=64 fds, WS_N WebSockets 2 x WS_N.
+  # maxconn counts client connections (the mode's N + 100). HAProxy sizes its fd table for
+  # 2 x maxconn and, by default (strict-limits), refuses to start when that exceeds the
+  # open-files limit, as for N=10000 with a 20000 limit. `no strict-limits` turns that into a
+  # warning: N idle keep-alive clients need N + <=64 fds (WS_N WebSockets: 2 x WS_N, checked).
   cat <<EOF
 global
   nbthread 1
-  maxconn $(( (N > WS_N ? N : WS_N) + 100 ))
+  maxconn $2
   ulimit-n $NOFILE
+  no strict-limits
 defaults
   mode http
   timeout connect 5s
@@ -151,7 +153,7 @@ EOF
 # ---------------------------------------------------------------- balancers
 lb_port() { case $1 in nginx) echo $NGINX_PORT ;; haproxy) echo $HAPROXY_PORT ;; shoal) echo $SHOAL_PORT ;; *) die "unknown balancer $1" ;; esac; }
 
-start_lb() { # name
+start_lb() { # name maxconn(HAProxy)
   local name=$1 port d=$IDIR/$1 pre
   port=$(lb_port "$name")
   stop_lb "$name"
@@ -162,9 +164,9 @@ start_lb() { # name
       pin "$LB_CPUS" "$NGINX" -p "$d" -c "$d/nginx.conf" -e "$d/error.log" || die "nginx failed ($d/error.log)"
       ;;
     haproxy)
-      haproxy_conf "$port" > "$d/haproxy.cfg"
+      haproxy_conf "$port" "$2" > "$d/haproxy.cfg"
       pin "$LB_CPUS" "$HAPROXY" -D -f "$d/haproxy.cfg" -p "$d/haproxy.pid" > "$d/error.log" 2>&1 \
-        || die "haproxy failed ($d/error.log)"
+        || { cat "$d/error.log" >&2; die "haproxy failed ($d/error.log)"; }
       ;;
     shoal)
       [ -x "$SHOALD" ] || die "$SHOALD not found: build it (SHOAL_BUILD=1, or cargo build --release -p shoal-node) or set SHOALD"
@@ -239,7 +241,7 @@ measure() {
   out=$RESULTS/client-$name-$mode.out close=$IDIR/close-$name-$mode
   rm -f "$close"
   echo "== $name $mode N=$n"
-  start_lb "$name"
+  start_lb "$name" $((n + 100))
   warm_up "$port" "$cmode"
   sleep 1
   rss "$name"; a=$RSS; echo "  before: $a kB ($RSS_PARTS)"
@@ -273,8 +275,9 @@ measure() {
     rss "$name"; c=$RSS; samples+="${samples:+ / }$(mb "$c")"
     echo "  after close +${t}s: $c kB ($RSS_PARTS)"
   done
-  cp "$IDIR/$name"/*.conf "$IDIR/$name"/*.cfg "$IDIR/$name"/*.toml "$RESULTS/" 2>/dev/null || true
-  for f in "$IDIR/$name"/*.log; do [ -e "$f" ] && cp "$f" "$RESULTS/$name-$mode-$(basename "$f")"; done
+  for f in "$IDIR/$name"/*.conf "$IDIR/$name"/*.cfg "$IDIR/$name"/*.toml "$IDIR/$name"/*.log; do
+    if [ -e "$f" ]; then cp "$f" "$RESULTS/$name-$mode-$(basename "$f")"; fi
+  done
   stop_lb "$name"
 
   local check="$ok/$n"
@@ -283,9 +286,9 @@ measure() {
     echo "  ERROR: only $ok of $n connections succeeded, $still stayed open" >&2
   fi
   awk -v lb="$name" -v m="$mode" -v n="$n" -v a="$a" -v b="$b" -v c="$c" -v chk="$check" -v smp="$samples" 'BEGIN {
+    freed = (b > a) ? 100 * (b - c) / (b - a) : 0; if (freed > -0.5 && freed < 0.5) freed = 0
     printf "| %s | %s | %d | %s | %.1f | %.1f | %.2f | %.1f | %.0f%% | %.0f%% | %s |\n",
-      lb, m, n, chk, a / 1024, b / 1024, (b - a) / n, c / 1024, 100 * c / a,
-      (b > a) ? 100 * (b - c) / (b - a) : 0, smp }' >> "$RESULTS/rows.md"
+      lb, m, n, chk, a / 1024, b / 1024, (b - a) / n, c / 1024, 100 * c / a, freed, smp }' >> "$RESULTS/rows.md"
 }
 
 # ---------------------------------------------------------------- main
