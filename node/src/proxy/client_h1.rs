@@ -367,7 +367,7 @@ async fn request(
         max_header_bytes: limits.max_header_bytes,
         sticky_cookie: runtime.sticky.as_ref().map(|s| s.cookie.as_str()),
         log: proxy.access_log.load().is_some(),
-        forwarding: Forwarding { client_ip: client.real_ip.as_bytes(), proto: "http" },
+        forwarding: Forwarding { client_ip: client.real_ip(), proto: "http" },
     };
     let parsed = match next_request(&opts, io, head_deadline, upstream_head).await {
         Ok(p) => p,

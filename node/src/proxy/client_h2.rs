@@ -330,7 +330,7 @@ fn check_h2(shared: &Shared, runtime: &super::Runtime, parts: &http::request::Pa
     let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let target = Target { method: parts.method.as_str(), path, authority };
     let mut head = Vec::with_capacity(512);
-    let forwarding = Forwarding { client_ip: shared.client.real_ip.as_bytes(), proto: "http" };
+    let forwarding = Forwarding { client_ip: shared.client.real_ip(), proto: "http" };
     rewrite::write_head(&mut head, target, fields, &inspection, forwarding);
     Ok(Checked { head, length: inspection.length, sticky: inspection.sticky })
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use http::{HeaderValue, Method, StatusCode};
+use http::{Method, StatusCode};
 
 use super::error::ProxyError;
 use super::upstream::{self, BodySource, ExchangeError, RequestBody, UpstreamBody};
@@ -30,15 +30,31 @@ use crate::pool::{Backend, InFlight, PoolSnapshot, now_ms};
 /// What is known about the client connection a request came on.
 pub struct ClientConn {
     pub addr: SocketAddr,
-    /// The client's address as the forwarding fields carry it.
-    pub real_ip: HeaderValue,
+    /// The client's address as the forwarding fields carry it (`real_ip()`), written out once
+    /// per connection (HTTP/2) or run of requests (HTTP/1.1), with no allocation.
+    ip_text: [u8; IP_TEXT],
+    ip_len: u8,
 }
+
+/// The longest IP address text: a full IPv6 address (IPv4-mapped ones are written as IPv4).
+const IP_TEXT: usize = 39;
 
 impl ClientConn {
     pub fn new(addr: SocketAddr) -> Self {
+        use std::io::Write;
         let ip = addr.ip().to_canonical();
-        let real_ip = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ClientConn { addr: SocketAddr::new(ip, addr.port()), real_ip }
+        let mut ip_text = [0u8; IP_TEXT];
+        let mut out = &mut ip_text[..];
+        let ip_len = match write!(out, "{ip}") {
+            Ok(()) => (IP_TEXT - out.len()) as u8,
+            Err(_) => 0,
+        };
+        ClientConn { addr: SocketAddr::new(ip, addr.port()), ip_text, ip_len }
+    }
+
+    /// The client's IP address as text (`X-Forwarded-For`, `X-Real-IP`).
+    pub fn real_ip(&self) -> &[u8] {
+        &self.ip_text[..self.ip_len as usize]
     }
 }
 
@@ -385,4 +401,19 @@ fn sticky_cookie(sticky: &crate::config::StickySettings, backend: &Backend) -> S
         cookie.push_str(&format!("; Max-Age={}", exp.as_secs()));
     }
     cookie
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ip_text_is_canonical_and_fits_any_address() {
+        let text = |a: &str| String::from_utf8(ClientConn::new(a.parse().unwrap()).real_ip().to_vec()).unwrap();
+        assert_eq!(text("10.1.2.3:80"), "10.1.2.3");
+        assert_eq!(text("[::ffff:192.0.2.7]:80"), "192.0.2.7");
+        assert_eq!(text("[2001:db8::1]:443"), "2001:db8::1");
+        let longest = "1111:2222:3333:4444:5555:6666:7777:8888";
+        assert_eq!(text(&format!("[{longest}]:1")), longest);
+    }
 }
