@@ -286,7 +286,7 @@ pub fn serve(open: Open, addr: SocketAddr, mut stream: TcpStream, first: Box<Fir
                 let (buf, deadline) = match first.take() {
                     // The first run of requests: its bytes are read already, its deadline
                     // runs from accept.
-                    Some(f) => (f.buf, f.deadline),
+                    Some(f) => (f.buf, Some(f.deadline)),
                     // Idle, holding no buffer, until the client sends the start of its next
                     // request (a buffer from the worker's pool holds it); it may idle
                     // `keepalive_timeout`. Written out here, not as an `async fn`, so the
@@ -299,7 +299,7 @@ pub fn serve(open: Open, addr: SocketAddr, mut stream: TcpStream, first: Box<Fir
                         let mut buf = buffers::take_read();
                         match stream.try_read_buf(&mut buf) {
                             Ok(0) => return,
-                            Ok(_) => break (buf, tokio::time::Instant::now() + open.limits.header_timeout),
+                            Ok(_) => break (buf, None),
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buffers::give_read(buf),
                             Err(_) => return,
                         }
@@ -329,7 +329,7 @@ async fn burst(
     addr: SocketAddr,
     stream: TcpStream,
     buf: BytesMut,
-    mut head_deadline: tokio::time::Instant,
+    mut head_deadline: Option<tokio::time::Instant>,
 ) -> (TcpStream, Next) {
     let client = ClientConn::new(addr);
     let mut io = ClientIo::new(stream, buf, &open.limits);
@@ -339,9 +339,7 @@ async fn burst(
             request(&open.proxy, &client, &mut io, &open.limits, &open.close_idle, head_deadline, &mut upstream_head)
                 .await;
         match next {
-            Next::KeepAlive if !io.buf.is_empty() => {
-                head_deadline = tokio::time::Instant::now() + open.limits.header_timeout;
-            }
+            Next::KeepAlive if !io.buf.is_empty() => head_deadline = None,
             next => break next,
         }
     };
@@ -351,14 +349,15 @@ async fn burst(
 }
 
 /// One request, from its first bytes (already in `io.buf`) to the end of its response: the
-/// head must be complete by `head_deadline`.
+/// head must be complete by `head_deadline` (the first request's, from accept), or within
+/// `client_header_timeout` of its first bytes.
 async fn request(
     proxy: &Proxy,
     client: &ClientConn,
     io: &mut ClientIo,
     limits: &Limits,
     stop: &CancellationToken,
-    head_deadline: tokio::time::Instant,
+    head_deadline: Option<tokio::time::Instant>,
     upstream_head: &mut Vec<u8>,
 ) -> Next {
     // Held while the head arrives: an owned Arc, not an arc-swap guard.
@@ -369,7 +368,7 @@ async fn request(
         log: proxy.access_log.load().is_some(),
         forwarding: Forwarding { client_ip: client.real_ip(), proto: "http" },
     };
-    let parsed = match next_request(&opts, io, head_deadline, upstream_head).await {
+    let parsed = match next_request(&opts, io, head_deadline, limits.header_timeout, upstream_head).await {
         Ok(p) => p,
         Err(NoRequest::Gone) => return Next::Close,
         Err(NoRequest::Timeout) => {
@@ -421,12 +420,13 @@ async fn linger(io: &mut ClientIo) {
     let _ = tokio::time::timeout(LINGER, discard).await;
 }
 
-/// Reads until the request head in `io.buf` is complete (by `deadline`) and takes it off the
-/// buffer.
+/// Reads until the request head in `io.buf` is complete (by `deadline`, or `header_timeout`
+/// after it was first found incomplete) and takes it off the buffer.
 async fn next_request(
     opts: &request::Options<'_>,
     io: &mut ClientIo,
-    deadline: tokio::time::Instant,
+    mut deadline: Option<tokio::time::Instant>,
+    header_timeout: Duration,
     upstream_head: &mut Vec<u8>,
 ) -> Result<Request, NoRequest> {
     loop {
@@ -440,6 +440,9 @@ async fn next_request(
                 Err(r) => return Err(NoRequest::Refused(r)),
             }
         }
+        // The clock starts when a head is found incomplete (a complete one, the usual case,
+        // costs no clock read), unless it runs from accept already.
+        let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + header_timeout);
         match tokio::time::timeout_at(deadline, io.fill()).await {
             Err(_) => return Err(NoRequest::Timeout),
             Ok(Ok(0) | Err(_)) => return Err(NoRequest::Gone),

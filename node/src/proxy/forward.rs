@@ -44,10 +44,36 @@ impl ClientConn {
         use std::io::Write;
         let ip = addr.ip().to_canonical();
         let mut ip_text = [0u8; IP_TEXT];
-        let mut out = &mut ip_text[..];
-        let ip_len = match write!(out, "{ip}") {
-            Ok(()) => (IP_TEXT - out.len()) as u8,
-            Err(_) => 0,
+        let ip_len = match ip {
+            // The common case without the formatting machinery (this runs per run of requests).
+            std::net::IpAddr::V4(v4) => {
+                let mut n = 0;
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        ip_text[n] = b'.';
+                        n += 1;
+                    }
+                    let (h, t, u) = (octet / 100, octet / 10 % 10, octet % 10);
+                    if h > 0 {
+                        ip_text[n] = b'0' + h;
+                        n += 1;
+                    }
+                    if h > 0 || t > 0 {
+                        ip_text[n] = b'0' + t;
+                        n += 1;
+                    }
+                    ip_text[n] = b'0' + u;
+                    n += 1;
+                }
+                n as u8
+            }
+            std::net::IpAddr::V6(_) => {
+                let mut out = &mut ip_text[..];
+                match write!(out, "{ip}") {
+                    Ok(()) => (IP_TEXT - out.len()) as u8,
+                    Err(_) => 0,
+                }
+            }
         };
         ClientConn { addr: SocketAddr::new(ip, addr.port()), ip_text, ip_len }
     }
@@ -411,6 +437,9 @@ mod tests {
     fn client_ip_text_is_canonical_and_fits_any_address() {
         let text = |a: &str| String::from_utf8(ClientConn::new(a.parse().unwrap()).real_ip().to_vec()).unwrap();
         assert_eq!(text("10.1.2.3:80"), "10.1.2.3");
+        assert_eq!(text("0.0.0.0:80"), "0.0.0.0");
+        assert_eq!(text("255.100.9.10:80"), "255.100.9.10");
+        assert_eq!(text("127.0.0.1:80"), "127.0.0.1");
         assert_eq!(text("[::ffff:192.0.2.7]:80"), "192.0.2.7");
         assert_eq!(text("[2001:db8::1]:443"), "2001:db8::1");
         let longest = "1111:2222:3333:4444:5555:6666:7777:8888";
