@@ -8,11 +8,11 @@
 //! (`client_body_timeout`), each write to the client (`send_timeout`), an idle tunnel
 //! (`tunnel_timeout`).
 //!
-//! Memory: between requests a connection holds its socket, its timer and a few words, no
-//! buffer (they go back to the worker's `buffers` when it goes idle and are taken again when
-//! bytes arrive), and each request runs in a future of its own, allocated for the request's
-//! life only, so the connection's task stays small. An upgraded tunnel likewise holds no
-//! buffer between messages.
+//! Memory: between requests a connection holds its socket, the client's address and a slot in
+//! the worker's `idle` registry: no buffer (they go back to `crate::buffers` when it goes idle
+//! and are taken again when bytes arrive), no timer; each run of requests is a future of its
+//! own, allocated while it runs, so the connection's task stays small. An upgraded tunnel
+//! likewise holds no buffer between messages.
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -43,9 +43,9 @@ use crate::pool::InFlight;
 /// A client connection: the socket, bytes read and not yet consumed (the read buffer, grown
 /// for large heads up to `max_header_bytes`), the response buffer, and how much of the current
 /// request's body is still unread. Both buffers are empty and unallocated while idle.
-pub struct ClientIo {
-    pub stream: TcpStream,
-    pub buf: BytesMut,
+struct ClientIo {
+    stream: TcpStream,
+    buf: BytesMut,
     out: Vec<u8>,
     body: BodyLeft,
     send_timeout: Duration,
@@ -71,7 +71,7 @@ impl BodyLeft {
 }
 
 impl ClientIo {
-    pub fn new(stream: TcpStream, buf: BytesMut, limits: &Limits) -> Self {
+    fn new(stream: TcpStream, buf: BytesMut, limits: &Limits) -> Self {
         ClientIo {
             stream,
             buf,
