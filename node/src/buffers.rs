@@ -47,16 +47,21 @@ pub fn give_upstream(buf: BytesMut) {
     give_bytes(&UPSTREAM, UPSTREAM_SIZE, buf)
 }
 
-type FreeList = std::thread::LocalKey<RefCell<Vec<BytesMut>>>;
+type FreeList<T> = std::thread::LocalKey<RefCell<Vec<T>>>;
 
-fn take_bytes(list: &'static FreeList, size: usize) -> BytesMut {
+fn take_bytes(list: &'static FreeList<BytesMut>, size: usize) -> BytesMut {
     list.with_borrow_mut(Vec::pop).unwrap_or_else(|| BytesMut::with_capacity(size))
 }
 
-fn give_bytes(list: &'static FreeList, size: usize, mut buf: BytesMut) {
+fn give_bytes(list: &'static FreeList<BytesMut>, size: usize, mut buf: BytesMut) {
     if buf.capacity() == 0 || !buf.is_empty() || !buf.try_reclaim(size) || buf.capacity() != size {
         return;
     }
+    keep(list, buf);
+}
+
+/// Puts an empty buffer of the list's size on the list, unless it holds `KEEP` already.
+fn keep<T>(list: &'static FreeList<T>, buf: T) {
     // At thread exit the list may be gone already: the buffer goes to the allocator.
     let _ = list.try_with(|free| {
         let mut free = free.borrow_mut();
@@ -77,12 +82,7 @@ pub fn give_write(mut buf: Vec<u8>) {
         return;
     }
     buf.clear();
-    let _ = WRITE.try_with(|free| {
-        let mut free = free.borrow_mut();
-        if free.len() < KEEP {
-            free.push(buf);
-        }
-    });
+    keep(&WRITE, buf);
 }
 
 #[cfg(test)]

@@ -155,10 +155,9 @@ impl IdleConns {
     pub fn take(&self) -> Option<Upstream> {
         let q = self.queue()?;
         let worker = worker_index();
-        while let Some(conn) = q.pop() {
+        while let Some(mut conn) = q.pop() {
             self.budget.release(worker, 1);
             if conn.still_open() {
-                let mut conn = conn;
                 conn.read_buf = buffers::take_upstream();
                 return Some(conn);
             }
