@@ -7,6 +7,9 @@
 //! 2. Four thousand upgraded connections (WebSocket tunnels) idle between messages cost at most
 //!    a small bound each, and still carry bytes afterwards.
 //!
+//! 3. A thousand idle HTTP/2 connections (large while open: hyper's codec) are given back
+//!    when they close: the burst large enough to tell whether the node returns memory.
+//!
 //! The bounds have generous headroom over what the debug build measures (printed with
 //! `--nocapture`); what they catch is a buffer or a large future held per idle connection
 //! again (the old HTTP/1.1 path held about 17 KiB each). The release build's figures, side
@@ -133,6 +136,40 @@ where
     Ok(open)
 }
 
+/// What one measurement found: RSS at rest (after a small warm-up of the same kind), RSS with
+/// `n` connections idle, the growth per connection, and the connections (still open).
+struct Measured {
+    before: u64,
+    during: u64,
+    per_conn: u64,
+    conns: Vec<TcpStream>,
+}
+
+/// Warms `node` (process `pid`) up with `WARM_UP` connections made ready by `start`, waits until
+/// they are gone and RSS is at rest, then opens `n` and measures again; prints the figures.
+async fn measure<F, Fut>(what: &str, n: usize, node: &Node, pid: u32, start: F) -> anyhow::Result<Measured>
+where
+    F: Fn(TcpStream) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<TcpStream>> + Send,
+{
+    // Warm up: lazily built state (the pool's connections, timer wheel levels) is not per client.
+    drop(open_many(WARM_UP, node.proxy, start).await?);
+    wait_until(Duration::from_secs(10), "the warm-up connections are gone", async || {
+        active_connections(node).await == 0
+    })
+    .await?;
+    let before = settled_rss(pid).await?;
+    let conns = open_many(n, node.proxy, start).await?;
+    let during = settled_rss(pid).await?;
+    let per_conn = during.saturating_sub(before) / n as u64;
+    println!(
+        "{n} {what}: RSS {:.1} -> {:.1} MiB, {per_conn} bytes each",
+        before as f64 / 1048576.0,
+        during as f64 / 1048576.0
+    );
+    Ok(Measured { before, during, per_conn, conns })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_cost_little_and_are_given_back() -> R {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -146,29 +183,16 @@ async fn idle_keep_alive_connections_cost_little_and_are_given_back() -> R {
         ensure!(resp.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&resp));
         Ok(s)
     };
-    // Warm up: lazily built state (the pool's connections, timer wheel levels) is not per client.
-    drop(open_many(WARM_UP, node.proxy, get).await?);
-    wait_until(Duration::from_secs(10), "the warm-up clients are gone", async || active_connections(&node).await == 0)
-        .await?;
-    let before = settled_rss(pid).await?;
-
-    let clients = open_many(KEEP_ALIVE_CLIENTS, node.proxy, get).await?;
+    let Measured { before, during, per_conn, conns: mut clients } =
+        measure("idle keep-alive clients", KEEP_ALIVE_CLIENTS, &node, pid, get).await?;
     let active = active_connections(&node).await;
     ensure!(active == KEEP_ALIVE_CLIENTS as u64, "the node holds {active} of {KEEP_ALIVE_CLIENTS} connections");
-    let during = settled_rss(pid).await?;
-    let per_conn = during.saturating_sub(before) / KEEP_ALIVE_CLIENTS as u64;
-    println!(
-        "{KEEP_ALIVE_CLIENTS} idle keep-alive clients: RSS {:.1} -> {:.1} MiB, {per_conn} bytes each",
-        before as f64 / 1048576.0,
-        during as f64 / 1048576.0
-    );
     ensure!(
         per_conn <= KEEP_ALIVE_BOUND,
         "an idle keep-alive connection costs {per_conn} bytes (bound {KEEP_ALIVE_BOUND})"
     );
 
     // They still work: a second request on a few of them.
-    let mut clients = clients;
     for s in clients.iter_mut().take(20) {
         s.write_all(b"GET /again HTTP/1.1\r\nHost: idle.test\r\n\r\n").await?;
         let resp = read_response(s).await?;
@@ -180,9 +204,12 @@ async fn idle_keep_alive_connections_cost_little_and_are_given_back() -> R {
         active_connections(&node).await == 0
     })
     .await?;
-    // Given back: RSS returns to within a quarter of the growth (the benchmark's target is
-    // 10% of RSS before; this bound leaves room for a noisy debug build).
-    let limit = before + during.saturating_sub(before) / 4;
+    // Given back: RSS returns to within a quarter of the growth, or 2 MiB over RSS before,
+    // whichever is more (the benchmark's target is 10% of RSS before). The 2 MiB: thread
+    // stacks keep the pages a debug build's deep futures touched during the burst (up to
+    // 1.6 MiB seen); a node that gave nothing back would keep all the growth (3 MiB and more
+    // here; 85 MiB on the old build).
+    let limit = before + (during.saturating_sub(before) / 4).max(2 << 20);
     let mut after = rss(pid)?;
     let given_back = wait_until(Duration::from_secs(10), "RSS is given back", async || {
         after = rss(pid).unwrap_or(u64::MAX);
@@ -219,19 +246,8 @@ async fn idle_tunnels_cost_little_and_still_carry_bytes() -> R {
         ensure!(&back == b"hello", "echoed {back:?}");
         Ok(s)
     };
-    drop(open_many(WARM_UP, node.proxy, upgrade).await?);
-    wait_until(Duration::from_secs(10), "the warm-up tunnels are gone", async || active_connections(&node).await == 0)
-        .await?;
-    let before = settled_rss(pid).await?;
-
-    let mut tunnels = open_many(TUNNELS, node.proxy, upgrade).await?;
-    let during = settled_rss(pid).await?;
-    let per_tunnel = during.saturating_sub(before) / TUNNELS as u64;
-    println!(
-        "{TUNNELS} idle tunnels: RSS {:.1} -> {:.1} MiB, {per_tunnel} bytes each",
-        before as f64 / 1048576.0,
-        during as f64 / 1048576.0
-    );
+    let Measured { per_conn: per_tunnel, conns: mut tunnels, .. } =
+        measure("idle tunnels", TUNNELS, &node, pid, upgrade).await?;
     ensure!(per_tunnel <= TUNNEL_BOUND, "an idle tunnel costs {per_tunnel} bytes (bound {TUNNEL_BOUND})");
     for (i, s) in tunnels.iter_mut().enumerate().step_by(50) {
         let msg = format!("message {i} after idling");
@@ -241,4 +257,51 @@ async fn idle_tunnels_cost_little_and_still_carry_bytes() -> R {
         ensure!(back == msg.as_bytes(), "tunnel {i} echoed {:?}", String::from_utf8_lossy(&back));
     }
     Ok(())
+}
+
+/// HTTP/2 clients opened by test 3: each costs tens of KiB while open (hyper's HTTP/2 codec),
+/// so their burst is large enough to show whether the node gives memory back.
+const H2_CLIENTS: usize = 1000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_http2_connections_is_given_back() -> R {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    raise_open_files(FILES)?;
+    let b = Backend::start("h2").await?;
+    let node = Node::builder("h2burst").backend(&b).start().await?;
+    let pid = node.pid().context("node pid")?;
+    // The connection preface and an empty SETTINGS frame; the node's SETTINGS come back, and
+    // are acknowledged; then the connection idles with no stream open.
+    let open_h2 = |mut s: TcpStream| async move {
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await?;
+        let mut frame_head = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut frame_head)).await??;
+        ensure!(frame_head[3] == 4, "the node's first frame is not SETTINGS: {frame_head:?}");
+        s.write_all(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00").await?;
+        Ok(s)
+    };
+    let Measured { before, during, conns, .. } =
+        measure("idle HTTP/2 clients", H2_CLIENTS, &node, pid, open_h2).await?;
+    ensure!(during - before > 8 << 20, "the burst grew RSS by only {} bytes: too little to judge", during - before);
+    drop(conns);
+    wait_until(Duration::from_secs(10), "the HTTP/2 connections are closed", async || {
+        active_connections(&node).await == 0
+    })
+    .await?;
+    // Given back: within a quarter of the growth (a node that does not ask its allocator to
+    // return pages keeps all of it, as the old build did; a plain, unforced collect kept
+    // about a third in a release build).
+    let limit = before + (during - before) / 4;
+    let mut after = rss(pid)?;
+    let given_back = wait_until(Duration::from_secs(10), "RSS is given back", async || {
+        after = rss(pid).unwrap_or(u64::MAX);
+        after <= limit
+    })
+    .await;
+    println!(
+        "after they closed: RSS {:.1} MiB ({:+.1} MiB against before)",
+        after as f64 / 1048576.0,
+        (after as f64 - before as f64) / 1048576.0
+    );
+    given_back.with_context(|| format!("RSS before {before}, with the clients {during}, after they left {after}"))
 }
