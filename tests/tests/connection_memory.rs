@@ -170,6 +170,23 @@ where
     Ok(Measured { before, during, per_conn, conns })
 }
 
+/// Waits (10 s at most) until process `pid`'s RSS is at or under `limit` after the clients
+/// left; prints where it ended.
+async fn given_back(pid: u32, before: u64, during: u64, limit: u64) -> R {
+    let mut after = rss(pid)?;
+    let given_back = wait_until(Duration::from_secs(10), "RSS is given back", async || {
+        after = rss(pid).unwrap_or(u64::MAX);
+        after <= limit
+    })
+    .await;
+    println!(
+        "after they closed: RSS {:.1} MiB ({:+.1} MiB against before)",
+        after as f64 / 1048576.0,
+        (after as f64 - before as f64) / 1048576.0
+    );
+    given_back.with_context(|| format!("RSS before {before}, with the clients {during}, after they left {after}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_cost_little_and_are_given_back() -> R {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -210,18 +227,7 @@ async fn idle_keep_alive_connections_cost_little_and_are_given_back() -> R {
     // 1.6 MiB seen); a node that gave nothing back would keep all the growth (3 MiB and more
     // here; 85 MiB on the old build).
     let limit = before + (during.saturating_sub(before) / 4).max(2 << 20);
-    let mut after = rss(pid)?;
-    let given_back = wait_until(Duration::from_secs(10), "RSS is given back", async || {
-        after = rss(pid).unwrap_or(u64::MAX);
-        after <= limit
-    })
-    .await;
-    println!(
-        "after they closed: RSS {:.1} MiB ({:+.1} MiB against before)",
-        after as f64 / 1048576.0,
-        (after as f64 - before as f64) / 1048576.0
-    );
-    given_back.with_context(|| format!("RSS before {before}, with the clients {during}, after they left {after}"))
+    given_back(pid, before, during, limit).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,16 +298,5 @@ async fn a_burst_of_http2_connections_is_given_back() -> R {
     // return pages keeps all of it, as the old build did; a plain, unforced collect kept
     // about a third in a release build).
     let limit = before + (during - before) / 4;
-    let mut after = rss(pid)?;
-    let given_back = wait_until(Duration::from_secs(10), "RSS is given back", async || {
-        after = rss(pid).unwrap_or(u64::MAX);
-        after <= limit
-    })
-    .await;
-    println!(
-        "after they closed: RSS {:.1} MiB ({:+.1} MiB against before)",
-        after as f64 / 1048576.0,
-        (after as f64 - before as f64) / 1048576.0
-    );
-    given_back.with_context(|| format!("RSS before {before}, with the clients {during}, after they left {after}"))
+    given_back(pid, before, during, limit).await
 }
