@@ -13,6 +13,7 @@
 //! - [`control`]: the gRPC control plane `shoal` and joining nodes call.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/status` and the dashboard.
 //! - [`dns`]: the health-aware DNS responder (alive members only).
+//! - [`tls`]: HTTPS termination: certificates (files and the cluster's), SNI, session tickets.
 //! - [`lifecycle`]: this node's member state and the leave sequence.
 //!
 //! ## Data paths
@@ -41,6 +42,7 @@ pub mod memory;
 pub mod pool;
 pub mod proxy;
 pub mod store;
+pub mod tls;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -61,6 +63,8 @@ pub struct Listeners {
     /// One proxy socket per worker thread, all bound to the same address with SO_REUSEPORT,
     /// so the kernel spreads connections across workers with no shared accept queue.
     pub proxy: Vec<std::net::TcpListener>,
+    /// One TLS listener per worker (SO_REUSEPORT too), when `[tls]` is configured.
+    pub tls: Vec<std::net::TcpListener>,
     pub admin: TcpListener,
     pub control: TcpListener,
     /// The DNS responder's socket, when `[dns]` is configured.
@@ -71,25 +75,18 @@ impl Listeners {
     /// Binds every TCP listener of `config` (gossip is bound by chitchat itself).
     pub async fn bind(config: &Config) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let mut proxy = Vec::new();
-        let mut addr = config.node.listen;
-        for _ in 0..config.node.proxy_workers() {
-            let socket =
-                if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-            socket.set_reuseaddr(true)?;
-            socket.set_reuseport(true)?;
-            socket.set_nodelay(true)?;
-            socket.bind(addr).with_context(|| format!("cannot bind the proxy listener on {addr}"))?;
-            let listener = socket.listen(4096)?;
-            // Port 0: the other workers join the port the first one got.
-            addr = listener.local_addr()?;
-            proxy.push(listener.into_std()?);
-        }
+        let workers = config.node.proxy_workers();
+        let proxy = bind_workers(config.node.listen, workers).context("cannot bind the proxy listener")?;
+        let tls = match &config.tls {
+            Some(t) => bind_workers(t.listen, workers).context("cannot bind the TLS listener")?,
+            None => Vec::new(),
+        };
         let bind = |addr, what: &'static str| async move {
             TcpListener::bind(addr).await.with_context(|| format!("cannot bind the {what} listener on {addr}"))
         };
         Ok(Listeners {
             proxy,
+            tls,
             admin: bind(config.node.admin, "admin").await?,
             control: bind(config.node.control, "control").await?,
             dns: match &config.dns {
@@ -102,6 +99,24 @@ impl Listeners {
             },
         })
     }
+}
+
+/// `n` sockets bound to `addr` with SO_REUSEPORT (port 0: the others join the port the first
+/// one got), so the kernel spreads connections across workers with no shared accept queue.
+fn bind_workers(mut addr: std::net::SocketAddr, n: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    use anyhow::Context;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.set_nodelay(true)?;
+        socket.bind(addr).with_context(|| format!("on {addr}"))?;
+        let listener = socket.listen(4096)?;
+        addr = listener.local_addr()?;
+        out.push(listener.into_std()?);
+    }
+    Ok(out)
 }
 
 /// Everything one node shares between its tasks.
@@ -123,7 +138,11 @@ impl Node {
     pub fn new(config: Config, flags: RunFlags) -> anyhow::Result<Arc<Self>> {
         let sticky_key = pool::derive_key(config.cluster.secret.as_deref(), "sticky");
         let pool = Arc::new(Pool::new(config.upstream.keepalive, sticky_key));
-        let proxy = Arc::new(Proxy::new(&config, pool.clone())?);
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(tls::Tls::new(t, config.cluster.secret.as_deref()).map_err(anyhow::Error::msg)?)),
+            None => None,
+        };
+        let proxy = Arc::new(Proxy::new(&config, pool.clone(), tls)?);
         let node = Arc::new(Node {
             config: ArcSwap::from_pointee(config),
             flags,
@@ -182,6 +201,13 @@ impl Node {
                 tracing::warn!(key = what, old = %old, new = %new, "listener addresses change only on restart; keeping the old one");
             }
         }
+        match (&self.proxy.tls, &new.tls) {
+            (Some(tls), Some(settings)) => tls.apply_settings(settings),
+            (None, Some(_)) | (Some(_), None) => {
+                tracing::warn!("[tls] is turned on or off only on restart; keeping the running listeners")
+            }
+            (None, None) => {}
+        }
         self.pool.set_keepalive(new.upstream.keepalive);
         self.proxy.set_drain_timeout(new.node.drain_timeout);
         let runtime = proxy::Runtime::from_config(&new);
@@ -229,9 +255,11 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
     // never leaves its thread (no work stealing, no cross-thread wakeups for a request).
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
     let workers = listeners.proxy.len();
+    let mut tls_listeners = listeners.tls.into_iter();
     for (i, std_listener) in listeners.proxy.into_iter().enumerate() {
         let (proxy, settings, stop, done) =
             (node.proxy.clone(), listener_settings.clone(), stop_accepting.clone(), done_tx.clone());
+        let tls_listener = tls_listeners.next();
         std::thread::Builder::new().name(format!("shoal-proxy-{i}")).spawn(move || {
             pool::conn::set_worker_index(i);
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -247,9 +275,10 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     memory::release_after_bursts(&releaser.stats.active, &releaser.stats.requests).await
                 });
-                match TcpListener::from_std(std_listener) {
-                    Ok(l) => proxy::listener::serve(l, proxy, settings, stop).await,
-                    Err(e) => {
+                let tls = tls_listener.map(TcpListener::from_std).transpose();
+                match (TcpListener::from_std(std_listener), tls) {
+                    (Ok(l), Ok(tls)) => proxy::listener::serve(l, tls, proxy, settings, stop).await,
+                    (Err(e), _) | (_, Err(e)) => {
                         tracing::error!(error = %e, "cannot register a proxy listener");
                         0
                     }
@@ -265,6 +294,12 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
     if let (Some(socket), Some(settings)) = (listeners.dns, config.dns.clone()) {
         tokio::spawn(dns::serve(socket, node.clone(), settings, admin_stop.clone()));
     }
+    if let Some(tls) = &node.proxy.tls {
+        tokio::spawn(tls::watch(tls.clone(), admin_stop.clone()));
+        if tls.certificates().is_empty() {
+            tracing::warn!("[tls] has no certificate yet: handshakes fail until one is added (shoal cert add)");
+        }
+    }
     let budget_proxy = node.proxy.clone();
     let budget_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -274,7 +309,8 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
         }
     });
     tracing::info!(
-        node = %config.node.id, proxy = %config.node.listen, admin = %config.node.admin,
+        node = %config.node.id, proxy = %config.node.listen,
+        tls = %config.tls.as_ref().map_or("off".to_string(), |t| t.listen.to_string()), admin = %config.node.admin,
         control = %config.node.control, gossip = %config.node.gossip,
         backends = node.pool.snapshot().backends.len(), algorithm = %config.upstream.algorithm,
         "shoald started"

@@ -108,7 +108,7 @@ fn main() -> ExitCode {
     shoal_node::memory::set_release(release_memory);
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match config::load(Some(&config), &RunFlags::default()) {
+        Command::Check { config } => match config::load(Some(&config), &RunFlags::default()).and_then(check_tls) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} backends, algorithm {}, node {}, cluster {})",
@@ -126,7 +126,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, flags } => {
-            let cfg = match config::load(config.as_deref(), &flags) {
+            let cfg = match config::load(config.as_deref(), &flags).and_then(check_tls) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("shoald: {e}");
@@ -181,6 +181,19 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Reads every certificate file `[tls]` names, so a bad one fails `check` and `run` before any
+/// port is bound; `check` prints what each serves.
+fn check_tls(c: config::Config) -> Result<config::Config, config::ConfigError> {
+    let Some(t) = &c.tls else { return Ok(c) };
+    let invalid = |message| config::ConfigError::Invalid { where_: "[tls] certificates".into(), message };
+    let certs = shoal_node::tls::Tls::check(t).map_err(invalid)?;
+    let now = shoal_node::tls::certs::unix_now();
+    for info in certs {
+        tracing::debug!(name = %info.name, days_left = info.days_left(now), "certificate ok");
+    }
+    Ok(c)
 }
 
 async fn handle_signals(node: Arc<Node>) {

@@ -25,6 +25,7 @@ pub struct FileConfig {
     pub rate_limit: Option<RateLimitFile>,
     pub dns: Option<DnsFile>,
     pub access_log: Option<AccessLogFile>,
+    pub tls: Option<TlsFile>,
 }
 
 /// `[node]`: this node's identity, listeners and shutdown timing.
@@ -151,6 +152,47 @@ pub struct DnsFile {
     pub listen: SocketAddr,
     pub name: String,
     pub ttl: Option<Dur>,
+}
+
+/// `[tls]`: the HTTPS listener (PRODUCT.md §9).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub certificates: Vec<toml::Spanned<CertFile>>,
+    /// The plain listener answers 308 to the same host and path over https.
+    #[serde(default)]
+    pub redirect_http: bool,
+    pub min_version: Option<TlsVersion>,
+    /// A client must finish its TLS handshake within this time.
+    pub handshake_timeout: Option<Dur>,
+}
+
+/// One certificate chain and its private key, as PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFile {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The lowest TLS version accepted: "1.2" (default) or "1.3".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsVersion {
+    #[default]
+    V1_2,
+    V1_3,
+}
+
+impl<'de> Deserialize<'de> for TlsVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_str(d, |s| match s {
+            "1.2" => Ok(TlsVersion::V1_2),
+            "1.3" => Ok(TlsVersion::V1_3),
+            _ => Err(format!("min_version takes \"1.2\" or \"1.3\", got {s:?} (older versions are not offered)")),
+        })
+    }
 }
 
 /// `[access_log]`.

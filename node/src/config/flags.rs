@@ -51,6 +51,16 @@ pub struct RunFlags {
     /// Name the DNS responder answers for.
     #[arg(long)]
     pub dns_name: Option<String>,
+    /// HTTPS listener address (turns TLS on; needs --tls-cert and --tls-key).
+    #[arg(long)]
+    pub tls_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) to serve; pairs with the --tls-key at the same position
+    /// (repeatable; replaces the file's certificates).
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    pub tls_certs: Vec<PathBuf>,
+    /// Private key (PEM) of the --tls-cert at the same position (repeatable).
+    #[arg(long = "tls-key", value_name = "FILE")]
+    pub tls_keys: Vec<PathBuf>,
 }
 
 /// Parses `--backend ADDR[,weight=N][,max_conns=N][,max_fails=N][,fail_timeout=DUR][,backup]`.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use file::FileConfig;
-pub use file::{Algorithm, AllDown, CheckKind, LimitScope, StatusClass};
+pub use file::{Algorithm, AllDown, CheckKind, LimitScope, StatusClass, TlsVersion};
 
 /// What went wrong while loading a config, with the file and line when there is one.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +138,25 @@ pub struct DnsSettings {
     pub ttl: Duration,
 }
 
+/// One certificate chain and its key, as files, and where the config names them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// "FILE: line N" of the config entry, or "--tls-cert" for flags (for error messages).
+    pub named_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub listen: SocketAddr,
+    /// Served in this order of preference when no name matches (the first is the default).
+    pub certificates: Vec<CertPaths>,
+    pub redirect_http: bool,
+    pub min_version: TlsVersion,
+    pub handshake_timeout: Duration,
+}
+
 /// The validated configuration of one node. Immutable; a reload builds a new one.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -149,6 +168,7 @@ pub struct Config {
     pub rate_limit: Option<RateLimitSettings>,
     pub dns: Option<DnsSettings>,
     pub access_log: Option<PathBuf>,
+    pub tls: Option<TlsSettings>,
     /// The file this came from (reloaded on SIGHUP).
     pub path: Option<PathBuf>,
 }
@@ -158,6 +178,7 @@ pub const DEFAULT_LISTEN: u16 = 8080;
 pub const DEFAULT_CONTROL: u16 = 7400;
 pub const DEFAULT_GOSSIP: u16 = 7946;
 pub const DEFAULT_ADMIN: u16 = 9901;
+pub const DEFAULT_TLS_LISTEN: u16 = 8443;
 
 /// 1-based line of byte offset `at` in `src`.
 fn line_of(src: &str, at: usize) -> usize {
@@ -381,6 +402,7 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
             Some(DnsSettings { listen, name, ttl: file_ttl.unwrap_or(Duration::from_secs(5)) })
         }
     };
+    let tls = tls_settings(file.tls, src, shown, flags, listen.ip())?;
     Ok(Config {
         node,
         cluster,
@@ -390,8 +412,67 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
         rate_limit,
         dns,
         access_log: file.access_log.map(|a| a.path),
+        tls,
         path: None,
     })
+}
+
+/// `[tls]` with the `--tls-*` flags over it: `--tls-listen` alone (with certificate flags)
+/// turns TLS on; certificate flags replace the file's list. The files themselves are read by
+/// `crate::tls` (`shoald check` and start fail there, naming the file).
+fn tls_settings(
+    file: Option<file::TlsFile>,
+    src: &str,
+    shown: &str,
+    flags: &flags::RunFlags,
+    listen_ip: IpAddr,
+) -> Result<Option<TlsSettings>, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { where_: shown.to_string(), message };
+    if flags.tls_certs.len() != flags.tls_keys.len() {
+        return Err(invalid(format!(
+            "--tls-cert and --tls-key come in pairs: {} certificates, {} keys",
+            flags.tls_certs.len(),
+            flags.tls_keys.len()
+        )));
+    }
+    if file.is_none() && flags.tls_listen.is_none() && flags.tls_certs.is_empty() {
+        return Ok(None);
+    }
+    let file = file.unwrap_or(file::TlsFile {
+        listen: None,
+        certificates: Vec::new(),
+        redirect_http: false,
+        min_version: None,
+        handshake_timeout: None,
+    });
+    let certificates: Vec<CertPaths> = if flags.tls_certs.is_empty() {
+        file.certificates
+            .iter()
+            .map(|c| CertPaths {
+                cert: c.get_ref().cert.clone(),
+                key: c.get_ref().key.clone(),
+                named_at: format!("{shown}: line {}", line_of(src, c.span().start)),
+            })
+            .collect()
+    } else {
+        flags
+            .tls_certs
+            .iter()
+            .zip(&flags.tls_keys)
+            .map(|(cert, key)| CertPaths { cert: cert.clone(), key: key.clone(), named_at: "--tls-cert".into() })
+            .collect()
+    };
+    let handshake_timeout = file.handshake_timeout.map_or(Duration::from_secs(10), |d| d.0);
+    if handshake_timeout.is_zero() {
+        return Err(invalid("tls.handshake_timeout must be greater than zero".into()));
+    }
+    Ok(Some(TlsSettings {
+        listen: flags.tls_listen.or(file.listen).unwrap_or(SocketAddr::new(listen_ip, DEFAULT_TLS_LISTEN)),
+        certificates,
+        redirect_http: file.redirect_http,
+        min_version: file.min_version.unwrap_or_default(),
+        handshake_timeout,
+    }))
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ fn opts() -> Options<'static> {
         sticky_cookie: Some("srv"),
         log: true,
         forwarding: Forwarding { client_ip: b"10.0.0.9", proto: "http" },
+        redirect_https: None,
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Options<'a> {
     /// Capture the request line, Referer and User-Agent for the access log.
     pub log: bool,
     pub forwarding: Forwarding<'a>,
+    /// Answer every request with a redirect to https on this port (`[tls] redirect_http`).
+    pub redirect_https: Option<u16>,
 }
 
 /// The request line and fields an access log line shows.
@@ -53,6 +55,8 @@ pub struct Request {
     /// Bytes of the head, to take off the buffer.
     pub head_size: usize,
     pub log: Option<LogFields>,
+    /// With `Options::redirect_https`: where the client is sent (`https://host[:port]/path`).
+    pub location: Option<String>,
 }
 
 impl BodyFraming {
@@ -131,6 +135,12 @@ pub fn parse(buf: &[u8], opts: &Options<'_>, out: &mut Vec<u8>) -> Result<Option
             user_agent: field("user-agent"),
         }
     });
+    let location = opts.redirect_https.map(|port| {
+        let host = authority
+            .map(str::as_bytes)
+            .or_else(|| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value.trim_ascii()));
+        https_location(host.unwrap_or_default(), port, if path == "*" { "/" } else { path })
+    });
     let Inspection { close, expect_continue, sticky, .. } = i;
     Ok(Some(Request {
         http11,
@@ -143,7 +153,19 @@ pub fn parse(buf: &[u8], opts: &Options<'_>, out: &mut Vec<u8>) -> Result<Option
         head_size,
         log,
         method,
+        location,
     }))
+}
+
+/// `https://host[:port]path` for a validated Host (`host[:port]`, IPv6 in brackets): the
+/// port is dropped for 443, replaced by `port` otherwise.
+fn https_location(host: &[u8], port: u16, path: &str) -> String {
+    let host = String::from_utf8_lossy(host);
+    let name = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => &host[..],
+    };
+    if port == 443 { format!("https://{name}{path}") } else { format!("https://{name}:{port}{path}") }
 }
 
 /// How the body is framed (RFC 9112 §6.1, §6.3), or why that is ambiguous.
@@ -209,6 +231,7 @@ mod tests {
             sticky_cookie: Some("srv"),
             log: false,
             forwarding: Forwarding { client_ip: b"10.0.0.9", proto: "http" },
+            redirect_https: None,
         }
     }
 
@@ -221,6 +244,18 @@ mod tests {
         let req = parse(raw, &opts(), &mut out).unwrap().unwrap();
         rewrite::finish_head(&mut out, req.body.upstream());
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn redirect_to_https_keeps_host_and_path() {
+        let o = Options { redirect_https: Some(443), ..opts() };
+        let at = |raw: &[u8], o: &Options<'_>| parse(raw, o, &mut Vec::new()).unwrap().unwrap().location.unwrap();
+        assert_eq!(at(b"GET /a?b=1 HTTP/1.1\r\nHost: shop.example:80\r\n\r\n", &o), "https://shop.example/a?b=1");
+        assert_eq!(at(b"GET http://abs.example/x HTTP/1.1\r\nHost: h\r\n\r\n", &o), "https://abs.example/x");
+        assert_eq!(at(b"OPTIONS * HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", &o), "https://[::1]/");
+        let o = Options { redirect_https: Some(8443), ..opts() };
+        assert_eq!(at(b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n", &o), "https://[::1]:8443/");
+        assert!(parse_raw(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").unwrap().unwrap().location.is_none());
     }
 
     #[test]

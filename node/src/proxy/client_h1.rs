@@ -31,6 +31,7 @@ use super::access_log::RequestLine;
 use super::error::ProxyError;
 use super::forward::{self, ClientConn, Forwarded, Outgoing, forward};
 use super::idle::{self, Woke};
+use super::stream::ClientStream;
 use super::upstream::{BodySource, RequestBody};
 use super::{Limits, Open, Proxy};
 use crate::buffers;
@@ -43,8 +44,8 @@ use crate::pool::InFlight;
 /// A client connection: the socket, bytes read and not yet consumed (the read buffer, grown
 /// for large heads up to `max_header_bytes`), the response buffer, and how much of the current
 /// request's body is still unread. Both buffers are empty and unallocated while idle.
-struct ClientIo {
-    stream: TcpStream,
+struct ClientIo<S> {
+    stream: S,
     buf: BytesMut,
     out: Vec<u8>,
     body: BodyLeft,
@@ -70,8 +71,8 @@ impl BodyLeft {
     }
 }
 
-impl ClientIo {
-    fn new(stream: TcpStream, buf: BytesMut, limits: &Limits) -> Self {
+impl<S: ClientStream> ClientIo<S> {
+    fn new(stream: S, buf: BytesMut, limits: &Limits) -> Self {
         ClientIo {
             stream,
             buf,
@@ -168,14 +169,22 @@ impl ClientIo {
         out.clear();
         chunked::encode_size(data.len(), out);
         let mut chunk = bytes::Buf::chain(bytes::Buf::chain(&self.out[..], data), chunked::CHUNK_END);
-        tokio::time::timeout(self.send_timeout, self.stream.write_all_buf(&mut chunk))
-            .await
-            .unwrap_or_else(|_| Err(send_timed_out()))
+        let write = async {
+            self.stream.write_all_buf(&mut chunk).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(self.send_timeout, write).await.unwrap_or_else(|_| Err(send_timed_out()))
     }
 }
 
-async fn send_within(stream: &mut TcpStream, data: &[u8], limit: Duration) -> std::io::Result<()> {
-    tokio::time::timeout(limit, stream.write_all(data)).await.unwrap_or_else(|_| Err(send_timed_out()))
+/// Writes and flushes (TLS keeps records it could not send yet; a plain socket's flush does
+/// nothing).
+async fn send_within<S: ClientStream>(stream: &mut S, data: &[u8], limit: Duration) -> std::io::Result<()> {
+    let write = async {
+        stream.write_all(data).await?;
+        stream.flush().await
+    };
+    tokio::time::timeout(limit, write).await.unwrap_or_else(|_| Err(send_timed_out()))
 }
 
 fn send_timed_out() -> std::io::Error {
@@ -184,13 +193,13 @@ fn send_timed_out() -> std::io::Error {
 
 /// The body of an HTTP/1.1 client's request, sent upstream as it is read; `prefix` is what was
 /// read while trying to buffer it.
-pub struct ClientBody<'a> {
-    io: &'a mut ClientIo,
+pub struct ClientBody<'a, S> {
+    io: &'a mut ClientIo<S>,
     prefix: Option<Bytes>,
     expect_continue: bool,
 }
 
-impl BodySource for ClientBody<'_> {
+impl<S: ClientStream> BodySource for ClientBody<'_, S> {
     async fn next(&mut self) -> Option<Result<Bytes, String>> {
         if std::mem::take(&mut self.expect_continue)
             && let Err(e) = self.io.send(CONTINUE).await
@@ -216,7 +225,7 @@ enum Buffered {
 
 /// Reads the request body whole if it fits `limit` (nginx's `proxy_request_buffering`), so a
 /// slow client never holds a backend connection and an in-flight slot.
-async fn buffer_body(io: &mut ClientIo, req: &Request, limit: usize) -> Result<Buffered, String> {
+async fn buffer_body<S: ClientStream>(io: &mut ClientIo<S>, req: &Request, limit: usize) -> Result<Buffered, String> {
     let fits = match req.body {
         BodyFraming::Length(n) => n as usize <= limit,
         BodyFraming::Chunked => limit > 0,
@@ -277,12 +286,18 @@ pub struct First {
 /// boxed), allocated while it runs, which takes the socket and gives it back. Written as a
 /// function returning an `async move` block: an `async fn` would keep a second copy of its
 /// arguments in its future.
-pub fn serve(open: Open, addr: SocketAddr, mut stream: TcpStream, first: Box<First>) -> impl Future<Output = ()> {
+pub fn serve<S: ClientStream>(
+    open: Open,
+    addr: SocketAddr,
+    mut stream: S,
+    first: Box<First>,
+) -> impl Future<Output = ()> {
     let mut first = Some(first);
     async move {
         loop {
             let next;
             (stream, next) = {
+                let mut waited = false;
                 let (buf, deadline) = match first.take() {
                     // The first run of requests: its bytes are read already, its deadline
                     // runs from accept.
@@ -291,11 +306,15 @@ pub fn serve(open: Open, addr: SocketAddr, mut stream: TcpStream, first: Box<Fir
                     // request (a buffer from the worker's pool holds it); it may idle
                     // `keepalive_timeout`. Written out here, not as an `async fn`, so the
                     // wait is all this state holds.
+                    // TLS may hold the next request decrypted already: read before waiting.
                     None => loop {
-                        match idle::wait(&stream, open.limits.keepalive_timeout).await {
-                            Ok(Woke::Readable) => {}
-                            Ok(Woke::TimedOut | Woke::Closing) | Err(_) => return,
+                        if !S::HOLDS_PLAINTEXT || waited {
+                            match idle::wait(stream.tcp(), open.limits.keepalive_timeout).await {
+                                Ok(Woke::Readable) => {}
+                                Ok(Woke::TimedOut | Woke::Closing) | Err(_) => return,
+                            }
                         }
+                        waited = true;
                         let mut buf = buffers::take_read();
                         match stream.try_read_buf(&mut buf) {
                             Ok(0) => return,
@@ -324,13 +343,13 @@ pub fn serve(open: Open, addr: SocketAddr, mut stream: TcpStream, first: Box<Fir
 /// Serves requests while the client has sent more (pipelined): from the first bytes in `buf`
 /// until the connection goes idle, closes or is upgraded. Gives the socket back, and the
 /// buffers back to the worker's pool.
-async fn burst(
+async fn burst<S: ClientStream>(
     open: &Open,
     addr: SocketAddr,
-    stream: TcpStream,
+    stream: S,
     buf: BytesMut,
     mut head_deadline: Option<tokio::time::Instant>,
-) -> (TcpStream, Next) {
+) -> (S, Next) {
     let client = ClientConn::new(addr);
     let mut io = ClientIo::new(stream, buf, &open.limits);
     let mut upstream_head = buffers::take_write();
@@ -351,10 +370,10 @@ async fn burst(
 /// One request, from its first bytes (already in `io.buf`) to the end of its response: the
 /// head must be complete by `head_deadline` (the first request's, from accept), or within
 /// `client_header_timeout` of its first bytes.
-async fn request(
+async fn request<S: ClientStream>(
     proxy: &Proxy,
     client: &ClientConn,
-    io: &mut ClientIo,
+    io: &mut ClientIo<S>,
     limits: &Limits,
     stop: &CancellationToken,
     head_deadline: Option<tokio::time::Instant>,
@@ -366,9 +385,10 @@ async fn request(
         max_header_bytes: limits.max_header_bytes,
         sticky_cookie: runtime.sticky.as_ref().map(|s| s.cookie.as_str()),
         log: proxy.access_log.load().is_some(),
-        forwarding: Forwarding { client_ip: client.real_ip(), proto: "http" },
+        forwarding: Forwarding { client_ip: client.real_ip(), proto: S::SCHEME },
+        redirect_https: if S::HOLDS_PLAINTEXT { None } else { proxy.redirect_https() },
     };
-    let parsed = match next_request(&opts, io, head_deadline, limits.header_timeout, upstream_head).await {
+    let mut parsed = match next_request(&opts, io, head_deadline, limits.header_timeout, upstream_head).await {
         Ok(p) => p,
         Err(NoRequest::Gone) => return Next::Close,
         Err(NoRequest::Timeout) => {
@@ -388,6 +408,9 @@ async fn request(
             return Next::Close;
         }
     };
+    if let Some(location) = parsed.location.take() {
+        return redirect(proxy, io, &parsed, &location, stop).await;
+    }
     match exchange(proxy, client, io, parsed, upstream_head, limits, stop).await {
         Ok(Next::Close) if io.body != BodyLeft::None || !io.buf.is_empty() || stop.is_cancelled() => {
             // Answered without reading the whole body, or closing with pipelined requests
@@ -400,10 +423,39 @@ async fn request(
     }
 }
 
+/// Answers `[tls] redirect_http`: 308 to the same host and path over https (a 308 keeps the
+/// method and body, unlike 301). A request body is not read: the connection closes after it.
+async fn redirect<S: ClientStream>(
+    proxy: &Proxy,
+    io: &mut ClientIo<S>,
+    parsed: &Request,
+    location: &str,
+    stop: &CancellationToken,
+) -> Next {
+    use std::io::Write;
+    proxy.stats.requests.fetch_add(1, Relaxed);
+    let keep = parsed.keep_alive && !parsed.body.has_body() && !stop.is_cancelled();
+    let node = proxy.node_id.as_bytes();
+    let out = io.out();
+    out.clear();
+    let _ = write!(out, "HTTP/1.1 308 Permanent Redirect\r\nlocation: {location}\r\ncontent-length: 0\r\n");
+    out.extend_from_slice(b"x-shoal-node: ");
+    out.extend_from_slice(node);
+    out.extend_from_slice(if keep { b"\r\n\r\n" } else { b"\r\nconnection: close\r\n\r\n" });
+    if io.send_out().await.is_err() {
+        return Next::Close;
+    }
+    if keep {
+        return Next::KeepAlive;
+    }
+    linger(io).await;
+    Next::Close
+}
+
 /// Closes after an answer while the client may still be sending (nginx's lingering close):
 /// closing with unread input would reset the connection, and the client could lose the answer.
 /// Sends FIN, then reads and discards for a short while.
-async fn linger(io: &mut ClientIo) {
+async fn linger<S: ClientStream>(io: &mut ClientIo<S>) {
     const LINGER: Duration = Duration::from_secs(1);
     const MAX_DISCARD: usize = 1 << 20;
     let _ = io.stream.shutdown().await;
@@ -422,9 +474,9 @@ async fn linger(io: &mut ClientIo) {
 
 /// Reads until the request head in `io.buf` is complete (by `deadline`, or `header_timeout`
 /// after it was first found incomplete) and takes it off the buffer.
-async fn next_request(
+async fn next_request<S: ClientStream>(
     opts: &request::Options<'_>,
-    io: &mut ClientIo,
+    io: &mut ClientIo<S>,
     mut deadline: Option<tokio::time::Instant>,
     header_timeout: Duration,
     upstream_head: &mut Vec<u8>,
@@ -452,10 +504,10 @@ async fn next_request(
 }
 
 /// Forwards one request and writes its response, and says what the connection does next.
-async fn exchange(
+async fn exchange<S: ClientStream>(
     proxy: &Proxy,
     client: &ClientConn,
-    io: &mut ClientIo,
+    io: &mut ClientIo<S>,
     mut parsed: Request,
     upstream_head: &mut Vec<u8>,
     limits: &Limits,
@@ -545,9 +597,9 @@ async fn exchange(
 
 /// Answers with one of the proxy's own errors (counted already) before anything was forwarded;
 /// `keep`: the connection stays open (no body was left unread).
-async fn answer(
+async fn answer<S: ClientStream>(
     proxy: &Proxy,
-    io: &mut ClientIo,
+    io: &mut ClientIo<S>,
     e: ProxyError,
     head_request: bool,
     log_line: Option<RequestLine>,
@@ -574,8 +626,8 @@ fn log(
 }
 
 /// Writes one of the proxy's own answers.
-async fn write_error(
-    io: &mut ClientIo,
+async fn write_error<S: ClientStream>(
+    io: &mut ClientIo<S>,
     e: ProxyError,
     proxy: &Proxy,
     close: bool,
@@ -590,8 +642,8 @@ async fn write_error(
 /// Writes the backend's response: head, then the body as it arrives (passed through for a
 /// known length; chunk-encoded for HTTP/1.1 clients otherwise; until close for HTTP/1.0).
 /// Returns the body bytes sent (`None` when unknown) and whether the connection stays usable.
-async fn write_response(
-    io: &mut ClientIo,
+async fn write_response<S: ClientStream>(
+    io: &mut ClientIo<S>,
     f: Forwarded,
     http11: bool,
     head_request: bool,
@@ -643,7 +695,7 @@ struct Tunnel {
 
 /// After a 101: writes the handshake answer and passes on the bytes already read on either
 /// side (they belong to the new protocol). `None`: either side is gone already.
-async fn open_tunnel(io: &mut ClientIo, f: Forwarded, idle: Duration) -> Option<Tunnel> {
+async fn open_tunnel<S: ClientStream>(io: &mut ClientIo<S>, f: Forwarded, idle: Duration) -> Option<Tunnel> {
     let Forwarded { head, body, .. } = f;
     head.write_h1(io.out(), None, true, false, false);
     let (mut upstream, from_backend, in_flight) = body.into_tunnel()?;
@@ -667,7 +719,7 @@ async fn open_tunnel(io: &mut ClientIo, f: Forwarded, idle: Duration) -> Option<
 impl Tunnel {
     /// Copies bytes both ways until either side closes or nothing moves for `idle`
     /// (HAProxy's `timeout tunnel`).
-    async fn run(mut self: Box<Self>, mut client: TcpStream, idle: Duration) {
+    async fn run<S: ClientStream>(mut self: Box<Self>, mut client: S, idle: Duration) {
         if let Err(e) = copy_both_ways(&mut client, &mut self.upstream, idle).await {
             tracing::debug!(backend = %self.in_flight.backend().addr, error = %e, "tunnel ended with an error");
         }
@@ -677,17 +729,24 @@ impl Tunnel {
 /// Copies bytes both ways until both sides have closed, or nothing moved for `idle`. Between
 /// messages nothing is held but the two sockets and a timer: a buffer is taken from the
 /// worker's pool only once a side is readable, and given back once its bytes are written.
-async fn copy_both_ways(a: &mut TcpStream, b: &mut TcpStream, idle: Duration) -> std::io::Result<()> {
+async fn copy_both_ways<S: ClientStream>(a: &mut S, b: &mut TcpStream, idle: Duration) -> std::io::Result<()> {
     let (mut a_open, mut b_open) = (true, true);
+    // TLS: after a read, more may wait decrypted inside the stream; read again before waiting.
+    let mut a_again = false;
     let timer = tokio::time::sleep(idle);
     tokio::pin!(timer);
     while a_open || b_open {
-        let from_a = tokio::select! {
-            r = a.readable(), if a_open => r.map(|()| true)?,
-            r = b.readable(), if b_open => r.map(|()| false)?,
-            _ = timer.as_mut() => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "tunnel idle")),
+        let from_a = if a_again && a_open {
+            true
+        } else {
+            tokio::select! {
+                r = a.tcp().readable(), if a_open => r.map(|()| true)?,
+                r = b.readable(), if b_open => r.map(|()| false)?,
+                _ = timer.as_mut() => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "tunnel idle")),
+            }
         };
         let moved = if from_a { pass(a, b, &mut a_open, idle).await? } else { pass(b, a, &mut b_open, idle).await? };
+        a_again = S::HOLDS_PLAINTEXT && from_a && moved;
         // Re-arm the idle timer only when an eighth of it has passed.
         let now = tokio::time::Instant::now();
         if moved && timer.deadline() < now + idle - idle / 8 {
@@ -699,7 +758,12 @@ async fn copy_both_ways(a: &mut TcpStream, b: &mut TcpStream, idle: Duration) ->
 
 /// Moves what `from` holds now to `to` (or passes on its end of stream: `open` turns false).
 /// `Ok(false)`: nothing was there after all.
-async fn pass(from: &TcpStream, to: &mut TcpStream, open: &mut bool, idle: Duration) -> std::io::Result<bool> {
+async fn pass<F: ClientStream, T: ClientStream>(
+    from: &mut F,
+    to: &mut T,
+    open: &mut bool,
+    idle: Duration,
+) -> std::io::Result<bool> {
     let mut buf = buffers::take_write();
     let read = from.try_read_buf(&mut buf);
     let result = match read {
@@ -710,11 +774,16 @@ async fn pass(from: &TcpStream, to: &mut TcpStream, open: &mut bool, idle: Durat
             let _ = to.shutdown().await;
             Ok(true)
         }
-        Ok(n) => match tokio::time::timeout(idle, to.write_all(&buf[..n])).await {
+        Ok(n) => match tokio::time::timeout(idle, send_all(to, &buf[..n])).await {
             Ok(written) => written.map(|()| true),
             Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "tunnel peer read nothing")),
         },
     };
     buffers::give_write(buf);
     result
+}
+
+async fn send_all<S: ClientStream>(to: &mut S, data: &[u8]) -> std::io::Result<()> {
+    to.write_all(data).await?;
+    to.flush().await
 }

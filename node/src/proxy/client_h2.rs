@@ -33,8 +33,14 @@ use crate::http1::rewrite::{self, Forwarding, Framing, Target};
 /// stream for `keepalive_timeout` (GOAWAY), or a response has waited for the client to take
 /// it for `send_timeout` with nothing taken meanwhile (closed: the client stopped reading).
 /// Each read of a request body is bounded by `client_body_timeout`.
-pub async fn serve<IO>(proxy: Arc<Proxy>, client: ClientConn, io: IO, limits: &Limits, stop: CancellationToken)
-where
+pub async fn serve<IO>(
+    proxy: Arc<Proxy>,
+    client: ClientConn,
+    scheme: &'static str,
+    io: IO,
+    limits: &Limits,
+    stop: CancellationToken,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (idle, send_timeout) = (limits.keepalive_timeout, limits.send_timeout);
@@ -42,6 +48,7 @@ where
     let shared = Arc::new(Shared {
         proxy,
         client,
+        scheme,
         streams: streams.clone(),
         request_buffer_bytes: limits.request_buffer_bytes,
         body_timeout: limits.body_timeout,
@@ -154,6 +161,8 @@ impl Drop for StreamGuard {
 struct Shared {
     proxy: Arc<Proxy>,
     client: ClientConn,
+    /// `http` (h2c) or `https`, for `X-Forwarded-Proto`.
+    scheme: &'static str,
     streams: Arc<Streams>,
     request_buffer_bytes: usize,
     body_timeout: Duration,
@@ -330,7 +339,7 @@ fn check_h2(shared: &Shared, runtime: &super::Runtime, parts: &http::request::Pa
     let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let target = Target { method: parts.method.as_str(), path, authority };
     let mut head = Vec::with_capacity(512);
-    let forwarding = Forwarding { client_ip: shared.client.real_ip(), proto: "http" };
+    let forwarding = Forwarding { client_ip: shared.client.real_ip(), proto: shared.scheme };
     rewrite::write_head(&mut head, target, fields, &inspection, forwarding);
     Ok(Checked { head, length: inspection.length, sticky: inspection.sticky })
 }

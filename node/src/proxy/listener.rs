@@ -1,6 +1,7 @@
-//! The client-facing listener: accepts connections, tells HTTP/2 (prior knowledge, the
-//! connection preface) from HTTP/1.1, hands the first to `client_h2` and the second to
-//! `client_h1`, and
+//! The client-facing listeners: accept connections; on the plain listener, tell HTTP/2 (prior
+//! knowledge, the connection preface) from HTTP/1.1; on the TLS listener, finish the handshake
+//! (within `handshake_timeout`) and follow ALPN; hand HTTP/2 to `client_h2` and HTTP/1.1 to
+//! `client_h1`; and
 //! drains on shutdown: stop accepting, serve what the kernel already accepted, let in-flight
 //! requests finish within the drain timeout, close idle keep-alives. A connection holds no
 //! buffer until its first bytes arrive.
@@ -22,6 +23,7 @@ use super::forward::ClientConn;
 use super::{Limits, Open, Proxy, Worker};
 use super::{client_h1, idle};
 use crate::buffers;
+use crate::tls::Tls;
 
 /// After accepting stops, how long just-accepted connections get to send their first request
 /// before idle connections are closed.
@@ -29,10 +31,12 @@ const LAST_REQUESTS_WINDOW: Duration = Duration::from_millis(250);
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Serves `listener` until `stop_accepting` fires, then drains. Returns the number of
-/// connections that were still open when the drain timeout ran out.
+/// Serves `listener` (and the TLS listener `tls`, when the node terminates HTTPS) until
+/// `stop_accepting` fires, then drains. Returns the number of connections that were still
+/// open when the drain timeout ran out.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TcpListener>,
     proxy: Arc<Proxy>,
     limits: Limits,
     stop_accepting: CancellationToken,
@@ -42,18 +46,22 @@ pub async fn serve(
     let close_idle = CancellationToken::new();
     tokio::spawn(idle::sweep(limits.keepalive_timeout, close_idle.clone()));
     let worker = Arc::new(Worker { proxy: proxy.clone(), limits, close_idle: close_idle.clone() });
-    let serve_one = |stream: TcpStream, addr: std::net::SocketAddr| {
+    let serve_one = |stream: TcpStream, addr: std::net::SocketAddr, secure: bool| {
         proxy.stats.accepts.fetch_add(1, Relaxed);
         proxy.stats.handled.fetch_add(1, Relaxed);
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(Open::new(worker.clone()), stream, addr));
+        let open = Open::new(worker.clone());
+        match (secure, &proxy.tls) {
+            (true, Some(tls)) => drop(tokio::spawn(tls_connection(open, stream, addr, tls.clone()))),
+            _ => drop(tokio::spawn(connection(open, stream, addr))),
+        }
     };
     loop {
-        let (stream, addr) = tokio::select! {
+        let (stream, addr, secure) = tokio::select! {
             biased;
             _ = stop_accepting.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok((stream, addr)) => (stream, addr, false),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -61,22 +69,31 @@ pub async fn serve(
                     continue;
                 }
             },
+            accepted = async { tls.as_ref()?.accept().await.ok() }, if tls.is_some() => match accepted {
+                Some((stream, addr)) => (stream, addr, true),
+                None => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
         };
-        serve_one(stream, addr);
+        serve_one(stream, addr, secure);
     }
     // Connections already in the kernel's accept queue were accepted by the kernel: serve
     // them too (dropping the listener with them queued would reset them). Plain accept(2)
     // until it would block, so no readiness event can be missed.
-    match listener.into_std() {
-        Ok(std_listener) => {
-            while let Ok((stream, addr)) = std_listener.accept() {
-                let stream = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream));
-                if let Ok(stream) = stream {
-                    serve_one(stream, addr);
+    for (l, secure) in std::iter::once((listener, false)).chain(tls.map(|t| (t, true))) {
+        match l.into_std() {
+            Ok(std_listener) => {
+                while let Ok((stream, addr)) = std_listener.accept() {
+                    let stream = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream));
+                    if let Ok(stream) = stream {
+                        serve_one(stream, addr, secure);
+                    }
                 }
             }
+            Err(e) => tracing::warn!(error = %e, "cannot drain the accept queue"),
         }
-        Err(e) => tracing::warn!(error = %e, "cannot drain the accept queue"),
     }
     let open = proxy.stats.active.load(Relaxed);
     tracing::info!(open_connections = open, "stopped accepting; draining");
@@ -98,6 +115,55 @@ pub async fn serve(
     }
 }
 
+/// One HTTPS client connection: the TLS handshake within `handshake_timeout`, then HTTP/2 or
+/// HTTP/1.1 as ALPN chose (HTTP/1.1 without ALPN). A failed or stalled handshake is counted
+/// and closed; it costs the node nothing else.
+#[expect(clippy::manual_async_fn, reason = "an async fn keeps a second copy of its arguments in its future")]
+fn tls_connection(open: Open, stream: TcpStream, addr: SocketAddr, tls: Arc<Tls>) -> impl Future<Output = ()> {
+    async move {
+        let timeout = tls.settings.load().handshake_timeout;
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+        let accepted = tokio::select! {
+            r = tokio::time::timeout(timeout, acceptor.accept(stream)) => r,
+            _ = open.close_idle.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tls.stats.failed.fetch_add(1, Relaxed);
+                tracing::debug!(client = %addr, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tls.stats.timed_out.fetch_add(1, Relaxed);
+                tracing::debug!(client = %addr, "no TLS handshake within the handshake timeout");
+                return;
+            }
+        };
+        let session = stream.get_ref().1;
+        tls.stats.handshakes.fetch_add(1, Relaxed);
+        if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            tls.stats.resumed.fetch_add(1, Relaxed);
+        }
+        if session.alpn_protocol() == Some(b"h2") {
+            let client = ClientConn::new(addr);
+            let h2 = Box::pin(client_h2::serve(
+                open.proxy.clone(),
+                client,
+                "https",
+                stream,
+                &open.limits,
+                open.close_idle.clone(),
+            ));
+            return h2.await;
+        }
+        // The first request's head is due `client_header_timeout` after the handshake.
+        let deadline = tokio::time::Instant::now() + open.limits.header_timeout;
+        let first = Box::new(client_h1::First { buf: BytesMut::new(), deadline });
+        tokio::spawn(client_h1::serve(open, addr, stream, first));
+    }
+}
+
 /// One client connection, until its protocol is known: waits for its first bytes (holding no
 /// buffer), reads until it can tell HTTP/2's preface from an HTTP/1.1 request line, then
 /// serves HTTP/2 here or hands HTTP/1.1 to a task of its own (whose future then holds only what
@@ -115,8 +181,14 @@ fn connection(open: Open, mut stream: TcpStream, addr: SocketAddr) -> impl Futur
             Ok(Ok((buf, true))) => {
                 let io = Prefixed { prefix: buf, inner: stream };
                 let client = ClientConn::new(addr);
-                let h2 =
-                    Box::pin(client_h2::serve(open.proxy.clone(), client, io, &open.limits, open.close_idle.clone()));
+                let h2 = Box::pin(client_h2::serve(
+                    open.proxy.clone(),
+                    client,
+                    "http",
+                    io,
+                    &open.limits,
+                    open.close_idle.clone(),
+                ));
                 h2.await
             }
             Ok(Ok((buf, false))) if buf.is_empty() => buffers::give_read(buf),

@@ -6,7 +6,7 @@
 //! idle (`crate::buffers`); kept-alive connections wait for their next request in a per-worker
 //! registry with one coarse timer (`idle`). The HTTP/1.1 rules are the pure `crate::http1`'s.
 //! Imports run one way: `listener -> client_h1 | client_h2 -> forward -> upstream -> http1`;
-//! `error`, `access_log` and `idle` are leaves.
+//! `error`, `access_log`, `idle` and `stream` (plain or TLS client streams) are leaves.
 
 pub mod access_log;
 pub mod client_h1;
@@ -15,6 +15,7 @@ pub mod error;
 pub mod forward;
 pub mod idle;
 pub mod listener;
+pub mod stream;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use crate::balance::{Picker, picker_for};
 use crate::config::{Config, StickySettings, UpstreamSettings};
 use crate::limit::Limiter;
 use crate::pool::Pool;
+use crate::tls::Tls;
 
 /// Limits applied to every client connection (`[node]` keys).
 #[derive(Debug, Clone)]
@@ -177,10 +179,12 @@ pub struct Proxy {
     pub max_header_bytes: usize,
     /// How long a drain waits for in-flight requests (config, or `shoal leave --drain-timeout`).
     drain_timeout_ms: AtomicU64,
+    /// HTTPS termination, when `[tls]` is configured.
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl Proxy {
-    pub fn new(config: &Config, pool: Arc<Pool>) -> std::io::Result<Self> {
+    pub fn new(config: &Config, pool: Arc<Pool>, tls: Option<Arc<Tls>>) -> std::io::Result<Self> {
         let log = match &config.access_log {
             Some(p) => Some(access_log::AccessLog::open(p)?),
             None => None,
@@ -194,7 +198,14 @@ impl Proxy {
             access_log: ArcSwap::from_pointee(log),
             max_header_bytes: config.node.max_header_bytes,
             drain_timeout_ms: AtomicU64::new(config.node.drain_timeout.as_millis() as u64),
+            tls,
         })
+    }
+
+    /// The HTTPS port plain HTTP/1.1 requests are redirected to (`[tls] redirect_http`).
+    pub fn redirect_https(&self) -> Option<u16> {
+        let settings = self.tls.as_ref()?.settings.load();
+        settings.redirect_http.then_some(settings.listen.port())
     }
 
     pub fn set_drain_timeout(&self, d: std::time::Duration) {

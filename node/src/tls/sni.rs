@@ -1,0 +1,126 @@
+//! The certificate table SNI reads: built once per certificate change and swapped whole, so a
+//! handshake only looks things up. A name matches exactly first, then by wildcard (`*.b.example`
+//! covers `a.b.example`, one label, like browsers), else the first certificate is served. Among
+//! several certificates for one name, the one the client can verify (RSA or ECDSA, by its
+//! signature schemes) with the latest expiry wins, so adding a renewed certificate takes over.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use super::certs::Loaded;
+
+/// An immutable name -> certificates table.
+#[derive(Debug, Default)]
+pub struct SniTable {
+    /// In order of preference: the first is served when no name matches.
+    certs: Vec<Loaded>,
+    /// Exact name -> indices into `certs`, latest expiry first.
+    exact: HashMap<String, Vec<usize>>,
+    /// The part after `*.` of a wildcard name -> indices, latest expiry first.
+    wildcard: HashMap<String, Vec<usize>>,
+}
+
+impl SniTable {
+    pub fn new(certs: Vec<Loaded>) -> Self {
+        let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut wildcard: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, c) in certs.iter().enumerate() {
+            for name in &c.info.names {
+                let (map, key) = match name.strip_prefix("*.") {
+                    Some(rest) => (&mut wildcard, rest),
+                    None => (&mut exact, name.as_str()),
+                };
+                let list = map.entry(key.to_string()).or_default();
+                if !list.contains(&i) {
+                    list.push(i);
+                }
+            }
+        }
+        for list in exact.values_mut().chain(wildcard.values_mut()) {
+            list.sort_by_key(|&i| std::cmp::Reverse(certs[i].info.not_after));
+        }
+        SniTable { certs, exact, wildcard }
+    }
+
+    pub fn certs(&self) -> &[Loaded] {
+        &self.certs
+    }
+
+    /// The certificate for `name` that `usable` accepts: exact, wildcard, else the first usable.
+    pub fn pick(&self, name: Option<&str>, usable: impl Fn(&CertifiedKey) -> bool) -> Option<Arc<CertifiedKey>> {
+        let from = |list: Option<&Vec<usize>>| {
+            list.into_iter().flatten().map(|&i| &self.certs[i].key).find(|k| usable(k)).cloned()
+        };
+        if let Some(name) = name {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(k) = from(self.exact.get(&name)) {
+                return Some(k);
+            }
+            if let Some((_, parent)) = name.split_once('.')
+                && let Some(k) = from(self.wildcard.get(parent))
+            {
+                return Some(k);
+            }
+        }
+        self.certs.iter().map(|c| &c.key).find(|k| usable(k)).cloned()
+    }
+}
+
+/// rustls's view of the current table.
+#[derive(Debug)]
+pub struct Resolver(pub Arc<ArcSwap<SniTable>>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let schemes = hello.signature_schemes();
+        self.0.load().pick(hello.server_name(), |k| k.key.choose_scheme(schemes).is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::certs::{parse_pem, tests::self_signed};
+
+    fn loaded(names: &[&str], source: &str) -> Loaded {
+        let (c, k) = self_signed(names);
+        parse_pem(c.as_bytes(), k.as_bytes(), source, "k").unwrap()
+    }
+
+    fn source_of(t: &SniTable, name: Option<&str>) -> String {
+        let k = t.pick(name, |_| true).unwrap();
+        t.certs().iter().find(|c| Arc::ptr_eq(&c.key, &k)).unwrap().info.source.clone()
+    }
+
+    #[test]
+    fn exact_then_wildcard_then_first() {
+        let t = SniTable::new(vec![
+            loaded(&["default.example"], "first"),
+            loaded(&["*.shop.example"], "wild"),
+            loaded(&["www.shop.example", "API.example"], "exact"),
+        ]);
+        assert_eq!(source_of(&t, Some("www.shop.example")), "exact");
+        assert_eq!(source_of(&t, Some("WWW.Shop.Example.")), "exact");
+        assert_eq!(source_of(&t, Some("api.example")), "exact");
+        assert_eq!(source_of(&t, Some("cart.shop.example")), "wild");
+        // a wildcard covers one label only
+        assert_eq!(source_of(&t, Some("a.cart.shop.example")), "first");
+        assert_eq!(source_of(&t, Some("shop.example")), "first");
+        assert_eq!(source_of(&t, None), "first");
+    }
+
+    #[test]
+    fn unusable_keys_are_skipped() {
+        let t = SniTable::new(vec![loaded(&["a.example"], "one"), loaded(&["a.example"], "two")]);
+        let one: *const CertifiedKey = &*t.certs()[0].key;
+        // a client that cannot verify "one" (say, RSA only while "one" is ECDSA) gets "two"
+        let k = t.pick(Some("a.example"), |k| !std::ptr::eq(k, one)).unwrap();
+        assert!(Arc::ptr_eq(&k, &t.certs()[1].key));
+        assert!(t.pick(Some("a.example"), |_| false).is_none());
+        assert!(SniTable::default().pick(Some("a.example"), |_| true).is_none());
+    }
+}
