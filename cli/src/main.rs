@@ -49,6 +49,9 @@ enum Command {
     /// Backends of the cluster.
     #[command(subcommand)]
     Backend(BackendCmd),
+    /// Cluster certificates (HTTPS): stored sealed with the cluster secret, served by every node.
+    #[command(subcommand)]
+    Cert(CertCmd),
     /// Print the Shoal config equivalent to an nginx `upstream { ... }` block.
     ImportNginx { file: PathBuf },
 }
@@ -72,6 +75,22 @@ enum BackendCmd {
     Drain {
         addr: String,
     },
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Certificates the node serves (files and cluster), with days to expiry.
+    List,
+    /// Store a certificate chain and key in the cluster (needs --secret-file: they are sealed
+    /// with the cluster secret before they leave this machine).
+    Add {
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Remove a cluster certificate by its NAME (as `cert list` shows it).
+    Remove { name: String },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -138,6 +157,45 @@ fn backend_json(b: &pb::Backend) -> Value {
     json!({"addr": b.addr, "weight": b.weight, "max_conns": b.max_conns, "backup": b.backup, "state": b.state,
            "in_flight": b.local_in_flight, "cluster_in_flight": b.cluster_in_flight, "requests": b.requests,
            "failures": b.failures, "source": b.source, "down_on": b.down_on})
+}
+
+fn cert_json(c: &pb::Cert) -> Value {
+    json!({"name": c.name, "names": c.names, "issuer": c.issuer, "not_after": c.not_after,
+           "days_left": c.days_left, "source": c.source, "error": c.error})
+}
+
+fn certs_table(certs: &[pb::Cert]) {
+    table(
+        &["NAME", "NAMES", "DAYS LEFT", "NOT AFTER (UTC)", "SOURCE", "ISSUER"],
+        certs
+            .iter()
+            .map(|c| {
+                let (days, until) = if c.error.is_empty() {
+                    (c.days_left.to_string(), date_time(c.not_after))
+                } else {
+                    ("-".into(), format!("not served: {}", c.error))
+                };
+                vec![c.name.clone(), c.names.join(","), days, until, c.source.clone(), c.issuer.clone()]
+            })
+            .collect(),
+    );
+}
+
+/// `YYYY-MM-DD HH:MM` of a Unix time (UTC).
+fn date_time(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", secs / 3600, secs / 60 % 60)
 }
 
 fn age(secs: u64) -> String {
@@ -343,6 +401,39 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", Value::Array(backends.iter().map(backend_json).collect()));
             } else if matches!(cmd, BackendCmd::List) {
                 backends_table(&backends);
+            }
+        }
+        Command::Cert(cmd) => {
+            let reply = match cmd {
+                CertCmd::List => client.cert_list(pb::CertListRequest {}).await.map_err(status)?.into_inner(),
+                CertCmd::Add { cert, key } => {
+                    let Some(secret_file) = &cli.secret_file else {
+                        return Err(Failure(
+                            1,
+                            "cert add needs --secret-file: the key is sealed with the cluster secret".into(),
+                        ));
+                    };
+                    let secret = pb::read_secret(secret_file).map_err(|e| Failure(1, e))?;
+                    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| Failure(1, format!("{}: {e}", p.display())));
+                    let sealed = pb::seal_cert(&secret, &read(cert)?, &read(key)?);
+                    client.cert_add(pb::CertAddRequest { sealed }).await.map_err(status)?.into_inner()
+                }
+                CertCmd::Remove { name } => {
+                    client.cert_remove(pb::CertRemoveRequest { name: name.clone() }).await.map_err(status)?.into_inner()
+                }
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"message": reply.message, "certs": reply.certs.iter().map(cert_json).collect::<Vec<_>>()})
+                );
+            } else {
+                if !reply.message.is_empty() {
+                    println!("{}", reply.message);
+                }
+                if matches!(cmd, CertCmd::List) {
+                    certs_table(&reply.certs);
+                }
             }
         }
         Command::ImportNginx { .. } => unreachable!("handled above"),

@@ -173,6 +173,26 @@ impl Node {
         self.pool.replace(&specs, &draining);
     }
 
+    /// Serves the cluster's certificates (registry entries, opened with the cluster secret).
+    /// One that does not open or load is left out, and the log says why.
+    pub fn apply_certs(&self) {
+        let (Some(tls), Some(cluster)) = (&self.proxy.tls, self.cluster.get()) else { return };
+        let config = self.config.load();
+        let Some(secret) = config.cluster.secret.as_deref() else { return };
+        let mut served = Vec::new();
+        for e in cluster.registry.certs() {
+            if e.op != cluster::registry::CertOp::Add {
+                continue;
+            }
+            match tls::certs::open_sealed(secret, &e.sealed) {
+                Ok(l) => served.push(l),
+                Err(why) => tracing::error!(name = %e.name, error = %why, "cluster certificate not served"),
+            }
+        }
+        tracing::info!(certificates = served.len(), "cluster certificates applied");
+        tls.set_cluster_certs(served);
+    }
+
     fn restart_health_checks(&self) {
         let config = self.config.load();
         let token = CancellationToken::new();
@@ -239,6 +259,7 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
     let cluster = cluster::Cluster::start(node.clone()).await?;
     let _ = node.cluster.set(cluster.clone());
     node.apply_backends();
+    node.apply_certs();
 
     let stop_accepting = CancellationToken::new();
     let listener_settings = proxy::Limits {

@@ -1,15 +1,16 @@
-//! On-disk state in `data_dir` (the only module that uses bincode): the backend registry and
-//! the last generation this node ran with. Written atomically (temp file + rename), so a crash
+//! On-disk state in `data_dir` (the only module that uses bincode): the registry (backends and
+//! sealed cluster certificates) and the last generation this node ran with. Written atomically (temp file + rename), so a crash
 //! leaves either the old or the new state, never half of one.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::registry::RegEntry;
+use crate::cluster::registry::{CertEntry, RegEntry};
 
-/// Bumped when the layout changes; an unknown version is refused, not misread.
-const FORMAT_VERSION: u32 = 1;
+/// Bumped when the layout changes; an unknown version is refused, not misread. Version 1 (no
+/// certificates) is still read.
+const FORMAT_VERSION: u32 = 2;
 const FILE_NAME: &str = "shoal-state.bin";
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,6 +18,16 @@ pub struct Persisted {
     pub format: u32,
     pub generation: u64,
     pub registry: Vec<RegEntry>,
+    /// Cluster certificates, still sealed with the cluster secret.
+    pub certs: Vec<CertEntry>,
+}
+
+/// The layout of format version 1.
+#[derive(Serialize, Deserialize)]
+struct PersistedV1 {
+    format: u32,
+    generation: u64,
+    registry: Vec<RegEntry>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,14 +53,22 @@ pub fn load(dir: &Path) -> Result<Persisted, StoreError> {
         }
         Err(source) => return Err(StoreError::Io { path: shown, source }),
     };
-    let (state, _): (Persisted, usize) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
-        .map_err(|e| StoreError::Corrupt { path: shown.clone(), message: e.to_string() })?;
-    if state.format != FORMAT_VERSION {
-        return Err(StoreError::Corrupt {
-            path: shown,
-            message: format!("format version {} is not {FORMAT_VERSION}", state.format),
-        });
-    }
+    let corrupt = |message: String| StoreError::Corrupt { path: shown.clone(), message };
+    let cfg = bincode::config::standard();
+    // The format number comes first in every version.
+    let (format, _): (u32, usize) =
+        bincode::serde::decode_from_slice(&bytes, cfg).map_err(|e| corrupt(e.to_string()))?;
+    let state = match format {
+        FORMAT_VERSION => {
+            bincode::serde::decode_from_slice::<Persisted, _>(&bytes, cfg).map_err(|e| corrupt(e.to_string()))?.0
+        }
+        1 => {
+            let (v1, _): (PersistedV1, usize) =
+                bincode::serde::decode_from_slice(&bytes, cfg).map_err(|e| corrupt(e.to_string()))?;
+            Persisted { format: v1.format, generation: v1.generation, registry: v1.registry, certs: Vec::new() }
+        }
+        other => return Err(corrupt(format!("format version {other} is not {FORMAT_VERSION}"))),
+    };
     Ok(state)
 }
 
@@ -90,9 +109,22 @@ mod tests {
                 backup: false,
                 origin: "a".into(),
             }],
+            certs: vec![CertEntry {
+                name: "www.example".into(),
+                hlc: 2,
+                op: crate::cluster::registry::CertOp::Add,
+                origin: "a".into(),
+                sealed: vec![1, 2, 3],
+            }],
         };
         save(&dir, &state).unwrap();
         assert_eq!(load(&dir).unwrap(), state);
+        // a version-1 file (before certificates) is still read
+        let v1 = PersistedV1 { format: 1, generation: 7, registry: state.registry.clone() };
+        std::fs::write(path_in(&dir), bincode::serde::encode_to_vec(&v1, bincode::config::standard()).unwrap())
+            .unwrap();
+        let read = load(&dir).unwrap();
+        assert_eq!((read.generation, read.registry, read.certs.len()), (7, state.registry.clone(), 0));
         std::fs::write(path_in(&dir), b"\xff\xff garbage").unwrap();
         assert!(matches!(load(&dir), Err(StoreError::Corrupt { .. })));
         let _ = std::fs::remove_dir_all(&dir);

@@ -70,6 +70,38 @@ impl Collector for NodeCollector {
             }
         }
 
+        if let Some(tls) = &node.proxy.tls {
+            let st = &tls.stats;
+            counter(&mut enc, "tls_handshakes", "TLS handshakes completed", st.handshakes.load(Relaxed))?;
+            counter(
+                &mut enc,
+                "tls_resumed_handshakes",
+                "TLS handshakes that resumed a session",
+                st.resumed.load(Relaxed),
+            )?;
+            {
+                let mut m = enc.encode_descriptor(
+                    "tls_handshake_failures",
+                    "TLS handshakes that failed (bad hello, no shared version or cipher) or timed out",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (cause, v) in [("failed", &st.failed), ("timeout", &st.timed_out)] {
+                    ConstCounter::new(v.load(Relaxed)).encode(m.encode_family(&[("cause", cause)])?)?;
+                }
+            }
+            let now = crate::tls::certs::unix_now();
+            let mut m = enc.encode_descriptor(
+                "tls_certificate_expiry_days",
+                "Whole days until a served certificate expires (negative: expired)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for c in tls.certificates() {
+                let labels = [("name", c.name.as_str()), ("source", c.source.as_str())];
+                ConstGauge::new(c.days_left(now)).encode(m.encode_family(&labels)?)?;
+            }
+        }
         let pool = node.pool.full();
         let pool_nodes = node.pool.serving_nodes();
         let now = now_ms();

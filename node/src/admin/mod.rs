@@ -159,9 +159,30 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "bad_gateway": s.bad_gateway.load(Relaxed),
             "timeout": s.timeouts.load(Relaxed),
             "rate_limited": s.rate_limited.load(Relaxed),
-            "headers_too_large": s.bad_requests.load(Relaxed),
+            "bad_request": s.bad_requests.load(Relaxed),
+            "headers_too_large": s.headers_too_large.load(Relaxed),
         },
         "retries": s.retries.load(Relaxed),
+        "tls": node.proxy.tls.as_ref().map(|t| {
+            let now = crate::tls::certs::unix_now();
+            let st = &t.stats;
+            json!({
+                "listen": t.settings.load().listen.to_string(),
+                "shared_tickets": t.shared_tickets,
+                "handshakes": st.handshakes.load(Relaxed),
+                "resumed": st.resumed.load(Relaxed),
+                "failed": st.failed.load(Relaxed),
+                "timed_out": st.timed_out.load(Relaxed),
+                "certificates": t.certificates().iter().map(|c| json!({
+                    "name": c.name,
+                    "names": c.names,
+                    "issuer": c.issuer,
+                    "not_after": c.not_after,
+                    "days_left": c.days_left(now),
+                    "source": c.source,
+                })).collect::<Vec<_>>(),
+            })
+        }),
         "members": members,
         "backends": backends,
     })

@@ -8,10 +8,14 @@
 //! | `load:<backend>` | this node's in-flight requests to the backend | each tick, when changed |
 //! | `down:<backend>` | `1` while this node's own verdict is down (absent = up) | on change |
 //! | `reg:<backend>` | registry entry (see [`RegEntry`]) | when the merged registry changes |
+//! | `cert:<name>` | cluster certificate entry (see [`CertEntry`]), sealed | when it changes |
 
 use std::net::SocketAddr;
 
-use super::registry::{RegEntry, RegOp};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD_NO_PAD as BASE64;
+
+use super::registry::{CertEntry, CertOp, RegEntry, RegOp};
 
 pub const STATE: &str = "state";
 pub const ADDR_PROXY: &str = "addr.proxy";
@@ -21,6 +25,26 @@ pub const RPS: &str = "rps";
 pub const LOAD_PREFIX: &str = "load:";
 pub const DOWN_PREFIX: &str = "down:";
 pub const REG_PREFIX: &str = "reg:";
+pub const CERT_PREFIX: &str = "cert:";
+
+pub fn cert_key(name: &str) -> String {
+    format!("{CERT_PREFIX}{name}")
+}
+
+/// `hlc|op|sealed (base64)|origin`.
+pub fn format_cert(e: &CertEntry) -> String {
+    format!("{}|{}|{}|{}", e.hlc, e.op.name(), BASE64.encode(&e.sealed), e.origin)
+}
+
+pub fn parse_cert(key: &str, value: &str) -> Option<CertEntry> {
+    let name = key.strip_prefix(CERT_PREFIX)?.to_string();
+    let mut it = value.splitn(4, '|');
+    let hlc = it.next()?.parse().ok()?;
+    let op = CertOp::parse(it.next()?)?;
+    let sealed = BASE64.decode(it.next()?).ok()?;
+    let origin = it.next()?.to_string();
+    Some(CertEntry { name, hlc, op, origin, sealed })
+}
 
 pub fn load_key(backend: SocketAddr) -> String {
     format!("{LOAD_PREFIX}{backend}")
@@ -77,5 +101,21 @@ mod tests {
         }
         assert_eq!(backend_of("load:10.0.0.1:80", LOAD_PREFIX), Some(addr));
         assert_eq!(backend_of("load:nonsense", LOAD_PREFIX), None);
+    }
+
+    #[test]
+    fn cert_round_trip_and_garbage() {
+        let e = CertEntry {
+            name: "www.example".into(),
+            hlc: 7,
+            op: CertOp::Add,
+            origin: "lb|2".into(),
+            sealed: vec![0, 255, 9],
+        };
+        assert_eq!(parse_cert(&cert_key("www.example"), &format_cert(&e)), Some(e));
+        for bad in ["", "7|add|AP8J", "x|add|AP8J|a", "7|keep|AP8J|a", "7|add|not base64!|a"] {
+            assert_eq!(parse_cert("cert:www.example", bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_cert("reg:www.example", "7|add|AP8J|a"), None);
     }
 }

@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use crate::Node;
 use crate::lifecycle::MemberState;
 use crate::pool::now_ms;
-use registry::{RegEntry, Registry};
+use registry::{CertEntry, RegEntry, Registry};
 use transport::{GossipCounters, SealedTransport};
 
 /// One member as this node sees it.
@@ -114,7 +114,7 @@ impl Cluster {
             Some(dir) => crate::store::load(dir)?,
             None => crate::store::Persisted::default(),
         };
-        let registry = Registry::from_entries(persisted.registry.clone());
+        let registry = Registry::from_entries(persisted.registry.clone(), persisted.certs.clone());
         let generation = generation_now().max(persisted.generation + 1);
         if let Some(dir) = &config.node.data_dir {
             let mut p = persisted.clone();
@@ -235,6 +235,16 @@ impl Cluster {
         entry
     }
 
+    /// Records a cluster certificate change made on this node, serves it and persists it.
+    pub fn change_certs(&self, entry_fn: impl FnOnce(&Registry) -> CertEntry) -> CertEntry {
+        let entry = entry_fn(&self.registry);
+        if let Some(node) = self.node.upgrade() {
+            node.apply_certs();
+            self.persist(&node);
+        }
+        entry
+    }
+
     fn persist(&self, node: &Node) {
         let config = node.config.load();
         if let Some(dir) = &config.node.data_dir {
@@ -242,9 +252,10 @@ impl Cluster {
                 format: 0,
                 generation: self.self_id.generation_id,
                 registry: self.registry.entries(),
+                certs: self.registry.certs(),
             };
             if let Err(e) = crate::store::save(dir, &state) {
-                tracing::error!(error = %e, "cannot persist the backend registry");
+                tracing::error!(error = %e, "cannot persist the registry");
             }
         }
     }
@@ -312,6 +323,7 @@ async fn publish_loop(cluster: Arc<Cluster>) {
             last_at = Instant::now();
         }
         let registry = cluster.registry.entries();
+        let certs = cluster.registry.certs();
         let mut cc = cluster.chitchat.lock().await;
         let me = cc.self_node_state();
         for b in &pool.backends {
@@ -340,12 +352,15 @@ async fn publish_loop(cluster: Arc<Cluster>) {
         for e in &registry {
             me.set(keys::reg_key(e.addr), keys::format_reg(e));
         }
+        for e in &certs {
+            me.set(keys::cert_key(&e.name), keys::format_cert(e));
+        }
     }
 }
 
 /// What the view task reads from one member's gossip state: the member, its per-backend
-/// in-flight reports, and its registry entries.
-type MemberReading = (Member, Vec<(SocketAddr, u32)>, Vec<RegEntry>);
+/// in-flight reports, its registry entries and its certificate entries.
+type MemberReading = (Member, Vec<(SocketAddr, u32)>, Vec<RegEntry>, Vec<CertEntry>);
 
 fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) -> MemberReading {
     let announced = state.get(keys::STATE).and_then(MemberState::parse).unwrap_or(MemberState::Alive);
@@ -365,6 +380,7 @@ fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) ->
         .iter_prefix(keys::REG_PREFIX)
         .filter_map(|(k, v)| keys::parse_reg(keys::backend_of(k, keys::REG_PREFIX)?, &v.value))
         .collect();
+    let certs = state.iter_prefix(keys::CERT_PREFIX).filter_map(|(k, v)| keys::parse_cert(k, &v.value)).collect();
     let member = Member {
         node_id: id.node_id.to_string(),
         generation: id.generation_id,
@@ -378,7 +394,7 @@ fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) ->
         is_self,
         down,
     };
-    (member, loads, registry)
+    (member, loads, registry, certs)
 }
 
 /// Builds the cluster view from gossip, once per interval.
@@ -407,8 +423,10 @@ async fn view_loop(cluster: Arc<Cluster>) {
         let mut members: Vec<Member> = Vec::new();
         let mut loads_by_node: HashMap<String, Vec<(SocketAddr, u32)>> = HashMap::new();
         let mut seen_registry = Vec::new();
-        for (m, loads, reg) in raw {
+        let mut seen_certs = Vec::new();
+        for (m, loads, reg, certs) in raw {
             seen_registry.extend(reg);
+            seen_certs.extend(certs);
             let rank = |x: &Member| (x.state != MemberState::Dead && x.state != MemberState::Left, x.generation);
             match members.iter_mut().find(|o| o.node_id == m.node_id) {
                 Some(o) if rank(o) >= rank(&m) => {}
@@ -464,6 +482,11 @@ async fn view_loop(cluster: Arc<Cluster>) {
         if cluster.registry.merge(seen_registry) {
             tracing::info!("backend registry changed through gossip");
             node.apply_backends();
+            cluster.persist(&node);
+        }
+        if cluster.registry.merge_certs(seen_certs) {
+            tracing::info!("cluster certificates changed through gossip");
+            node.apply_certs();
             cluster.persist(&node);
         }
 

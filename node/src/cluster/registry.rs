@@ -1,5 +1,6 @@
-//! The backend registry: backends added, removed or drained at run time (`shoal backend ...`),
-//! on top of the config file's. Entries merge by last writer wins on a hybrid logical clock
+//! The registry: backends added, removed or drained at run time (`shoal backend ...`), on top
+//! of the config file's, and the cluster's certificates (`shoal cert ...`, sealed with the
+//! cluster secret). Entries merge by last writer wins on a hybrid logical clock
 //! (ties broken by origin node id); a removal is a tombstone entry, so it cannot be undone by a
 //! stale add. Every node re-publishes the merged registry, so a change survives the node that
 //! made it, and persists it in `data_dir`, so it survives a full-cluster restart.
@@ -54,11 +55,82 @@ pub struct RegEntry {
     pub origin: String,
 }
 
-impl RegEntry {
-    /// Whether `self` wins over `other` (last writer wins; origin breaks ties).
-    pub fn newer_than(&self, other: &RegEntry) -> bool {
-        (self.hlc, &self.origin) > (other.hlc, &other.origin)
+/// A cluster certificate change: `Add` carries the chain and key sealed with the cluster
+/// secret (`shoal_proto::seal_cert`); `Remove` is a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertEntry {
+    /// The certificate's short name (`certs::CertInfo::name`): what `shoal cert remove` takes.
+    pub name: String,
+    pub hlc: u64,
+    pub op: CertOp,
+    pub origin: String,
+    pub sealed: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CertOp {
+    Add,
+    Remove,
+}
+
+impl CertOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            CertOp::Add => "add",
+            CertOp::Remove => "remove",
+        }
     }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "add" => Some(CertOp::Add),
+            "remove" => Some(CertOp::Remove),
+            _ => None,
+        }
+    }
+}
+
+/// An entry merged last-writer-wins by key.
+trait Stamped {
+    type Key: Ord + Clone;
+    fn key(&self) -> Self::Key;
+    fn stamp(&self) -> (u64, &str);
+}
+
+impl Stamped for RegEntry {
+    type Key = SocketAddr;
+    fn key(&self) -> SocketAddr {
+        self.addr
+    }
+    fn stamp(&self) -> (u64, &str) {
+        (self.hlc, &self.origin)
+    }
+}
+
+impl Stamped for CertEntry {
+    type Key = String;
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+    fn stamp(&self) -> (u64, &str) {
+        (self.hlc, &self.origin)
+    }
+}
+
+/// Merges `incoming` into `map` (newer stamp wins); the clock moves past every stamp seen.
+fn merge_into<E: Stamped>(map: &mut BTreeMap<E::Key, E>, clock: &Hlc, incoming: impl IntoIterator<Item = E>) -> bool {
+    let mut changed = false;
+    for e in incoming {
+        clock.observe(e.stamp().0);
+        match map.get(&e.key()) {
+            Some(cur) if e.stamp() <= cur.stamp() => {}
+            _ => {
+                map.insert(e.key(), e);
+                changed = true;
+            }
+        }
+    }
+    changed
 }
 
 /// A hybrid logical clock: never goes backwards, and moves past every clock it has seen.
@@ -87,13 +159,15 @@ impl Hlc {
 #[derive(Debug, Default)]
 pub struct Registry {
     entries: Mutex<BTreeMap<SocketAddr, RegEntry>>,
+    certs: Mutex<BTreeMap<String, CertEntry>>,
     pub clock: Hlc,
 }
 
 impl Registry {
-    pub fn from_entries(entries: Vec<RegEntry>) -> Self {
+    pub fn from_entries(entries: Vec<RegEntry>, certs: Vec<CertEntry>) -> Self {
         let r = Registry::default();
         r.merge(entries);
+        r.merge_certs(certs);
         r
     }
 
@@ -103,19 +177,23 @@ impl Registry {
 
     /// Merges entries seen elsewhere. Returns true if anything changed.
     pub fn merge(&self, incoming: impl IntoIterator<Item = RegEntry>) -> bool {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let mut changed = false;
-        for e in incoming {
-            self.clock.observe(e.hlc);
-            match entries.get(&e.addr) {
-                Some(cur) if !e.newer_than(cur) => {}
-                _ => {
-                    entries.insert(e.addr, e);
-                    changed = true;
-                }
-            }
-        }
-        changed
+        merge_into(&mut self.entries.lock().unwrap_or_else(|e| e.into_inner()), &self.clock, incoming)
+    }
+
+    pub fn certs(&self) -> Vec<CertEntry> {
+        self.certs.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    /// Merges certificate entries seen elsewhere. Returns true if anything changed.
+    pub fn merge_certs(&self, incoming: impl IntoIterator<Item = CertEntry>) -> bool {
+        merge_into(&mut self.certs.lock().unwrap_or_else(|e| e.into_inner()), &self.clock, incoming)
+    }
+
+    /// Records a local certificate change with a fresh clock value.
+    pub fn record_cert(&self, name: &str, op: CertOp, sealed: Vec<u8>, origin: &str) -> CertEntry {
+        let e = CertEntry { name: name.to_string(), hlc: self.clock.now(), op, origin: origin.to_string(), sealed };
+        self.merge_certs([e.clone()]);
+        e
     }
 
     /// Records a local change with a fresh clock value.
@@ -197,6 +275,25 @@ mod tests {
         assert_eq!(r2.entries(), r3.entries());
         // local writes move past everything seen
         assert!(r.record("10.0.0.3:80".parse().unwrap(), RegOp::Add, 1, 0, false, "me").hlc > 20);
+    }
+
+    #[test]
+    fn certificates_merge_by_name_last_writer_wins() {
+        let cert = |hlc, op, origin: &str| CertEntry {
+            name: "www.example".into(),
+            hlc,
+            op,
+            origin: origin.into(),
+            sealed: vec![hlc as u8],
+        };
+        let r = Registry::default();
+        assert!(r.merge_certs([cert(10, CertOp::Add, "a")]));
+        assert!(r.merge_certs([cert(20, CertOp::Remove, "b")]));
+        assert!(!r.merge_certs([cert(15, CertOp::Add, "c")]));
+        assert!(!r.merge_certs([cert(20, CertOp::Remove, "b")]));
+        assert_eq!(r.certs(), vec![cert(20, CertOp::Remove, "b")]);
+        assert!(r.record_cert("www.example", CertOp::Add, vec![1], "me").hlc > 20);
+        assert_eq!(r.certs()[0].op, CertOp::Add);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::Node;
-use crate::cluster::registry::RegOp;
+use crate::cluster::registry::{CertEntry, CertOp, RegOp};
 use crate::lifecycle::MemberState;
 use crate::pool::now_ms;
 
@@ -172,6 +172,50 @@ impl ControlService {
     }
 }
 
+/// One certificate as `shoal cert list` shows it.
+fn cert_row(info: &crate::tls::certs::CertInfo, now: i64) -> pb::Cert {
+    pb::Cert {
+        name: info.name.clone(),
+        names: info.names.clone(),
+        issuer: info.issuer.clone(),
+        not_after: info.not_after,
+        days_left: info.days_left(now),
+        source: info.source.clone(),
+        error: String::new(),
+    }
+}
+
+impl ControlService {
+    /// The certificates this node serves (files and cluster), then cluster entries it does
+    /// not serve, with the reason (no `[tls]` here, cannot be opened, expired).
+    fn certs(&self) -> Vec<pb::Cert> {
+        use crate::tls::certs::{CLUSTER_SOURCE, open_sealed, unix_now};
+        let now = unix_now();
+        let mut rows: Vec<pb::Cert> = match &self.node.proxy.tls {
+            Some(tls) => tls.certificates().iter().map(|c| cert_row(c, now)).collect(),
+            None => Vec::new(),
+        };
+        let Some(cluster) = self.node.cluster.get() else { return rows };
+        let config = self.node.config.load();
+        for e in cluster.registry.certs().into_iter().filter(|e| e.op == CertOp::Add) {
+            if rows.iter().any(|r| r.source == CLUSTER_SOURCE && r.name == e.name) {
+                continue;
+            }
+            let opened = config.cluster.secret.as_deref().ok_or("no cluster secret".to_string());
+            let mut row = match opened.and_then(|secret| open_sealed(secret, &e.sealed)) {
+                Ok(l) => cert_row(&l.info, now),
+                Err(why) => pb::Cert { name: e.name.clone(), error: why, ..Default::default() },
+            };
+            row.source = CLUSTER_SOURCE.into();
+            if row.error.is_empty() && self.node.proxy.tls.is_none() {
+                row.error = "not served here: this node has no [tls] listener".into();
+            }
+            rows.push(row);
+        }
+        rows
+    }
+}
+
 type LeaveStream = Pin<Box<dyn Stream<Item = Result<pb::LeaveProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -223,7 +267,24 @@ impl Control for ControlService {
                 origin: e.origin,
             })
             .collect();
-        Ok(Response::new(pb::HelloReply { cluster_id: cluster.cluster_id.clone(), gossip_seeds: seeds, registry }))
+        let certs = cluster
+            .registry
+            .certs()
+            .into_iter()
+            .map(|e| pb::CertEntry {
+                name: e.name,
+                hlc: e.hlc,
+                op: e.op.name().into(),
+                origin: e.origin,
+                sealed: e.sealed,
+            })
+            .collect();
+        Ok(Response::new(pb::HelloReply {
+            cluster_id: cluster.cluster_id.clone(),
+            gossip_seeds: seeds,
+            registry,
+            certs,
+        }))
     }
 
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
@@ -249,6 +310,12 @@ impl Control for ControlService {
         });
         if cluster.registry.merge(entries) {
             self.node.apply_backends();
+        }
+        let certs = hello.certs.into_iter().filter_map(|e| {
+            Some(CertEntry { name: e.name, hlc: e.hlc, op: CertOp::parse(&e.op)?, origin: e.origin, sealed: e.sealed })
+        });
+        if cluster.registry.merge_certs(certs) {
+            self.node.apply_certs();
         }
         let seeds: Vec<SocketAddr> = hello.gossip_seeds.iter().filter_map(|s| s.parse().ok()).collect();
         if seeds.is_empty() {
@@ -323,5 +390,50 @@ impl Control for ControlService {
 
     async fn backend_drain(&self, req: Request<pb::BackendAddrRequest>) -> Result<Response<pb::BackendReply>, Status> {
         self.registry_change(&req.into_inner().addr, RegOp::Drain, 1, 0, false)
+    }
+
+    async fn cert_add(&self, req: Request<pb::CertAddRequest>) -> Result<Response<pb::CertReply>, Status> {
+        let sealed = req.into_inner().sealed;
+        let cluster = self.cluster()?;
+        let config = self.node.config.load();
+        let Some(secret) = config.cluster.secret.as_deref() else {
+            return Err(Status::failed_precondition(
+                "cluster certificates need a cluster secret: they travel and are stored sealed with it",
+            ));
+        };
+        let loaded = crate::tls::certs::open_sealed(secret, &sealed).map_err(Status::invalid_argument)?;
+        let name = loaded.info.name.clone();
+        let origin = self.node.id();
+        let entry = cluster.change_certs(|r| r.record_cert(&name, CertOp::Add, sealed, &origin));
+        tracing::info!(name = %name, names = ?loaded.info.names, hlc = entry.hlc, "cluster certificate added here");
+        Ok(Response::new(pb::CertReply {
+            message: format!(
+                "certificate {name} ({}) added; every node with [tls] serves it within seconds",
+                loaded.info.names.join(", ")
+            ),
+            certs: self.certs(),
+        }))
+    }
+
+    async fn cert_list(&self, _: Request<pb::CertListRequest>) -> Result<Response<pb::CertReply>, Status> {
+        Ok(Response::new(pb::CertReply { message: String::new(), certs: self.certs() }))
+    }
+
+    async fn cert_remove(&self, req: Request<pb::CertRemoveRequest>) -> Result<Response<pb::CertReply>, Status> {
+        let name = req.into_inner().name;
+        let cluster = self.cluster()?;
+        let known = cluster.registry.certs().iter().any(|e| e.name == name && e.op == CertOp::Add);
+        if !known {
+            return Err(Status::not_found(format!(
+                "no cluster certificate {name:?} (certificates from files are removed from the config file)"
+            )));
+        }
+        let origin = self.node.id();
+        cluster.change_certs(|r| r.record_cert(&name, CertOp::Remove, Vec::new(), &origin));
+        tracing::info!(name = %name, "cluster certificate removed here");
+        Ok(Response::new(pb::CertReply {
+            message: format!("certificate {name} removed from the cluster"),
+            certs: self.certs(),
+        }))
     }
 }

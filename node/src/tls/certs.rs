@@ -83,6 +83,18 @@ pub fn parse_pem(cert_pem: &[u8], key_pem: &[u8], cert_name: &str, key_name: &st
     Ok(Loaded { key: Arc::new(key), info })
 }
 
+/// Opens a cluster certificate (sealed with the cluster secret by `shoal cert add`).
+pub fn open_sealed(secret: &[u8], sealed: &[u8]) -> Result<Loaded, String> {
+    let (cert, key) = shoal_proto::open_cert(secret, sealed)
+        .ok_or("cannot open the sealed certificate: not sealed with this cluster's secret, or changed")?;
+    let mut loaded = parse_pem(&cert, &key, "certificate", "key")?;
+    loaded.info.source = CLUSTER_SOURCE.into();
+    Ok(loaded)
+}
+
+/// The `source` of certificates from the cluster's registry.
+pub const CLUSTER_SOURCE: &str = "cluster";
+
 /// Names, issuer and expiry of a DER certificate.
 pub fn describe(der: &[u8]) -> Result<CertInfo, String> {
     use x509_parser::extensions::GeneralName;
