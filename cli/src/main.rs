@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use shoal_proto as pb;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "Control a Shoal cluster through any of its nodes")]
@@ -105,20 +105,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-type Client =
-    pb::control_client::ControlClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>>;
-
-#[derive(Clone)]
-struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(t) = &self.0 {
-            req.metadata_mut().insert(pb::AUTH_HEADER, t.clone());
-        }
-        Ok(req)
-    }
-}
+type Client = pb::control_client::ControlClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, pb::Signer>,
+>;
 
 /// A failure with its exit code.
 struct Failure(u8, String);
@@ -133,18 +122,16 @@ fn from_status(node: &str, s: Status) -> Failure {
 }
 
 async fn connect(cli: &Cli) -> Result<Client, Failure> {
-    let token = match &cli.secret_file {
-        Some(p) => {
-            let secret = pb::read_secret(p).map_err(|e| Failure(1, e))?;
-            Some(pb::control_token(&secret).parse().map_err(|_| Failure(1, "bad token".into()))?)
-        }
+    // Every call is signed with a token for that call alone (method, time, nonce).
+    let secret = match &cli.secret_file {
+        Some(p) => Some(std::sync::Arc::from(pb::read_secret(p).map_err(|e| Failure(1, e))?)),
         None => None,
     };
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cli.node))
         .map_err(|e| Failure(1, format!("bad --node {:?}: {e}", cli.node)))?
         .connect_timeout(Duration::from_secs(3));
     let channel = endpoint.connect().await.map_err(|e| Failure(2, format!("node {} unreachable: {e}", cli.node)))?;
-    Ok(pb::control_client::ControlClient::with_interceptor(channel, Auth(token)))
+    Ok(pb::control_client::ControlClient::with_interceptor(channel, pb::Signer(secret)))
 }
 
 fn member_json(m: &pb::Member) -> Value {

@@ -131,6 +131,8 @@ pub struct Node {
     /// Fired to start the leave sequence (signal or `shoal leave`).
     pub leave: CancellationToken,
     pub cluster: OnceLock<Arc<cluster::Cluster>>,
+    /// Admits control-plane calls (per-call tokens, replay check) and counts refusals.
+    pub control_gate: Arc<control::auth::Gate>,
     health_stop: Mutex<CancellationToken>,
 }
 
@@ -143,6 +145,7 @@ impl Node {
             None => None,
         };
         let proxy = Arc::new(Proxy::new(&config, pool.clone(), tls)?);
+        let control_gate = Arc::new(control::auth::Gate::new(config.cluster.secret.as_deref()));
         let node = Arc::new(Node {
             config: ArcSwap::from_pointee(config),
             flags,
@@ -152,6 +155,7 @@ impl Node {
             started: Instant::now(),
             leave: CancellationToken::new(),
             cluster: OnceLock::new(),
+            control_gate,
             health_stop: Mutex::new(CancellationToken::new()),
         });
         node.apply_backends();

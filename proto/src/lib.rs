@@ -6,18 +6,109 @@ pub mod v1 {
 }
 pub use v1::*;
 
-/// Metadata key carrying the control-plane token.
+/// Metadata key carrying the control-plane token ([`call_token`]).
 pub const AUTH_HEADER: &str = "x-shoal-auth";
 
-/// The token a caller presents: hex SHA-256 of a purpose label and the cluster secret. The
-/// secret itself never crosses the wire (though without TLS the token can be replayed by
-/// someone who can read the traffic; see docs/OPERATIONS.md).
-pub fn control_token(secret: &[u8]) -> String {
+/// How far a call's timestamp may be from the receiver's clock. Tokens older than this are
+/// refused, so a receiver needs to remember used nonces only this long.
+pub const TOKEN_MAX_AGE_MS: u64 = 30_000;
+
+/// The token a caller presents for one call: `v2.<unix ms>.<nonce>.<mac>`, the MAC being
+/// HMAC-SHA256 under a key derived from the cluster secret over the call's path (e.g.
+/// `/shoal.v1.Control/BackendAdd`), the time and the nonce. The secret never crosses the wire;
+/// a token is good for one call of that method, within `TOKEN_MAX_AGE_MS`, once.
+pub fn call_token(secret: &[u8], path: &str, now_ms: u64, nonce: u128) -> String {
+    format!("v2.{now_ms}.{nonce:032x}.{}", hex(&call_mac(secret, path, now_ms, nonce)))
+}
+
+/// A fresh random nonce for [`call_token`].
+pub fn new_nonce() -> u128 {
+    use chacha20poly1305::aead::rand_core::RngCore;
+    let mut b = [0u8; 16];
+    chacha20poly1305::aead::OsRng.fill_bytes(&mut b);
+    u128::from_le_bytes(b)
+}
+
+/// Why a call's token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    Missing,
+    /// Not a v2 token, or a MAC that does not match (wrong secret, another method, changed).
+    Wrong,
+    /// Its time is more than `TOKEN_MAX_AGE_MS` from ours.
+    Stale,
+}
+
+/// Checks a call's token; on success returns `(time, nonce)` for the receiver's replay check.
+pub fn check_call_token(
+    secret: &[u8],
+    path: &str,
+    token: Option<&str>,
+    now_ms: u64,
+) -> Result<(u64, u128), TokenError> {
+    let token = token.ok_or(TokenError::Missing)?;
+    let mut it = token.split('.');
+    let (Some("v2"), Some(t), Some(n), Some(mac), None) = (it.next(), it.next(), it.next(), it.next(), it.next())
+    else {
+        return Err(TokenError::Wrong);
+    };
+    let t: u64 = t.parse().map_err(|_| TokenError::Wrong)?;
+    let nonce = u128::from_str_radix(n, 16).map_err(|_| TokenError::Wrong)?;
+    if n.len() != 32 {
+        return Err(TokenError::Wrong);
+    }
+    let expected = hex(&call_mac(secret, path, t, nonce));
+    // Constant time over the hex text.
+    let same =
+        mac.len() == expected.len() && mac.bytes().zip(expected.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    if !same {
+        return Err(TokenError::Wrong);
+    }
+    if now_ms.abs_diff(t) > TOKEN_MAX_AGE_MS {
+        return Err(TokenError::Stale);
+    }
+    Ok((t, nonce))
+}
+
+fn call_mac(secret: &[u8], path: &str, at_ms: u64, nonce: u128) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
     use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(b"shoal/control/");
-    h.update(secret);
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    let key: [u8; 32] = Sha256::new().chain_update(b"shoal/control/v2/").chain_update(secret).finalize().into();
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key length");
+    mac.update(path.as_bytes());
+    mac.update(b"\n");
+    mac.update(&at_ms.to_le_bytes());
+    mac.update(&nonce.to_le_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The call path of a request as the generated client tags it (`/package.Service/Method`).
+pub fn call_path<T>(req: &tonic::Request<T>) -> Option<String> {
+    req.extensions().get::<tonic::GrpcMethod>().map(|m| format!("/{}/{}", m.service(), m.method()))
+}
+
+/// Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A client interceptor that signs every call with [`call_token`] (no secret: no token).
+#[derive(Clone)]
+pub struct Signer(pub Option<std::sync::Arc<[u8]>>);
+
+impl tonic::service::Interceptor for Signer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(secret) = &self.0 else { return Ok(req) };
+        let path = call_path(&req).ok_or_else(|| tonic::Status::internal("call without a method name"))?;
+        let token = call_token(secret, &path, unix_ms(), new_nonce());
+        let value = token.parse().map_err(|_| tonic::Status::internal("token is not ASCII"))?;
+        req.metadata_mut().insert(AUTH_HEADER, value);
+        Ok(req)
+    }
 }
 
 /// Reads a secret file the way `shoald` does (trimmed; at least 16 bytes).
@@ -81,5 +172,23 @@ mod tests {
         changed[30] ^= 1;
         assert_eq!(open_cert(b"0123456789abcdef", &changed), None);
         assert_eq!(open_cert(b"0123456789abcdef", &[]), None);
+    }
+
+    #[test]
+    fn call_tokens_cover_the_method_the_time_and_the_secret() {
+        let (secret, path, now) = (b"0123456789abcdef", "/shoal.v1.Control/BackendAdd", 1_000_000_000u64);
+        let t = call_token(secret, path, now, 7);
+        assert_eq!(check_call_token(secret, path, Some(&t), now + 1_000), Ok((now, 7)));
+        assert_eq!(check_call_token(secret, path, None, now), Err(TokenError::Missing));
+        assert_eq!(check_call_token(b"another-secret!!", path, Some(&t), now), Err(TokenError::Wrong));
+        assert_eq!(check_call_token(secret, "/shoal.v1.Control/Leave", Some(&t), now), Err(TokenError::Wrong));
+        assert_eq!(check_call_token(secret, path, Some(&t), now + TOKEN_MAX_AGE_MS + 1), Err(TokenError::Stale));
+        // another time or nonce in the text does not match the MAC
+        let moved = t.replacen(&now.to_string(), &(now + 5).to_string(), 1);
+        assert_eq!(check_call_token(secret, path, Some(&moved), now), Err(TokenError::Wrong));
+        for bad in ["", "v2", "v1.1.2.3", "v2.x.00.00", &format!("{t}.extra")] {
+            assert_eq!(check_call_token(secret, path, Some(bad), now), Err(TokenError::Wrong), "{bad:?}");
+        }
+        assert_ne!(new_nonce(), new_nonce());
     }
 }

@@ -209,13 +209,19 @@ impl Collector for NodeCollector {
                 "Gossip datagrams dropped: wrong key, forged or stale",
                 g.rejected.load(Relaxed),
             )?;
-            counter(
-                &mut enc,
-                "control_rejected_calls",
-                "Control-plane calls refused for a missing or wrong secret",
-                c.rejected_rpcs.load(Relaxed),
-            )?;
         }
+        counter(
+            &mut enc,
+            "control_rejected_calls",
+            "Control-plane calls refused: no token, a wrong one (secret, method), stale or replayed",
+            node.control_gate.rejected.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "control_replayed_calls",
+            "Control-plane calls refused because their token was stale or used before",
+            node.control_gate.replayed.load(Relaxed),
+        )?;
         if let Some(l) = &node.proxy.runtime.load().limiter {
             gauge(
                 &mut enc,

@@ -95,7 +95,6 @@ pub struct Cluster {
     pub counters: Arc<GossipCounters>,
     /// Gossip rounds observed (view task ticks) — for `/metrics`.
     pub rounds: std::sync::atomic::AtomicU64,
-    pub rejected_rpcs: std::sync::atomic::AtomicU64,
     node: Weak<Node>,
     tasks: std::sync::Mutex<JoinSet<()>>,
     interval: Duration,
@@ -166,7 +165,6 @@ impl Cluster {
             registry,
             counters,
             rounds: 0.into(),
-            rejected_rpcs: 0.into(),
             node: Arc::downgrade(&node),
             tasks: std::sync::Mutex::new(JoinSet::new()),
             interval,

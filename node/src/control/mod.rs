@@ -1,6 +1,8 @@
 //! The gRPC control plane (tonic): what `shoal` and joining nodes call. Every mutation goes
-//! through the backend registry, the same path gossip uses. With a cluster secret, a call
-//! without the right `x-shoal-auth` token is refused (`Unauthenticated`) and counted.
+//! through the registry, the same path gossip uses. With a cluster secret, every call must
+//! carry a token for that one call (`auth`); others are refused (`Unauthenticated`) and counted.
+
+pub mod auth;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,22 +24,8 @@ use crate::pool::now_ms;
 
 /// Serves the control plane on `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationToken) {
-    let token = node.config.load().cluster.secret.as_deref().map(shoal_proto::control_token);
-    let auth_node = node.clone();
-    let check = move |req: Request<()>| -> Result<Request<()>, Status> {
-        let Some(expected) = &token else { return Ok(req) };
-        match req.metadata().get(shoal_proto::AUTH_HEADER).and_then(|v| v.to_str().ok()) {
-            Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(req),
-            other => {
-                if let Some(c) = auth_node.cluster.get() {
-                    c.rejected_rpcs.fetch_add(1, Relaxed);
-                }
-                tracing::warn!(has_token = other.is_some(), "refused a control-plane call without the cluster secret");
-                Err(Status::unauthenticated("this cluster needs the cluster secret (shoal --secret-file FILE)"))
-            }
-        }
-    };
-    let service = ControlServer::with_interceptor(ControlService { node }, check);
+    let gate = node.control_gate.clone();
+    let service = auth::Gated { inner: ControlServer::new(ControlService { node }), gate };
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     if let Err(e) = tonic::transport::Server::builder()
         .add_service(service)
@@ -46,10 +34,6 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationTok
     {
         tracing::error!(error = %e, "control plane stopped");
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 struct ControlService {
@@ -62,7 +46,7 @@ pub async fn connect(
     secret: Option<&[u8]>,
 ) -> Result<
     pb::control_client::ControlClient<
-        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>,
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, shoal_proto::Signer>,
     >,
     Status,
 > {
@@ -71,15 +55,7 @@ pub async fn connect(
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10));
     let channel = endpoint.connect().await.map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
-    let token = secret.map(shoal_proto::control_token);
-    Ok(pb::control_client::ControlClient::with_interceptor(channel, move |mut req: Request<()>| {
-        if let Some(t) = &token
-            && let Ok(v) = t.parse()
-        {
-            req.metadata_mut().insert(shoal_proto::AUTH_HEADER, v);
-        }
-        Ok(req)
-    }))
+    Ok(pb::control_client::ControlClient::with_interceptor(channel, shoal_proto::Signer(secret.map(Arc::from))))
 }
 
 impl ControlService {
