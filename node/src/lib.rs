@@ -203,7 +203,8 @@ impl Node {
         let old = std::mem::replace(&mut *self.health_stop.lock().unwrap_or_else(|e| e.into_inner()), token.clone());
         old.cancel();
         if let Some(h) = config.health.clone() {
-            tokio::spawn(health::run_checks(self.pool.clone(), h, token));
+            let tls = self.proxy.runtime.load().upstream_tls.clone();
+            tokio::spawn(health::run_checks(self.pool.clone(), h, tls, token));
         }
     }
 
@@ -234,7 +235,8 @@ impl Node {
         }
         self.pool.set_keepalive(new.upstream.keepalive);
         self.proxy.set_drain_timeout(new.node.drain_timeout);
-        let runtime = proxy::Runtime::from_config(&new);
+        let runtime = proxy::Runtime::from_config(&new)
+            .map_err(|message| config::ConfigError::Invalid { where_: path.display().to_string(), message })?;
         let log = match &new.access_log {
             Some(p) => Some(
                 proxy::access_log::AccessLog::open(p)

@@ -183,9 +183,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads every certificate file `[tls]` names, so a bad one fails `check` and `run` before any
-/// port is bound; `check` prints what each serves.
+/// Reads every certificate file `[tls]` names and the CA file of TLS to backends, so a bad one
+/// fails `check` and `run` before any port is bound.
 fn check_tls(c: config::Config) -> Result<config::Config, config::ConfigError> {
+    if let Some(u) = &c.upstream.tls {
+        shoal_node::tls::upstream::UpstreamTls::new(u)
+            .map_err(|message| config::ConfigError::Invalid { where_: "[upstream] tls".into(), message })?;
+    }
     let Some(t) = &c.tls else { return Ok(c) };
     let invalid = |message| config::ConfigError::Invalid { where_: "[tls] certificates".into(), message };
     let certs = shoal_node::tls::Tls::check(t).map_err(invalid)?;

@@ -94,6 +94,15 @@ pub struct UpstreamFile {
     pub retry_budget: Option<f64>,
     /// When no backend is usable at all: "503" (default) or "open" (try every backend anyway).
     pub when_all_down: Option<AllDown>,
+    /// Speak TLS to the backends (HTTP/1.1 over TLS; verified by default).
+    #[serde(default)]
+    pub tls: bool,
+    /// The name sent in SNI and verified in the backends' certificates (default: their IP).
+    pub sni: Option<String>,
+    /// PEM file of the CAs that sign the backends' certificates (default: the system's).
+    pub ca_file: Option<PathBuf>,
+    /// Verify the backends' certificates (default true; false trusts any certificate).
+    pub verify: Option<bool>,
     #[serde(default)]
     pub backend: Vec<toml::Spanned<BackendFile>>,
 }

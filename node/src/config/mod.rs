@@ -103,7 +103,19 @@ pub struct UpstreamSettings {
     pub retry_on: Vec<u16>,
     pub retry_budget: f64,
     pub when_all_down: AllDown,
+    /// TLS to the backends, when `tls = true`.
+    pub tls: Option<UpstreamTlsSettings>,
     pub backends: Vec<BackendSpec>,
+}
+
+/// How to speak TLS to a pool's backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTlsSettings {
+    /// SNI and the name verified (default: the backend's IP address).
+    pub sni: Option<String>,
+    /// CA certificates (PEM); `None`: the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    pub verify: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -355,8 +367,16 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
         retry_on: u.retry_on.unwrap_or_default().into_iter().map(|r| r.0).collect(),
         retry_budget,
         when_all_down: u.when_all_down.unwrap_or_default(),
+        tls: u.tls.then(|| UpstreamTlsSettings {
+            sni: u.sni.clone(),
+            ca_file: u.ca_file.clone(),
+            verify: u.verify.unwrap_or(true),
+        }),
         backends,
     };
+    if !u.tls && (u.sni.is_some() || u.ca_file.is_some() || u.verify.is_some()) {
+        return Err(invalid(None, "upstream.sni, ca_file and verify need upstream.tls = true".into()));
+    }
     if upstream.connect_timeout.is_zero() || upstream.read_timeout.is_zero() {
         return Err(invalid(None, "upstream timeouts must be greater than zero".into()));
     }

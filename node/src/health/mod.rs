@@ -18,7 +18,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendSpec, CheckKind, HealthSettings};
+use crate::pool::conn::UpstreamStream;
 use crate::pool::{BackendState, Pool, now_ms};
+use crate::tls::upstream::UpstreamTls;
 
 /// What kind of failure a request met.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,18 +69,25 @@ pub enum Probe {
     Bad(String),
 }
 
-/// Probes one backend once.
-pub async fn probe(state: &BackendState, settings: &HealthSettings) -> Probe {
+/// Probes one backend once (an HTTP check over TLS when the pool speaks TLS to its backends).
+pub async fn probe(state: &BackendState, settings: &HealthSettings, tls: Option<&UpstreamTls>) -> Probe {
     let attempt = async {
-        let mut stream = TcpStream::connect(state.addr).await.map_err(|e| format!("connect: {e}"))?;
+        let tcp = TcpStream::connect(state.addr).await.map_err(|e| format!("connect: {e}"))?;
         if settings.kind == CheckKind::Tcp {
             return Ok(());
         }
+        let mut stream = match tls {
+            None => UpstreamStream::Plain(tcp),
+            Some(tls) => UpstreamStream::Tls(Box::new(
+                tls.connect(tcp, state.addr).await.map_err(|e| format!("TLS handshake: {e}"))?,
+            )),
+        };
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: shoal-health\r\nConnection: close\r\n\r\n",
             settings.path, state.addr
         );
         stream.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        stream.flush().await.map_err(|e| format!("write: {e}"))?;
         let mut buf = [0u8; 64];
         let mut len = 0;
         while len < 12 {
@@ -138,7 +147,12 @@ pub fn apply_probe(state: &BackendState, settings: &HealthSettings, result: &Pro
 
 /// Runs active checks for every backend of the pool until `stop` fires. Checks start at a
 /// random offset within the interval, so N backends are not probed in one burst.
-pub async fn run_checks(pool: Arc<Pool>, settings: HealthSettings, stop: CancellationToken) {
+pub async fn run_checks(
+    pool: Arc<Pool>,
+    settings: HealthSettings,
+    tls: Option<Arc<UpstreamTls>>,
+    stop: CancellationToken,
+) {
     let mut tasks = tokio::task::JoinSet::new();
     let mut watched: Vec<Arc<BackendState>> = Vec::new();
     let mut rescan = tokio::time::interval(Duration::from_millis(250));
@@ -153,7 +167,7 @@ pub async fn run_checks(pool: Arc<Pool>, settings: HealthSettings, stop: Cancell
                 continue;
             }
             watched.push(b.state.clone());
-            let (state, settings, stop) = (b.state.clone(), settings.clone(), stop.child_token());
+            let (state, settings, stop, tls) = (b.state.clone(), settings.clone(), stop.child_token(), tls.clone());
             let pool_ref = Arc::downgrade(&pool);
             tasks.spawn(async move {
                 let jitter = Duration::from_millis(fastrand::u64(..settings.interval.as_millis() as u64 + 1));
@@ -166,7 +180,7 @@ pub async fn run_checks(pool: Arc<Pool>, settings: HealthSettings, stop: Cancell
                     if pool.snapshot().find(state.addr).is_none_or(|b| !Arc::ptr_eq(&b.state, &state)) {
                         return;
                     }
-                    let result = probe(&state, &settings).await;
+                    let result = probe(&state, &settings, tls.as_deref()).await;
                     apply_probe(&state, &settings, &result);
                 }
             });

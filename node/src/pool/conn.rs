@@ -4,6 +4,7 @@
 //! exchange on a connection is `proxy::upstream`'s.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll, Waker};
@@ -11,14 +12,83 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::buffers;
+use crate::tls::upstream::UpstreamTls;
+
+/// The byte stream to a backend: plain TCP, or TLS over it (`[upstream] tls = true`).
+#[derive(Debug)]
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl UpstreamStream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            UpstreamStream::Plain(s) => s,
+            UpstreamStream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            UpstreamStream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            UpstreamStream::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
 
 /// An HTTP/1.1 connection to a backend, ready to send one request.
 #[derive(Debug)]
 pub struct Upstream {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     /// Bytes read from the backend and not yet consumed (`buffers::UPSTREAM_SIZE`, grown when a
     /// response head needs more). An idle connection in the queue holds none.
     pub read_buf: BytesMut,
@@ -27,24 +97,32 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    fn new(stream: TcpStream) -> Self {
+    fn new(stream: UpstreamStream) -> Self {
         Upstream { stream, read_buf: buffers::take_upstream(), reused: false }
     }
 
     /// Whether an idle connection can carry a request: the backend has neither closed it nor
     /// sent anything unasked. Costs no syscall unless the socket was signalled readable since
     /// its last read (reads that drain the socket clear the readiness).
-    fn still_open(&self) -> bool {
+    fn still_open(&mut self) -> bool {
         if !self.read_buf.is_empty() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
+        if let UpstreamStream::Tls(tls) = &mut self.stream {
+            // TLS: records may have come that carry no data (a TLS 1.3 session ticket); one
+            // read takes them. Still open: nothing to read yet.
+            let mut probe = [0u8; 1];
+            let mut buf = ReadBuf::new(&mut probe);
+            return Pin::new(&mut **tls).poll_read(&mut cx, &mut buf).is_pending();
+        }
+        let tcp = self.stream.tcp();
+        match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
             }
         }
     }
@@ -57,6 +135,8 @@ pub enum ConnectError {
     Timeout(SocketAddr),
     #[error("connect to {0}: {1}")]
     Io(SocketAddr, std::io::Error),
+    #[error("TLS handshake with {0}: {1}")]
+    Tls(SocketAddr, std::io::Error),
 }
 
 /// Most proxy worker threads with their own idle queues; workers beyond share the last one.
@@ -186,14 +266,23 @@ impl Drop for IdleConns {
     }
 }
 
-/// Opens a new connection to `addr` within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Upstream, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+/// Opens a new connection to `addr` (and its TLS handshake, with `tls`) within `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&UpstreamTls>) -> Result<Upstream, ConnectError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
         Err(_) => return Err(ConnectError::Timeout(addr)),
         Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
+    let stream = match tls {
+        None => UpstreamStream::Plain(stream),
+        Some(tls) => match tokio::time::timeout_at(deadline, tls.connect(stream, addr)).await {
+            Err(_) => return Err(ConnectError::Timeout(addr)),
+            Ok(Err(e)) => return Err(ConnectError::Tls(addr, e)),
+            Ok(Ok(s)) => UpstreamStream::Tls(Box::new(s)),
+        },
+    };
     Ok(Upstream::new(stream))
 }
 

@@ -24,14 +24,13 @@ use bytes::{Bytes, BytesMut};
 use http::Method;
 use http_body::Body as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::access_log::RequestLine;
 use super::error::ProxyError;
 use super::forward::{self, ClientConn, Forwarded, Outgoing, forward};
 use super::idle::{self, Woke};
-use super::stream::ClientStream;
+use super::stream::ProxyStream;
 use super::upstream::{BodySource, RequestBody};
 use super::{Limits, Open, Proxy};
 use crate::buffers;
@@ -40,6 +39,7 @@ use crate::http1::request::{self, BodyFraming, Refusal, Request};
 use crate::http1::response::ClientFraming;
 use crate::http1::rewrite::{self, Forwarding, Framing};
 use crate::pool::InFlight;
+use crate::pool::conn::UpstreamStream;
 
 /// A client connection: the socket, bytes read and not yet consumed (the read buffer, grown
 /// for large heads up to `max_header_bytes`), the response buffer, and how much of the current
@@ -71,7 +71,7 @@ impl BodyLeft {
     }
 }
 
-impl<S: ClientStream> ClientIo<S> {
+impl<S: ProxyStream> ClientIo<S> {
     fn new(stream: S, buf: BytesMut, limits: &Limits) -> Self {
         ClientIo {
             stream,
@@ -179,7 +179,7 @@ impl<S: ClientStream> ClientIo<S> {
 
 /// Writes and flushes (TLS keeps records it could not send yet; a plain socket's flush does
 /// nothing).
-async fn send_within<S: ClientStream>(stream: &mut S, data: &[u8], limit: Duration) -> std::io::Result<()> {
+async fn send_within<S: ProxyStream>(stream: &mut S, data: &[u8], limit: Duration) -> std::io::Result<()> {
     let write = async {
         stream.write_all(data).await?;
         stream.flush().await
@@ -199,7 +199,7 @@ pub struct ClientBody<'a, S> {
     expect_continue: bool,
 }
 
-impl<S: ClientStream> BodySource for ClientBody<'_, S> {
+impl<S: ProxyStream> BodySource for ClientBody<'_, S> {
     async fn next(&mut self) -> Option<Result<Bytes, String>> {
         if std::mem::take(&mut self.expect_continue)
             && let Err(e) = self.io.send(CONTINUE).await
@@ -225,7 +225,7 @@ enum Buffered {
 
 /// Reads the request body whole if it fits `limit` (nginx's `proxy_request_buffering`), so a
 /// slow client never holds a backend connection and an in-flight slot.
-async fn buffer_body<S: ClientStream>(io: &mut ClientIo<S>, req: &Request, limit: usize) -> Result<Buffered, String> {
+async fn buffer_body<S: ProxyStream>(io: &mut ClientIo<S>, req: &Request, limit: usize) -> Result<Buffered, String> {
     let fits = match req.body {
         BodyFraming::Length(n) => n as usize <= limit,
         BodyFraming::Chunked => limit > 0,
@@ -286,7 +286,7 @@ pub struct First {
 /// boxed), allocated while it runs, which takes the socket and gives it back. Written as a
 /// function returning an `async move` block: an `async fn` would keep a second copy of its
 /// arguments in its future.
-pub fn serve<S: ClientStream>(
+pub fn serve<S: ProxyStream>(
     open: Open,
     addr: SocketAddr,
     mut stream: S,
@@ -308,7 +308,7 @@ pub fn serve<S: ClientStream>(
                     // wait is all this state holds.
                     // TLS may hold the next request decrypted already: read before waiting.
                     None => loop {
-                        if !S::HOLDS_PLAINTEXT || waited {
+                        if !stream.holds_plaintext() || waited {
                             match idle::wait(stream.tcp(), open.limits.keepalive_timeout).await {
                                 Ok(Woke::Readable) => {}
                                 Ok(Woke::TimedOut | Woke::Closing) | Err(_) => return,
@@ -343,7 +343,7 @@ pub fn serve<S: ClientStream>(
 /// Serves requests while the client has sent more (pipelined): from the first bytes in `buf`
 /// until the connection goes idle, closes or is upgraded. Gives the socket back, and the
 /// buffers back to the worker's pool.
-async fn burst<S: ClientStream>(
+async fn burst<S: ProxyStream>(
     open: &Open,
     addr: SocketAddr,
     stream: S,
@@ -370,7 +370,7 @@ async fn burst<S: ClientStream>(
 /// One request, from its first bytes (already in `io.buf`) to the end of its response: the
 /// head must be complete by `head_deadline` (the first request's, from accept), or within
 /// `client_header_timeout` of its first bytes.
-async fn request<S: ClientStream>(
+async fn request<S: ProxyStream>(
     proxy: &Proxy,
     client: &ClientConn,
     io: &mut ClientIo<S>,
@@ -385,8 +385,8 @@ async fn request<S: ClientStream>(
         max_header_bytes: limits.max_header_bytes,
         sticky_cookie: runtime.sticky.as_ref().map(|s| s.cookie.as_str()),
         log: proxy.access_log.load().is_some(),
-        forwarding: Forwarding { client_ip: client.real_ip(), proto: S::SCHEME },
-        redirect_https: if S::HOLDS_PLAINTEXT { None } else { proxy.redirect_https() },
+        forwarding: Forwarding { client_ip: client.real_ip(), proto: io.stream.scheme() },
+        redirect_https: if io.stream.holds_plaintext() { None } else { proxy.redirect_https() },
     };
     let mut parsed = match next_request(&opts, io, head_deadline, limits.header_timeout, upstream_head).await {
         Ok(p) => p,
@@ -425,7 +425,7 @@ async fn request<S: ClientStream>(
 
 /// Answers `[tls] redirect_http`: 308 to the same host and path over https (a 308 keeps the
 /// method and body, unlike 301). A request body is not read: the connection closes after it.
-async fn redirect<S: ClientStream>(
+async fn redirect<S: ProxyStream>(
     proxy: &Proxy,
     io: &mut ClientIo<S>,
     parsed: &Request,
@@ -455,7 +455,7 @@ async fn redirect<S: ClientStream>(
 /// Closes after an answer while the client may still be sending (nginx's lingering close):
 /// closing with unread input would reset the connection, and the client could lose the answer.
 /// Sends FIN, then reads and discards for a short while.
-async fn linger<S: ClientStream>(io: &mut ClientIo<S>) {
+async fn linger<S: ProxyStream>(io: &mut ClientIo<S>) {
     const LINGER: Duration = Duration::from_secs(1);
     const MAX_DISCARD: usize = 1 << 20;
     let _ = io.stream.shutdown().await;
@@ -474,7 +474,7 @@ async fn linger<S: ClientStream>(io: &mut ClientIo<S>) {
 
 /// Reads until the request head in `io.buf` is complete (by `deadline`, or `header_timeout`
 /// after it was first found incomplete) and takes it off the buffer.
-async fn next_request<S: ClientStream>(
+async fn next_request<S: ProxyStream>(
     opts: &request::Options<'_>,
     io: &mut ClientIo<S>,
     mut deadline: Option<tokio::time::Instant>,
@@ -504,7 +504,7 @@ async fn next_request<S: ClientStream>(
 }
 
 /// Forwards one request and writes its response, and says what the connection does next.
-async fn exchange<S: ClientStream>(
+async fn exchange<S: ProxyStream>(
     proxy: &Proxy,
     client: &ClientConn,
     io: &mut ClientIo<S>,
@@ -597,7 +597,7 @@ async fn exchange<S: ClientStream>(
 
 /// Answers with one of the proxy's own errors (counted already) before anything was forwarded;
 /// `keep`: the connection stays open (no body was left unread).
-async fn answer<S: ClientStream>(
+async fn answer<S: ProxyStream>(
     proxy: &Proxy,
     io: &mut ClientIo<S>,
     e: ProxyError,
@@ -626,7 +626,7 @@ fn log(
 }
 
 /// Writes one of the proxy's own answers.
-async fn write_error<S: ClientStream>(
+async fn write_error<S: ProxyStream>(
     io: &mut ClientIo<S>,
     e: ProxyError,
     proxy: &Proxy,
@@ -642,7 +642,7 @@ async fn write_error<S: ClientStream>(
 /// Writes the backend's response: head, then the body as it arrives (passed through for a
 /// known length; chunk-encoded for HTTP/1.1 clients otherwise; until close for HTTP/1.0).
 /// Returns the body bytes sent (`None` when unknown) and whether the connection stays usable.
-async fn write_response<S: ClientStream>(
+async fn write_response<S: ProxyStream>(
     io: &mut ClientIo<S>,
     f: Forwarded,
     http11: bool,
@@ -689,13 +689,13 @@ async fn write_response<S: ClientStream>(
 /// An upgraded connection's other side: the backend's stream and the request's in-flight
 /// guard, held until the tunnel closes.
 struct Tunnel {
-    upstream: TcpStream,
+    upstream: UpstreamStream,
     in_flight: InFlight,
 }
 
 /// After a 101: writes the handshake answer and passes on the bytes already read on either
 /// side (they belong to the new protocol). `None`: either side is gone already.
-async fn open_tunnel<S: ClientStream>(io: &mut ClientIo<S>, f: Forwarded, idle: Duration) -> Option<Tunnel> {
+async fn open_tunnel<S: ProxyStream>(io: &mut ClientIo<S>, f: Forwarded, idle: Duration) -> Option<Tunnel> {
     let Forwarded { head, body, .. } = f;
     head.write_h1(io.out(), None, true, false, false);
     let (mut upstream, from_backend, in_flight) = body.into_tunnel()?;
@@ -719,7 +719,7 @@ async fn open_tunnel<S: ClientStream>(io: &mut ClientIo<S>, f: Forwarded, idle: 
 impl Tunnel {
     /// Copies bytes both ways until either side closes or nothing moves for `idle`
     /// (HAProxy's `timeout tunnel`).
-    async fn run<S: ClientStream>(mut self: Box<Self>, mut client: S, idle: Duration) {
+    async fn run<S: ProxyStream>(mut self: Box<Self>, mut client: S, idle: Duration) {
         if let Err(e) = copy_both_ways(&mut client, &mut self.upstream, idle).await {
             tracing::debug!(backend = %self.in_flight.backend().addr, error = %e, "tunnel ended with an error");
         }
@@ -729,24 +729,27 @@ impl Tunnel {
 /// Copies bytes both ways until both sides have closed, or nothing moved for `idle`. Between
 /// messages nothing is held but the two sockets and a timer: a buffer is taken from the
 /// worker's pool only once a side is readable, and given back once its bytes are written.
-async fn copy_both_ways<S: ClientStream>(a: &mut S, b: &mut TcpStream, idle: Duration) -> std::io::Result<()> {
+async fn copy_both_ways<A: ProxyStream, B: ProxyStream>(a: &mut A, b: &mut B, idle: Duration) -> std::io::Result<()> {
     let (mut a_open, mut b_open) = (true, true);
     // TLS: after a read, more may wait decrypted inside the stream; read again before waiting.
-    let mut a_again = false;
+    let (mut a_again, mut b_again) = (false, false);
     let timer = tokio::time::sleep(idle);
     tokio::pin!(timer);
     while a_open || b_open {
         let from_a = if a_again && a_open {
             true
+        } else if b_again && b_open {
+            false
         } else {
             tokio::select! {
                 r = a.tcp().readable(), if a_open => r.map(|()| true)?,
-                r = b.readable(), if b_open => r.map(|()| false)?,
+                r = b.tcp().readable(), if b_open => r.map(|()| false)?,
                 _ = timer.as_mut() => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "tunnel idle")),
             }
         };
         let moved = if from_a { pass(a, b, &mut a_open, idle).await? } else { pass(b, a, &mut b_open, idle).await? };
-        a_again = S::HOLDS_PLAINTEXT && from_a && moved;
+        a_again = a.holds_plaintext() && from_a && moved;
+        b_again = b.holds_plaintext() && !from_a && moved;
         // Re-arm the idle timer only when an eighth of it has passed.
         let now = tokio::time::Instant::now();
         if moved && timer.deadline() < now + idle - idle / 8 {
@@ -758,7 +761,7 @@ async fn copy_both_ways<S: ClientStream>(a: &mut S, b: &mut TcpStream, idle: Dur
 
 /// Moves what `from` holds now to `to` (or passes on its end of stream: `open` turns false).
 /// `Ok(false)`: nothing was there after all.
-async fn pass<F: ClientStream, T: ClientStream>(
+async fn pass<F: ProxyStream, T: ProxyStream>(
     from: &mut F,
     to: &mut T,
     open: &mut bool,
@@ -783,7 +786,7 @@ async fn pass<F: ClientStream, T: ClientStream>(
     result
 }
 
-async fn send_all<S: ClientStream>(to: &mut S, data: &[u8]) -> std::io::Result<()> {
+async fn send_all<S: ProxyStream>(to: &mut S, data: &[u8]) -> std::io::Result<()> {
     to.write_all(data).await?;
     to.flush().await
 }

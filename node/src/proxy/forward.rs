@@ -272,10 +272,15 @@ async fn attempts<S: BodySource>(
         let idle = if again.is_some() { None } else { state.idle.take() };
         let mut conn = match idle {
             Some(c) => c,
-            None => match conn::connect(state.addr, settings.connect_timeout).await {
+            None => match conn::connect(state.addr, settings.connect_timeout, runtime.upstream_tls.as_deref()).await {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::debug!(backend = %state.addr, error = %e, "connect failed");
+                    if matches!(e, conn::ConnectError::Tls(..)) {
+                        // A certificate that does not verify is the operator's to fix: say why.
+                        tracing::warn!(backend = %state.addr, error = %e, "TLS to the backend failed");
+                    } else {
+                        tracing::debug!(backend = %state.addr, error = %e, "connect failed");
+                    }
                     let kind = if matches!(e, conn::ConnectError::Io(..)) { Failure::Connect } else { Failure::Other };
                     record_failure(&backend.spec, state, kind);
                     retry_paid = true;

@@ -31,6 +31,7 @@ use crate::config::{Config, StickySettings, UpstreamSettings};
 use crate::limit::Limiter;
 use crate::pool::Pool;
 use crate::tls::Tls;
+use crate::tls::upstream::UpstreamTls;
 
 /// Limits applied to every client connection (`[node]` keys).
 #[derive(Debug, Clone)]
@@ -153,16 +154,20 @@ pub struct Runtime {
     pub picker: Box<dyn Picker>,
     pub limiter: Option<Limiter>,
     pub sticky: Option<StickySettings>,
+    /// TLS to the backends (`[upstream] tls = true`).
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
 }
 
 impl Runtime {
-    pub fn from_config(config: &Config) -> Self {
-        Runtime {
+    /// Builds the runtime; fails only on TLS to backends (an unreadable `ca_file`, say).
+    pub fn from_config(config: &Config) -> Result<Self, String> {
+        Ok(Runtime {
             upstream: config.upstream.clone(),
             picker: picker_for(config.upstream.algorithm),
             limiter: config.rate_limit.clone().map(Limiter::new),
             sticky: config.sticky.clone(),
-        }
+            upstream_tls: config.upstream.tls.as_ref().map(UpstreamTls::new).transpose()?.map(Arc::new),
+        })
     }
 }
 
@@ -192,7 +197,7 @@ impl Proxy {
         Ok(Proxy {
             node_id: HeaderValue::from_str(&config.node.id).unwrap_or(HeaderValue::from_static("shoal")),
             pool,
-            runtime: ArcSwap::from_pointee(Runtime::from_config(config)),
+            runtime: ArcSwap::from_pointee(Runtime::from_config(config).map_err(std::io::Error::other)?),
             stats: Stats::default(),
             retry_budget: RetryBudget::default(),
             access_log: ArcSwap::from_pointee(log),

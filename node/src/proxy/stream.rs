@@ -1,8 +1,9 @@
-//! The client's byte stream: a plain TCP socket, or TLS over one. HTTP/1.1 connections wait
-//! for their next request on the socket's readiness while holding no buffer (`idle`), and
-//! tunnels copy on readiness; both need the TCP socket under the stream and a read that does
-//! not wait. TLS may hold decrypted bytes that the socket's readiness no longer announces, so
-//! a TLS stream is read once more before waiting (`HOLDS_PLAINTEXT`).
+//! The byte streams the proxy reads on readiness: a client's or a backend's, a plain TCP
+//! socket or TLS over one. HTTP/1.1 connections wait for their next request on the socket's
+//! readiness while holding no buffer (`idle`), and tunnels copy on readiness; both need the TCP
+//! socket under the stream and a read that does not wait. TLS may hold decrypted bytes that the
+//! socket's readiness no longer announces, so a TLS stream is read once more before waiting
+//! (`holds_plaintext`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -11,13 +12,18 @@ use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-/// A client connection's stream.
-pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+use crate::pool::conn::UpstreamStream;
+
+/// A client's or a backend's stream.
+pub trait ProxyStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Decrypted bytes may wait inside the stream after a read: try a read before waiting for
     /// the socket to be readable.
-    const HOLDS_PLAINTEXT: bool;
-    /// `https` or `http`, for `X-Forwarded-Proto`.
-    const SCHEME: &'static str;
+    fn holds_plaintext(&self) -> bool;
+
+    /// `https` or `http` (for a client's `X-Forwarded-Proto`).
+    fn scheme(&self) -> &'static str {
+        if self.holds_plaintext() { "https" } else { "http" }
+    }
 
     /// The TCP socket underneath (readiness, addresses).
     fn tcp(&self) -> &TcpStream;
@@ -26,9 +32,10 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn try_read_buf<B: BufMut>(&mut self, buf: &mut B) -> std::io::Result<usize>;
 }
 
-impl ClientStream for TcpStream {
-    const HOLDS_PLAINTEXT: bool = false;
-    const SCHEME: &'static str = "http";
+impl ProxyStream for TcpStream {
+    fn holds_plaintext(&self) -> bool {
+        false
+    }
 
     fn tcp(&self) -> &TcpStream {
         self
@@ -39,20 +46,42 @@ impl ClientStream for TcpStream {
     }
 }
 
-impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
-    const HOLDS_PLAINTEXT: bool = true;
-    const SCHEME: &'static str = "https";
+impl ProxyStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn holds_plaintext(&self) -> bool {
+        true
+    }
 
     fn tcp(&self) -> &TcpStream {
         self.get_ref().0
     }
 
     fn try_read_buf<B: BufMut>(&mut self, buf: &mut B) -> std::io::Result<usize> {
-        // One poll without a task to wake: the caller waits on the socket's readiness itself.
-        let mut cx = Context::from_waker(Waker::noop());
-        match tokio_util::io::poll_read_buf(Pin::new(self), &mut cx, buf) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
+        poll_once(self, buf)
+    }
+}
+
+impl ProxyStream for UpstreamStream {
+    fn holds_plaintext(&self) -> bool {
+        matches!(self, UpstreamStream::Tls(_))
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        UpstreamStream::tcp(self)
+    }
+
+    fn try_read_buf<B: BufMut>(&mut self, buf: &mut B) -> std::io::Result<usize> {
+        match self {
+            UpstreamStream::Plain(s) => s.try_read_buf(buf),
+            UpstreamStream::Tls(_) => poll_once(self, buf),
         }
+    }
+}
+
+/// One read without a task to wake: the caller waits on the socket's readiness itself.
+fn poll_once<S: AsyncRead + Unpin, B: BufMut>(s: &mut S, buf: &mut B) -> std::io::Result<usize> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match tokio_util::io::poll_read_buf(Pin::new(s), &mut cx, buf) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
     }
 }

@@ -20,7 +20,7 @@ use crate::buffers::UPSTREAM_SIZE;
 use crate::http1::chunked::{self, Chunk, ChunkError, Step};
 use crate::http1::response::{self, Framing, Invalid, ResponseHead};
 use crate::pool::InFlight;
-use crate::pool::conn::Upstream;
+use crate::pool::conn::{Upstream, UpstreamStream};
 
 /// Why an exchange with a backend failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +65,12 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
     data: &[u8],
     timeout: Duration,
 ) -> Result<(), ExchangeError> {
-    match tokio::time::timeout(timeout, up.write_all(data)).await {
+    // Flushed: TLS keeps records it could not send yet (a plain socket's flush does nothing).
+    let write = async {
+        up.write_all(data).await?;
+        up.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
         Ok(r) => r.map_err(ExchangeError::Io),
         Err(_) => Err(ExchangeError::Timeout),
     }
@@ -118,12 +123,16 @@ pub async fn exchange<S: BodySource>(
 ) -> Result<ResponseHead, ExchangeError> {
     let may_be_stale = conn.reused;
     match body {
-        RequestBody::None => conn.stream.write_all(head).await.map_err(ExchangeError::Unsent)?,
+        RequestBody::None => send_head(&mut conn.stream, head).await?,
         RequestBody::Buffered(data) => {
             // Head and body in one vectored write; nothing written counts as unsent.
             let mut out = bytes::Buf::chain(head, &data[..]);
             let total = head.len() + data.len();
-            let write = tokio::time::timeout(timeout, conn.stream.write_all_buf(&mut out));
+            let stream = &mut conn.stream;
+            let write = tokio::time::timeout(timeout, async {
+                stream.write_all_buf(&mut out).await?;
+                stream.flush().await
+            });
             let e = match write.await {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) if bytes::Buf::remaining(&out) == total => return Err(ExchangeError::Unsent(e)),
@@ -136,9 +145,9 @@ pub async fn exchange<S: BodySource>(
             }
         }
         RequestBody::Stream(source) => {
-            conn.stream.write_all(head).await.map_err(ExchangeError::Unsent)?;
+            send_head(&mut conn.stream, head).await?;
             let Upstream { stream, read_buf, .. } = conn;
-            let (mut rd, mut wr) = stream.split();
+            let (mut rd, mut wr) = tokio::io::split(stream);
             let send = send_stream(&mut wr, source, chunked, timeout);
             tokio::pin!(send);
             loop {
@@ -177,6 +186,12 @@ pub async fn exchange<S: BodySource>(
         }
         return Ok(head);
     }
+}
+
+/// Writes a request head alone (flushed); nothing sent on failure counts as unsent.
+async fn send_head(stream: &mut UpstreamStream, head: &[u8]) -> Result<(), ExchangeError> {
+    stream.write_all(head).await.map_err(ExchangeError::Unsent)?;
+    stream.flush().await.map_err(ExchangeError::Io)
 }
 
 /// After writing the body failed: the backend may have answered and closed (a 413 or 401
@@ -355,7 +370,7 @@ impl UpstreamBody {
 
     /// The connection after a `101 Switching Protocols`: the stream, the bytes already read past
     /// the head (they belong to the new protocol) and the request's in-flight guard.
-    pub fn into_tunnel(mut self) -> Option<(tokio::net::TcpStream, Bytes, InFlight)> {
+    pub fn into_tunnel(mut self) -> Option<(UpstreamStream, Bytes, InFlight)> {
         let conn = self.conn.take()?;
         let in_flight = self.in_flight.take()?;
         Some((conn.stream, conn.read_buf.freeze(), in_flight))

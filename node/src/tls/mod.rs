@@ -4,7 +4,8 @@
 //! - `certs`: PEM files or registry entries -> a servable certificate and what it says of itself;
 //! - `sni`: the immutable name -> certificate table the handshake reads (exact, wildcard, first);
 //! - `tickets`: session-ticket keys derived from the cluster secret, so any node resumes a
-//!   session another node started.
+//!   session another node started;
+//! - `upstream`: TLS to backends (`[upstream] tls = true`).
 //!
 //! Certificates come from two places: the files `[tls] certificates` (or `--tls-cert/--tls-key`)
 //! names, re-read when they change on disk (checked every `WATCH_EVERY`) and on SIGHUP; and the
@@ -18,6 +19,7 @@
 pub mod certs;
 pub mod sni;
 pub mod tickets;
+pub mod upstream;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
