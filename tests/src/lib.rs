@@ -32,6 +32,9 @@
 //! - [`gossip`]: opens and seals gossip datagrams with a cluster secret, per the documented
 //!   wire format (e.g. a genuine payload with a timestamp outside the replay window).
 //! - [`h2c`]: an HTTP/2 (prior knowledge) client that sends what hyper's would not.
+//! - [`tls`]: HTTPS: a test CA issuing ECDSA and RSA certificates (rcgen), real TLS clients
+//!   run as subprocesses with a deadline (curl, openssl, h2load), and a rustls client that
+//!   chooses which TLS records carry which bytes.
 //! - [`wait_until`]: polls a condition until a deadline; tests never sleep for a condition.
 //!
 //! ## Rules the tests follow
@@ -54,6 +57,7 @@ pub mod node;
 pub mod paced;
 pub mod raw;
 pub mod state;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
