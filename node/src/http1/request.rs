@@ -135,12 +135,20 @@ pub fn parse(buf: &[u8], opts: &Options<'_>, out: &mut Vec<u8>) -> Result<Option
             user_agent: field("user-agent"),
         }
     });
-    let location = opts.redirect_https.map(|port| {
-        let host = authority
-            .map(str::as_bytes)
-            .or_else(|| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value.trim_ascii()));
-        https_location(host.unwrap_or_default(), port, if path == "*" { "/" } else { path })
-    });
+    let location = match opts.redirect_https {
+        None => None,
+        Some(port) => {
+            let host = authority.map(str::as_bytes).or_else(|| {
+                req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value.trim_ascii())
+            });
+            match host {
+                Some(host) if !host.is_empty() => {
+                    Some(https_location(host, port, if path == "*" { "/" } else { path }))
+                }
+                _ => return Err(Refusal::Bad("no Host to redirect to https")),
+            }
+        }
+    };
     let Inspection { close, expect_continue, sticky, .. } = i;
     Ok(Some(Request {
         http11,
@@ -159,7 +167,7 @@ pub fn parse(buf: &[u8], opts: &Options<'_>, out: &mut Vec<u8>) -> Result<Option
 
 /// `https://host[:port]path` for a validated Host (`host[:port]`, IPv6 in brackets): the
 /// port is dropped for 443, replaced by `port` otherwise.
-fn https_location(host: &[u8], port: u16, path: &str) -> String {
+pub fn https_location(host: &[u8], port: u16, path: &str) -> String {
     let host = String::from_utf8_lossy(host);
     let name = match host.rfind(':') {
         Some(i) if !host[i..].contains(']') => &host[..i],
@@ -256,6 +264,8 @@ mod tests {
         let o = Options { redirect_https: Some(8443), ..opts() };
         assert_eq!(at(b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n", &o), "https://[::1]:8443/");
         assert!(parse_raw(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").unwrap().unwrap().location.is_none());
+        // nowhere to send a request without Host
+        assert!(matches!(parse(b"GET / HTTP/1.0\r\n\r\n", &o, &mut Vec::new()), Err(Refusal::Bad(_))));
     }
 
     #[test]

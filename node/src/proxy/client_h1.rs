@@ -294,7 +294,7 @@ pub fn serve<S: ProxyStream>(
 ) -> impl Future<Output = ()> {
     let mut first = Some(first);
     async move {
-        loop {
+        'conn: loop {
             let next;
             (stream, next) = {
                 let mut waited = false;
@@ -311,16 +311,16 @@ pub fn serve<S: ProxyStream>(
                         if !stream.holds_plaintext() || waited {
                             match idle::wait(stream.tcp(), open.limits.keepalive_timeout).await {
                                 Ok(Woke::Readable) => {}
-                                Ok(Woke::TimedOut | Woke::Closing) | Err(_) => return,
+                                Ok(Woke::TimedOut | Woke::Closing) | Err(_) => break 'conn,
                             }
                         }
                         waited = true;
                         let mut buf = buffers::take_read();
                         match stream.try_read_buf(&mut buf) {
-                            Ok(0) => return,
+                            Ok(0) => break 'conn,
                             Ok(_) => break (buf, None),
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buffers::give_read(buf),
-                            Err(_) => return,
+                            Err(_) => break 'conn,
                         }
                     },
                 };
@@ -329,7 +329,7 @@ pub fn serve<S: ProxyStream>(
             .await;
             match next {
                 Next::KeepAlive => {}
-                Next::Close => return,
+                Next::Close => break 'conn,
                 Next::Tunnel(t) => {
                     // Boxed: the tunnel's copying state is not part of every connection's task.
                     let tunnel = Box::pin(t.run(stream, open.limits.tunnel_timeout));
@@ -337,7 +337,17 @@ pub fn serve<S: ProxyStream>(
                 }
             }
         }
+        // TLS: say so before closing (close_notify, RFC 8446 §6.1), so the client can tell the
+        // end of the connection from a cut. Boxed: the idle task does not carry its state.
+        if stream.holds_plaintext() {
+            Box::pin(close_notify(stream)).await;
+        }
     }
+}
+
+/// Sends TLS's close_notify (a plain socket's shutdown sends FIN), waiting at most a second.
+async fn close_notify<S: ProxyStream>(mut stream: S) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 }
 
 /// Serves requests while the client has sent more (pipelined): from the first bytes in `buf`

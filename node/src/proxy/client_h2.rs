@@ -274,6 +274,27 @@ fn error_response(e: ProxyError, node: &HeaderValue, guard: StreamGuard) -> Resp
     resp
 }
 
+/// `[tls] redirect_http` on h2c: 308 to the same authority and path over https (400 without a
+/// usable authority).
+fn redirect_response(req: &Request<Incoming>, port: u16, node: &HeaderValue, guard: StreamGuard) -> Response<RespBody> {
+    let host =
+        req.uri().authority().map(|a| a.as_str().as_bytes()).or_else(|| {
+            req.headers().get(header::HOST).map(HeaderValue::as_bytes).filter(|h| rewrite::is_authority(h))
+        });
+    let location = host.and_then(|h| {
+        let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        HeaderValue::from_str(&crate::http1::request::https_location(h, port, path)).ok()
+    });
+    let Some(location) = location else {
+        return error_response(ProxyError::BadRequest("no Host to redirect to https"), node, guard);
+    };
+    let mut resp = Response::new(RespBody::new(Inner::Full(None), guard));
+    *resp.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
+    resp.headers_mut().insert(header::LOCATION, location);
+    resp.headers_mut().insert("x-shoal-node", node.clone());
+    resp
+}
+
 /// Handles one request. Never fails: errors become responses.
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<RespBody>, std::convert::Infallible> {
     let guard = StreamGuard::new(&shared.streams);
@@ -281,6 +302,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let client = &shared.client;
     let started = Instant::now();
     proxy.stats.requests.fetch_add(1, Relaxed);
+    if shared.scheme == "http"
+        && let Some(port) = proxy.redirect_https()
+    {
+        return Ok(redirect_response(&req, port, &proxy.node_id, guard));
+    }
     let runtime = proxy.runtime.load();
     let log_line = proxy.access_log.load().as_ref().as_ref().map(|_| {
         let h = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_owned);
