@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use serde_yaml_ng::Value;
+use shoal_tests::tls::{KeyKind, TestCa};
 use shoal_tests::{TempDir, bins, shoald_check};
 
 type R = anyhow::Result<()>;
@@ -125,6 +126,33 @@ fn check_with_temp_secret(label: &str, toml: &str) -> anyhow::Result<String> {
         })
         .collect();
     ensure!(replaced == 1, "{label}: expected exactly one secret_file line, found {replaced}");
+    // Certificate entries (`{ cert = "...", key = "..." }`) point at a certificate of a test CA.
+    let ca = TestCa::new("deploy test CA")?;
+    let leaf = tokio::runtime::Runtime::new()?.block_on(ca.leaf(
+        "www.example.com",
+        &["www.example.com"],
+        KeyKind::EcdsaP256,
+    ))?;
+    let cert = dir.write("www.pem", &leaf.cert_pem)?;
+    let key = dir.write("www.key", &leaf.key_pem)?;
+    let mut certs = 0;
+    let rewritten: Vec<String> = rewritten
+        .into_iter()
+        .map(|l| match (l.find("cert = \""), l.find("key = \"")) {
+            (Some(_), Some(_)) => {
+                certs += 1;
+                let open = if l.trim_start().starts_with("certificates") { "certificates = [" } else { "" };
+                let close = if l.trim_end().ends_with(']') { "]" } else { "," };
+                format!("{open}{{ cert = \"{}\", key = \"{}\" }}{close}", cert.display(), key.display())
+            }
+            _ => l,
+        })
+        .collect();
+    ensure!(
+        toml.contains("[tls]") == (certs > 0),
+        "{label}: [tls] present: {}, certificate entries: {certs}",
+        toml.contains("[tls]")
+    );
     let (out, path) = shoald_check(&dir, "shoal.toml", &(rewritten.join("\n") + "\n"))?;
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -310,6 +338,15 @@ fn kubernetes_secret_config_and_data_volumes() -> R {
         mount_for(&secret_file).with_context(|| format!("secret_file {secret_file} is on no volume mount"))?;
     let v = volumes.iter().find(|v| s(&v["name"]) == vol).with_context(|| format!("volume {vol} not declared"))?;
     ensure!(!s(&v["secret"]["secretName"]).is_empty(), "secret_file's volume {vol} is not a Secret: {v:?}");
+
+    // The certificate files live on a volume backed by a Secret (cert-manager renews it; the
+    // kubelet swaps the files and the node re-reads them).
+    for path in toml.split('"').filter(|w| w.starts_with("/etc/shoal/tls/")) {
+        let (_, vol) = mount_for(path).with_context(|| format!("certificate file {path} is on no volume mount"))?;
+        let v = volumes.iter().find(|v| s(&v["name"]) == vol).with_context(|| format!("volume {vol} not declared"))?;
+        ensure!(!s(&v["secret"]["secretName"]).is_empty(), "certificate {path}'s volume {vol} is not a Secret: {v:?}");
+    }
+    ensure!(toml.contains("/etc/shoal/tls/tls.crt"), "the example serves the Secret's tls.crt");
 
     // The config file comes from the ConfigMap, at the path given to --config.
     let args: Vec<&str> = seq(&c["args"]).iter().map(s).collect();
@@ -609,6 +646,16 @@ fn check_systemd_unit(unit: &str, config: &str) -> R {
         ensure!(one(k)? == "yes", "{k}=yes expected");
     }
     ensure!(one("User")? != "root", "runs as root");
+
+    // Every file the config reads from the credentials directory is a LoadCredential= of the
+    // unit (else it does not exist at start and `shoald check` fails the unit).
+    let creds: Vec<String> = unit_values(unit, "LoadCredential")
+        .iter()
+        .filter_map(|v| v.split_once(':').map(|(id, _)| id.to_string()))
+        .collect();
+    for name in config.split('"').filter_map(|w| w.strip_prefix("/run/credentials/shoald.service/")) {
+        ensure!(creds.iter().any(|c| c == name), "the config reads credential {name}, the unit loads only {creds:?}");
+    }
 
     // With ProtectSystem=strict the whole file system is read-only: everything the config
     // writes (data_dir, access log) must be a writable path, and each ReadWritePaths entry
