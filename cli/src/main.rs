@@ -25,6 +25,13 @@ struct Cli {
     /// File with the cluster secret (needed when the cluster has one).
     #[arg(long, env = "SHOAL_SECRET_FILE", global = true)]
     secret_file: Option<PathBuf>,
+    /// Speak TLS to the control port (`[tls] control = true`), verifying its certificate
+    /// against the CA certificates in this PEM file.
+    #[arg(long, env = "SHOAL_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// The name the control port's certificate must carry (default: the host of --node).
+    #[arg(long, global = true)]
+    tls_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -117,6 +124,9 @@ fn from_status(node: &str, s: Status) -> Failure {
         Code::Unavailable => Failure(2, format!("node {node} unreachable: {}", s.message())),
         Code::NotFound => Failure(3, s.message().to_string()),
         Code::Unauthenticated => Failure(1, format!("refused by {node}: {} ", s.message())),
+        _ if s.message().contains("transport error") => {
+            Failure(2, format!("{node}: {} (if its control port speaks TLS, pass --ca-file)", s.message()))
+        }
         _ => Failure(1, format!("{node}: {}", s.message())),
     }
 }
@@ -127,10 +137,18 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
         Some(p) => Some(std::sync::Arc::from(pb::read_secret(p).map_err(|e| Failure(1, e))?)),
         None => None,
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cli.node))
-        .map_err(|e| Failure(1, format!("bad --node {:?}: {e}", cli.node)))?
-        .connect_timeout(Duration::from_secs(3));
-    let channel = endpoint.connect().await.map_err(|e| Failure(2, format!("node {} unreachable: {e}", cli.node)))?;
+    let tls = match &cli.ca_file {
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|e| Failure(1, format!("{}: {e}", ca.display())))?;
+            let host = cli.node.rsplit_once(':').map_or(cli.node.as_str(), |(h, _)| h);
+            let name = cli.tls_name.clone().unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
+            Some(pb::ControlTls::verified_by(&pem, &name).map_err(|e| Failure(1, format!("{}: {e}", ca.display())))?)
+        }
+        None => None,
+    };
+    let channel = pb::control_channel(&cli.node, tls, Duration::from_secs(3), None)
+        .await
+        .map_err(|e| Failure(2, format!("node {} unreachable: {e}", cli.node)))?;
     Ok(pb::control_client::ControlClient::with_interceptor(channel, pb::Signer(secret)))
 }
 

@@ -111,6 +111,97 @@ impl tonic::service::Interceptor for Signer {
     }
 }
 
+/// How a caller reaches a control port: plain HTTP/2, or TLS with this client config and
+/// server name (`[tls] control = true` on the node).
+#[derive(Clone)]
+pub struct ControlTls {
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl ControlTls {
+    /// TLS to a control port whose certificate `ca_pem` (PEM CA certificates) signs for `name`
+    /// (a DNS name or an IP address).
+    pub fn verified_by(ca_pem: &[u8], name: &str) -> Result<ControlTls, String> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+            let cert = cert.map_err(|e| format!("not a PEM certificate file: {e}"))?;
+            roots.add(cert).map_err(|e| format!("unusable CA certificate: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err("no CA certificate in the file".into());
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_string())
+            .map_err(|_| format!("{name:?} is not a valid server name"))?;
+        Ok(ControlTls { config: std::sync::Arc::new(config), server_name })
+    }
+}
+
+/// A channel to the control port at `addr` (`HOST:PORT`), over TLS when `tls` is given.
+pub async fn control_channel(
+    addr: &str,
+    tls: Option<ControlTls>,
+    connect_timeout: std::time::Duration,
+    call_timeout: Option<std::time::Duration>,
+) -> Result<tonic::transport::Channel, String> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?
+        .connect_timeout(connect_timeout);
+    if let Some(t) = call_timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    let connected = match tls {
+        None => endpoint.connect().await,
+        Some(tls) => endpoint.connect_with_connector(TlsConnect { addr: addr.to_string(), tls }).await,
+    };
+    connected.map_err(|e| {
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg = format!("{msg}: {s}");
+            source = s.source();
+        }
+        msg
+    })
+}
+
+/// Connects TCP then TLS (ALPN h2) for tonic.
+#[derive(Clone)]
+struct TlsConnect {
+    addr: String,
+    tls: ControlTls,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tonic::codegen::Service<http::Uri> for TlsConnect {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let (addr, tls) = (self.addr.clone(), self.tls.clone());
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+            let _ = tcp.set_nodelay(true);
+            let stream = tokio_rustls::TlsConnector::from(tls.config).connect(tls.server_name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
+}
+
 /// Reads a secret file the way `shoald` does (trimmed; at least 16 bytes).
 pub fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
     let raw = std::fs::read(path).map_err(|e| format!("secret file {}: {e}", path.display()))?;

@@ -176,6 +176,9 @@ pub struct TlsFile {
     pub min_version: Option<TlsVersion>,
     /// A client must finish its TLS handshake within this time.
     pub handshake_timeout: Option<Dur>,
+    /// The control port speaks TLS too, with these certificates (set it on every node).
+    #[serde(default)]
+    pub control: bool,
 }
 
 /// One certificate chain and its private key, as PEM files.

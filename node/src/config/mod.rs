@@ -167,6 +167,8 @@ pub struct TlsSettings {
     pub redirect_http: bool,
     pub min_version: TlsVersion,
     pub handshake_timeout: Duration,
+    /// The control port speaks TLS with these certificates.
+    pub control: bool,
 }
 
 /// The validated configuration of one node. Immutable; a reload builds a new one.
@@ -464,6 +466,7 @@ fn tls_settings(
         redirect_http: false,
         min_version: None,
         handshake_timeout: None,
+        control: false,
     });
     let certificates: Vec<CertPaths> = if flags.tls_certs.is_empty() {
         file.certificates
@@ -482,6 +485,9 @@ fn tls_settings(
             .map(|(cert, key)| CertPaths { cert: cert.clone(), key: key.clone(), named_at: "--tls-cert".into() })
             .collect()
     };
+    if file.control && certificates.is_empty() {
+        return Err(invalid("tls.control needs a certificate file to serve on the control port".into()));
+    }
     let handshake_timeout = file.handshake_timeout.map_or(Duration::from_secs(10), |d| d.0);
     if handshake_timeout.is_zero() {
         return Err(invalid("tls.handshake_timeout must be greater than zero".into()));
@@ -492,6 +498,7 @@ fn tls_settings(
         redirect_http: file.redirect_http,
         min_version: file.min_version.unwrap_or_default(),
         handshake_timeout,
+        control: file.control,
     }))
 }
 

@@ -22,17 +22,98 @@ use crate::cluster::registry::{CertEntry, CertOp, RegOp};
 use crate::lifecycle::MemberState;
 use crate::pool::now_ms;
 
-/// Serves the control plane on `listener` until `stop` fires.
+/// Serves the control plane on `listener` until `stop` fires: plain HTTP/2, or TLS with the
+/// node's certificates when `[tls] control = true`.
 pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationToken) {
     let gate = node.control_gate.clone();
+    let tls = node.proxy.tls.clone().filter(|t| t.settings.load().control);
     let service = auth::Gated { inner: ControlServer::new(ControlService { node }), gate };
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    if let Err(e) = tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-        .await
-    {
+    let server = tonic::transport::Server::builder().add_service(service);
+    let served = match tls {
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await
+        }
+        Some(tls) => {
+            let incoming = tls_incoming(listener, tls, stop.clone());
+            server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await
+        }
+    };
+    if let Err(e) = served {
         tracing::error!(error = %e, "control plane stopped");
+    }
+}
+
+/// Accepted control connections after their TLS handshake (each within the handshake timeout,
+/// on a task of its own so a slow client does not hold the others up).
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<crate::tls::Tls>,
+    stop: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsControlIo, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.control_server_config());
+            let (tx, timeout) = (tx.clone(), tls.settings.load().handshake_timeout);
+            tokio::spawn(async move {
+                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(TlsControlIo(stream))).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(client = %addr, error = %e, "control TLS handshake failed"),
+                    Err(_) => tracing::debug!(client = %addr, "no control TLS handshake within the timeout"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A control connection over TLS, as tonic's server takes it.
+struct TlsControlIo(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsControlIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsControlIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsControlIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 
@@ -40,21 +121,20 @@ struct ControlService {
     node: Arc<Node>,
 }
 
-/// Connects to another node's control plane (used by `Join`).
+/// Connects to another node's control plane (used by `Join`), over TLS when `tls` is given.
 pub async fn connect(
     addr: &str,
     secret: Option<&[u8]>,
+    tls: Option<shoal_proto::ControlTls>,
 ) -> Result<
     pb::control_client::ControlClient<
         tonic::service::interceptor::InterceptedService<tonic::transport::Channel, shoal_proto::Signer>,
     >,
     Status,
 > {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
+    let channel = shoal_proto::control_channel(addr, tls, Duration::from_secs(3), Some(Duration::from_secs(10)))
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
     Ok(pb::control_client::ControlClient::with_interceptor(channel, shoal_proto::Signer(secret.map(Arc::from))))
 }
 
@@ -267,7 +347,11 @@ impl Control for ControlService {
         let seed = req.into_inner().seed;
         let cluster = self.cluster()?.clone();
         let config = self.node.config.load_full();
-        let mut client = connect(&seed, config.cluster.secret.as_deref()).await?;
+        let tls = match self.node.proxy.tls.as_ref().filter(|t| t.settings.load().control) {
+            Some(t) => Some(t.control_client().map_err(Status::internal)?),
+            None => None,
+        };
+        let mut client = connect(&seed, config.cluster.secret.as_deref(), tls).await?;
         let hello = client
             .hello(pb::HelloRequest { node_id: config.node.id.clone(), cluster_id: cluster.cluster_id.clone() })
             .await

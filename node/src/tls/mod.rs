@@ -68,6 +68,8 @@ pub struct TlsStats {
 pub struct Tls {
     table: Arc<ArcSwap<SniTable>>,
     server: Arc<ServerConfig>,
+    /// The control port's config (`[tls] control = true`): the same certificates, ALPN h2.
+    control: Arc<ServerConfig>,
     files: Mutex<Vec<FileCert>>,
     cluster: Mutex<Vec<Loaded>>,
     pub settings: ArcSwap<TlsSettings>,
@@ -99,13 +101,16 @@ impl Tls {
             .map_err(|e| format!("tls: {e}"))?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Resolver(table.clone())));
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         server.ticketer = tickets;
         // A few tickets per handshake let a browser open parallel connections that all resume.
         server.send_tls13_tickets = 2;
+        let mut control = server.clone();
+        control.alpn_protocols = vec![b"h2".to_vec()];
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let tls = Tls {
             table,
             server: Arc::new(server),
+            control: Arc::new(control),
             files: Mutex::new(files),
             cluster: Mutex::new(Vec::new()),
             settings: ArcSwap::from_pointee(settings.clone()),
@@ -127,6 +132,19 @@ impl Tls {
 
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server.clone()
+    }
+
+    /// The control port's server config (ALPN h2 only).
+    pub fn control_server_config(&self) -> Arc<ServerConfig> {
+        self.control.clone()
+    }
+
+    /// How this node calls a peer's control port: TLS, trusting the certificates this node
+    /// serves itself (peers of one cluster serve the same set).
+    pub fn control_client(&self) -> Result<shoal_proto::ControlTls, String> {
+        let config = upstream::pinned_to(self.table.clone())?;
+        let name = rustls::pki_types::ServerName::try_from("shoal-control").map_err(|e| e.to_string())?;
+        Ok(shoal_proto::ControlTls { config: Arc::new(config), server_name: name })
     }
 
     /// Every certificate served now, files first.
@@ -177,8 +195,8 @@ impl Tls {
     /// `min_version` change on restart only.
     pub fn apply_settings(&self, new: &TlsSettings) {
         let old = self.settings.load_full();
-        if old.listen != new.listen || old.min_version != new.min_version {
-            tracing::warn!("tls.listen and tls.min_version change only on restart; keeping the old ones");
+        if old.listen != new.listen || old.min_version != new.min_version || old.control != new.control {
+            tracing::warn!("tls.listen, min_version and control change only on restart; keeping the old ones");
         }
         {
             let mut files = lock(&self.files);
@@ -199,6 +217,7 @@ impl Tls {
         let mut settings = new.clone();
         settings.listen = old.listen;
         settings.min_version = old.min_version;
+        settings.control = old.control;
         self.settings.store(Arc::new(settings));
         self.reload_files(true);
         self.publish();

@@ -3,7 +3,8 @@
 //! the name in `sni` (default: the backend's IP address, which its certificate must then
 //! carry); `verify = false` trusts any certificate (signatures still checked). rustls keeps
 //! sessions per server name, so new connections to a backend resume; kept-alive connections
-//! are reused by the pool like plain ones.
+//! are reused by the pool like plain ones. Also the client side of calls to peers' control
+//! ports over TLS (`pinned_to`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +18,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use arc_swap::ArcSwap;
+
+use super::sni::SniTable;
 use crate::config::UpstreamTlsSettings;
 
 /// A pool's TLS client side.
@@ -43,7 +47,7 @@ impl UpstreamTls {
         } else {
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_custom_certificate_verifier(Arc::new(Trust { provider, pinned: None }))
                 .with_no_client_auth()
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -89,21 +93,51 @@ fn roots(settings: &UpstreamTlsSettings) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// `verify = false`: any certificate is taken; the handshake's signatures are still checked,
-/// so the connection is at least encrypted to whoever holds that certificate's key.
-#[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
+/// A client config for a peer's control port (`[tls] control = true`): the peer must present
+/// one of the certificates this node serves itself (the cluster shares its certificate set),
+/// whatever its name or issuer.
+pub fn pinned_to(table: Arc<ArcSwap<SniTable>>) -> Result<ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let trust = Arc::new(Trust { provider: provider.clone(), pinned: Some(table) });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("control tls: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(trust)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
 
-impl ServerCertVerifier for AnyCertificate {
+/// A verifier that takes any certificate (`verify = false`: the connection is at least
+/// encrypted to whoever holds that certificate's key) or only the pinned ones; the handshake's
+/// signatures are checked either way.
+struct Trust {
+    provider: Arc<CryptoProvider>,
+    pinned: Option<Arc<ArcSwap<SniTable>>>,
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trust").field("pinned", &self.pinned.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl ServerCertVerifier for Trust {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        let Some(table) = &self.pinned else { return Ok(ServerCertVerified::assertion()) };
+        if table.load().certs().iter().any(|c| c.key.cert.first() == Some(end_entity)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General("not one of this cluster's certificates".into()))
+        }
     }
 
     fn verify_tls12_signature(
@@ -112,7 +146,7 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -121,10 +155,10 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
