@@ -176,7 +176,7 @@ fn certs_table(certs: &[pb::Cert]) {
             .iter()
             .map(|c| {
                 let (days, until) = if c.error.is_empty() {
-                    (c.days_left.to_string(), date_time(c.not_after))
+                    (c.days_left.to_string(), c.not_after_utc.clone())
                 } else {
                     ("-".into(), format!("not served: {}", c.error))
                 };
@@ -184,23 +184,6 @@ fn certs_table(certs: &[pb::Cert]) {
             })
             .collect(),
     );
-}
-
-/// `YYYY-MM-DD HH:MM` of a Unix time (UTC).
-fn date_time(unix: i64) -> String {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", secs / 3600, secs / 60 % 60)
 }
 
 fn age(secs: u64) -> String {

@@ -29,6 +29,7 @@
 pub mod admin;
 pub mod balance;
 pub mod buffers;
+pub mod civil;
 pub mod cluster;
 pub mod config;
 pub mod control;

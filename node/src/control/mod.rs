@@ -235,6 +235,7 @@ fn cert_row(info: &crate::tls::certs::CertInfo, now: i64) -> pb::Cert {
         names: info.names.clone(),
         issuer: info.issuer.clone(),
         not_after: info.not_after,
+        not_after_utc: crate::civil::date_time(info.not_after),
         days_left: info.days_left(now),
         source: info.source.clone(),
         error: String::new(),

@@ -146,22 +146,28 @@ fn tls_connection(open: Open, stream: TcpStream, addr: SocketAddr, tls: Arc<Tls>
             tls.stats.resumed.fetch_add(1, Relaxed);
         }
         if session.alpn_protocol() == Some(b"h2") {
-            let client = ClientConn::new(addr);
-            let h2 = Box::pin(client_h2::serve(
-                open.proxy.clone(),
-                client,
-                "https",
-                stream,
-                &open.limits,
-                open.close_idle.clone(),
-            ));
-            return h2.await;
+            return serve_h2(&open, addr, "https", stream).await;
         }
         // The first request's head is due `client_header_timeout` after the handshake.
         let deadline = tokio::time::Instant::now() + open.limits.header_timeout;
         let first = Box::new(client_h1::First { buf: BytesMut::new(), deadline });
         tokio::spawn(client_h1::serve(open, addr, stream, first));
     }
+}
+
+/// Serves an HTTP/2 connection (h2c or over TLS) on this task: boxed, so the connection's
+/// future does not carry hyper's connection state (or a second copy of the stream) otherwise.
+fn serve_h2<'a, IO>(
+    open: &'a Open,
+    addr: SocketAddr,
+    scheme: &'static str,
+    io: IO,
+) -> Pin<Box<impl Future<Output = ()> + 'a>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let client = ClientConn::new(addr);
+    Box::pin(client_h2::serve(open.proxy.clone(), client, scheme, io, &open.limits, open.close_idle.clone()))
 }
 
 /// One client connection, until its protocol is known: waits for its first bytes (holding no
@@ -178,19 +184,7 @@ fn connection(open: Open, mut stream: TcpStream, addr: SocketAddr) -> impl Futur
             _ = open.close_idle.cancelled() => return,
         };
         match sniffed {
-            Ok(Ok((buf, true))) => {
-                let io = Prefixed { prefix: buf, inner: stream };
-                let client = ClientConn::new(addr);
-                let h2 = Box::pin(client_h2::serve(
-                    open.proxy.clone(),
-                    client,
-                    "http",
-                    io,
-                    &open.limits,
-                    open.close_idle.clone(),
-                ));
-                h2.await
-            }
+            Ok(Ok((buf, true))) => serve_h2(&open, addr, "http", Prefixed { prefix: buf, inner: stream }).await,
             Ok(Ok((buf, false))) if buf.is_empty() => buffers::give_read(buf),
             Ok(Ok((buf, false))) => {
                 let first = Box::new(client_h1::First { buf, deadline });
