@@ -104,8 +104,10 @@ impl rustls::server::ProducesTickets for ClusterTickets {
 
 /// `N` bytes from the crypto provider's secure random source.
 fn random<const N: usize>() -> [u8; N] {
+    static RNG: std::sync::OnceLock<&'static dyn rustls::crypto::SecureRandom> = std::sync::OnceLock::new();
+    let rng = RNG.get_or_init(|| rustls::crypto::aws_lc_rs::default_provider().secure_random);
     let mut out = [0u8; N];
-    if rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut out).is_err() {
+    if rng.fill(&mut out).is_err() {
         // The OS random source failing is not recoverable in any useful way; fall back to a
         // seeded generator rather than a constant.
         out.iter_mut().for_each(|b| *b = fastrand::u8(..));
