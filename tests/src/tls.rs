@@ -343,3 +343,239 @@ pub async fn read_response<R: AsyncRead + Unpin>(
         pending.extend_from_slice(&buf[..n]);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Certificates with a chosen expiry, and a TLS backend (`tests/tls_cluster.rs`)
+// ---------------------------------------------------------------------------------------------
+
+impl TestCa {
+    /// Like [`TestCa::leaf`] (ECDSA P-256) but valid until `not_after` (seconds since the Unix
+    /// epoch), from a day ago.
+    pub fn leaf_until(&self, cn: &str, names: &[&str], not_after: i64) -> anyhow::Result<Leaf> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name = dn(cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        let now = unix_now();
+        params.not_before = epoch + Duration::from_secs((now - 86_400).max(0) as u64);
+        params.not_after = epoch + Duration::from_secs(not_after.max(0) as u64);
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Leaf {
+            cn: cn.to_string(),
+            cert_pem: format!("{}{}", cert.pem(), self.pem),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        })
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// One request a [`TlsBackend`] answered.
+#[derive(Debug, Clone)]
+pub struct TlsSeen {
+    /// The connection it came on: 1 for the first TCP connection the backend accepted.
+    pub conn: u64,
+    pub method: String,
+    pub target: String,
+    /// Header fields, names in lower case, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl TlsSeen {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Debug, Default)]
+struct TlsBackendShared {
+    connections: std::sync::atomic::AtomicU64,
+    handshakes: std::sync::atomic::AtomicU64,
+    /// Why handshakes failed, in order.
+    failed: std::sync::Mutex<Vec<String>>,
+    /// The SNI of each completed handshake.
+    sni: std::sync::Mutex<Vec<Option<String>>>,
+    requests: std::sync::Mutex<Vec<TlsSeen>>,
+    upgrades: std::sync::atomic::AtomicU64,
+}
+
+/// An HTTPS backend (hyper HTTP/1.1 over tokio-rustls, ALPN `http/1.1`) serving one [`Leaf`]
+/// on `127.0.0.1:<free port>`. It answers every request `200` with the body
+/// `<name> conn=<N>` and `x-conn: <N>` (N: which TCP connection, from 1), keeps connections
+/// alive, and records every connection, handshake (with its SNI), failed handshake and request.
+/// `Connection: upgrade` + `Upgrade: <p>` gets `101` and every byte echoed back. Dropping it
+/// stops it and closes its connections.
+pub struct TlsBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    shared: Arc<TlsBackendShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for TlsBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsBackend({} at {})", self.name, self.addr)
+    }
+}
+
+impl Drop for TlsBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TlsBackend {
+    /// Starts a backend named `name` serving `leaf`.
+    pub async fn start(name: &str, leaf: &Leaf) -> anyhow::Result<TlsBackend> {
+        use rustls::pki_types::PrivateKeyDer;
+        let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .context("the leaf's PEM chain")?;
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).context("the leaf's PEM key")?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(ALL_VERSIONS)?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("bind the TLS backend")?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(TlsBackendShared::default());
+        let (s, n) = (shared.clone(), name.to_string());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((tcp, _)) = accepted else { continue };
+                        let _ = tcp.set_nodelay(true);
+                        let conn = s.connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                        conns.spawn(tls_backend_conn(acceptor.clone(), tcp, conn, s.clone(), n.clone()));
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        Ok(TlsBackend { name: name.to_string(), addr, shared, task })
+    }
+
+    /// TCP connections accepted.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// TLS handshakes completed.
+    pub fn handshakes(&self) -> u64 {
+        self.shared.handshakes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Why each failed handshake failed.
+    pub fn failed_handshakes(&self) -> Vec<String> {
+        self.shared.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The SNI of each completed handshake, in order.
+    pub fn sni(&self) -> Vec<Option<String>> {
+        self.shared.sni.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every request answered, in order.
+    pub fn requests(&self) -> Vec<TlsSeen> {
+        self.shared.requests.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Upgrades accepted.
+    pub fn upgrades(&self) -> u64 {
+        self.shared.upgrades.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn tls_backend_conn(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    conn: u64,
+    s: Arc<TlsBackendShared>,
+    name: String,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            s.failed.lock().unwrap_or_else(|e| e.into_inner()).push(e.to_string());
+            return;
+        }
+        Err(_) => {
+            s.failed.lock().unwrap_or_else(|e| e.into_inner()).push("handshake timed out".into());
+            return;
+        }
+    };
+    s.handshakes.fetch_add(1, SeqCst);
+    let sni = tls.get_ref().1.server_name().map(str::to_string);
+    s.sni.lock().unwrap_or_else(|e| e.into_inner()).push(sni);
+    let svc = hyper::service::service_fn(move |req| tls_backend_answer(s.clone(), name.clone(), conn, req));
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+        .with_upgrades()
+        .await;
+}
+
+async fn tls_backend_answer(
+    s: Arc<TlsBackendShared>,
+    name: String,
+    conn: u64,
+    mut req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    let seen = TlsSeen {
+        conn,
+        method: req.method().to_string(),
+        target: req.uri().to_string(),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect(),
+    };
+    let wants_upgrade = seen.header("upgrade").is_some()
+        && seen.header("connection").is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"));
+    s.requests.lock().unwrap_or_else(|e| e.into_inner()).push(seen);
+    let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+    resp.headers_mut().insert("x-conn", conn.into());
+    if wants_upgrade {
+        s.upgrades.fetch_add(1, SeqCst);
+        let protocol = req.headers()[http::header::UPGRADE].clone();
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else { return };
+            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+            let mut buf = [0u8; 4096];
+            loop {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut().insert(http::header::UPGRADE, protocol);
+        resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+        return Ok(resp);
+    }
+    let _ = req.into_body().collect().await;
+    *resp.body_mut() = http_body_util::Full::new(bytes::Bytes::from(format!("{name} conn={conn}")));
+    Ok(resp)
+}
