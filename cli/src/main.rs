@@ -403,8 +403,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     };
                     let secret = pb::read_secret(secret_file).map_err(|e| Failure(1, e))?;
                     let read = |p: &PathBuf| std::fs::read(p).map_err(|e| Failure(1, format!("{}: {e}", p.display())));
-                    let sealed = pb::seal_cert(&secret, &read(cert)?, &read(key)?);
-                    client.cert_add(pb::CertAddRequest { sealed }).await.map_err(status)?.into_inner()
+                    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+                    if cert_pem.len() + key_pem.len() > pb::MAX_CERT_BYTES {
+                        return Err(Failure(
+                            1,
+                            format!(
+                                "{}: too large for a cluster certificate: the chain and key take {} bytes, at most {} \
+                                 (the chain needs the leaf and its intermediates only, not a CA bundle)",
+                                cert.display(),
+                                cert_pem.len() + key_pem.len(),
+                                pb::MAX_CERT_BYTES
+                            ),
+                        ));
+                    }
+                    let sealed = pb::seal_cert(&secret, &cert_pem, &key_pem);
+                    let request = pb::CertAddRequest {
+                        sealed,
+                        cert_file: cert.display().to_string(),
+                        key_file: key.display().to_string(),
+                    };
+                    client.cert_add(request).await.map_err(status)?.into_inner()
                 }
                 CertCmd::Remove { name } => {
                     client.cert_remove(pb::CertRemoveRequest { name: name.clone() }).await.map_err(status)?.into_inner()

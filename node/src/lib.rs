@@ -189,7 +189,7 @@ impl Node {
             if e.op != cluster::registry::CertOp::Add {
                 continue;
             }
-            match tls::certs::open_sealed(secret, &e.sealed) {
+            match tls::certs::open_sealed(secret, &e.sealed, "certificate", "key") {
                 Ok(l) => served.push(l),
                 Err(why) => tracing::error!(name = %e.name, error = %why, "cluster certificate not served"),
             }

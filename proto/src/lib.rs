@@ -212,6 +212,13 @@ pub fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
     Ok(s)
 }
 
+/// The largest certificate chain plus key (PEM bytes) the cluster stores. Each cluster
+/// certificate travels as one gossip value, which must fit one datagram with room to spare
+/// (chitchat sends a node's changes in order and never splits a value: one that cannot fit
+/// would hold back everything the node publishes after it). A leaf, two intermediates and a
+/// 4096-bit RSA key take about 9 KiB.
+pub const MAX_CERT_BYTES: usize = 24 * 1024;
+
 /// Seals a certificate chain and its key (PEM) with the cluster secret for `CertAdd` and the
 /// registry: XChaCha20-Poly1305 under a key derived from the secret; `nonce (24) | sealed`.
 pub fn seal_cert(secret: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Vec<u8> {

@@ -27,6 +27,9 @@ pub const DOWN_PREFIX: &str = "down:";
 pub const REG_PREFIX: &str = "reg:";
 pub const CERT_PREFIX: &str = "cert:";
 
+/// The largest sealed certificate entry published: the CLI's limit plus the seal's overhead.
+pub const MAX_SEALED_CERT: usize = shoal_proto::MAX_CERT_BYTES + 64;
+
 pub fn cert_key(name: &str) -> String {
     format!("{CERT_PREFIX}{name}")
 }

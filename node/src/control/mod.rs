@@ -259,7 +259,7 @@ impl ControlService {
                 continue;
             }
             let opened = config.cluster.secret.as_deref().ok_or("no cluster secret".to_string());
-            let mut row = match opened.and_then(|secret| open_sealed(secret, &e.sealed)) {
+            let mut row = match opened.and_then(|secret| open_sealed(secret, &e.sealed, "certificate", "key")) {
                 Ok(l) => cert_row(&l.info, now),
                 Err(why) => pb::Cert { name: e.name.clone(), error: why, ..Default::default() },
             };
@@ -454,7 +454,7 @@ impl Control for ControlService {
     }
 
     async fn cert_add(&self, req: Request<pb::CertAddRequest>) -> Result<Response<pb::CertReply>, Status> {
-        let sealed = req.into_inner().sealed;
+        let pb::CertAddRequest { sealed, cert_file, key_file } = req.into_inner();
         let cluster = self.cluster()?;
         let config = self.node.config.load();
         let Some(secret) = config.cluster.secret.as_deref() else {
@@ -462,7 +462,10 @@ impl Control for ControlService {
                 "cluster certificates need a cluster secret: they travel and are stored sealed with it",
             ));
         };
-        let loaded = crate::tls::certs::open_sealed(secret, &sealed).map_err(Status::invalid_argument)?;
+        let name_of = |f: String, default: &str| if f.is_empty() { default.to_string() } else { f };
+        let (cert_file, key_file) = (name_of(cert_file, "certificate"), name_of(key_file, "key"));
+        let loaded =
+            crate::tls::certs::open_sealed(secret, &sealed, &cert_file, &key_file).map_err(Status::invalid_argument)?;
         let name = loaded.info.name.clone();
         let origin = self.node.id();
         let entry = cluster.change_certs(|r| r.record_cert(&name, CertOp::Add, sealed, &origin));

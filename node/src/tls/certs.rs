@@ -83,11 +83,20 @@ pub fn parse_pem(cert_pem: &[u8], key_pem: &[u8], cert_name: &str, key_name: &st
     Ok(Loaded { key: Arc::new(key), info })
 }
 
-/// Opens a cluster certificate (sealed with the cluster secret by `shoal cert add`).
-pub fn open_sealed(secret: &[u8], sealed: &[u8]) -> Result<Loaded, String> {
+/// Opens a cluster certificate (sealed with the cluster secret by `shoal cert add`); errors
+/// call the chain and key `cert_name` and `key_name`.
+pub fn open_sealed(secret: &[u8], sealed: &[u8], cert_name: &str, key_name: &str) -> Result<Loaded, String> {
     let (cert, key) = shoal_proto::open_cert(secret, sealed)
         .ok_or("cannot open the sealed certificate: not sealed with this cluster's secret, or changed")?;
-    let mut loaded = parse_pem(&cert, &key, "certificate", "key")?;
+    if cert.len() + key.len() > shoal_proto::MAX_CERT_BYTES {
+        return Err(format!(
+            "{cert_name}: too large for a cluster certificate: the chain and key take {} bytes, at most {} (a \
+             bundle of CA certificates appended to the chain? the chain needs the leaf and its intermediates only)",
+            cert.len() + key.len(),
+            shoal_proto::MAX_CERT_BYTES
+        ));
+    }
+    let mut loaded = parse_pem(&cert, &key, cert_name, key_name)?;
     loaded.info.source = CLUSTER_SOURCE.into();
     Ok(loaded)
 }
@@ -168,6 +177,22 @@ pub mod tests {
             let err = parse_pem(c.as_bytes(), k.as_bytes(), "c.pem", "k.pem").unwrap_err();
             assert!(err.contains(want), "{err:?} should contain {want:?}");
         }
+    }
+
+    #[test]
+    fn sealed_certificates_open_with_the_secret_and_within_the_size_limit() {
+        let (cert, key) = self_signed(&["a.example"]);
+        let secret = b"a-cluster-secret-of-16+";
+        let sealed = shoal_proto::seal_cert(secret, cert.as_bytes(), key.as_bytes());
+        let l = open_sealed(secret, &sealed, "c.pem", "k.pem").unwrap();
+        assert_eq!((l.info.name.as_str(), l.info.source.as_str()), ("a.example", CLUSTER_SOURCE));
+        let err = open_sealed(b"another-secret-of-16+", &sealed, "c.pem", "k.pem").unwrap_err();
+        assert!(err.contains("not sealed with this cluster's secret"), "{err}");
+        // a CA bundle appended to the chain: refused by size, naming the file
+        let bundle = format!("{cert}{}", cert.repeat(shoal_proto::MAX_CERT_BYTES / cert.len() + 1));
+        let sealed = shoal_proto::seal_cert(secret, bundle.as_bytes(), key.as_bytes());
+        let err = open_sealed(secret, &sealed, "c.pem", "k.pem").unwrap_err();
+        assert!(err.starts_with("c.pem: too large for a cluster certificate"), "{err}");
     }
 
     #[test]
