@@ -21,7 +21,7 @@ pub struct Loaded {
 /// What a certificate says about itself, for SNI, `/status`, metrics and `shoal cert list`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
-    /// A short name: the subject's common name, else the first DNS name.
+    /// A short name: its first DNS name, else the subject's common name.
     pub name: String,
     /// DNS names it is valid for (subjectAltName, else the common name), lower case.
     pub names: Vec<String>,
@@ -127,7 +127,7 @@ pub fn describe(der: &[u8]) -> Result<CertInfo, String> {
     {
         names.push(cn.clone());
     }
-    let name = common_name.or_else(|| names.first().cloned()).unwrap_or_else(|| "(unnamed)".into());
+    let name = names.first().cloned().or(common_name).unwrap_or_else(|| "(unnamed)".into());
     Ok(CertInfo {
         name,
         names,
