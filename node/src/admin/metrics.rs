@@ -82,11 +82,11 @@ impl Collector for NodeCollector {
             {
                 let mut m = enc.encode_descriptor(
                     "tls_handshake_failures",
-                    "TLS handshakes that failed (bad hello, no shared version or cipher) or timed out",
+                    "TLS handshakes that failed (bad hello, no shared version or cipher), timed out, or the client closed",
                     None,
                     MetricType::Counter,
                 )?;
-                for (cause, v) in [("failed", &st.failed), ("timeout", &st.timed_out)] {
+                for (cause, v) in [("failed", &st.failed), ("timeout", &st.timed_out), ("closed", &st.closed)] {
                     ConstCounter::new(v.load(Relaxed)).encode(m.encode_family(&[("cause", cause)])?)?;
                 }
             }

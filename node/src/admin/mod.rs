@@ -173,6 +173,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "resumed": st.resumed.load(Relaxed),
                 "failed": st.failed.load(Relaxed),
                 "timed_out": st.timed_out.load(Relaxed),
+                "closed": st.closed.load(Relaxed),
                 "certificates": t.certificates().iter().map(|c| json!({
                     "name": c.name,
                     "names": c.names,

@@ -129,6 +129,12 @@ fn tls_connection(open: Open, stream: TcpStream, addr: SocketAddr, tls: Arc<Tls>
         };
         let stream = match accepted {
             Ok(Ok(s)) => s,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                // Closed before finishing (a port check, a client that gave up): not a failure.
+                tls.stats.closed.fetch_add(1, Relaxed);
+                tracing::debug!(client = %addr, "client closed during the TLS handshake");
+                return;
+            }
             Ok(Err(e)) => {
                 tls.stats.failed.fetch_add(1, Relaxed);
                 tracing::debug!(client = %addr, error = %e, "TLS handshake failed");

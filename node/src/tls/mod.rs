@@ -62,6 +62,8 @@ pub struct TlsStats {
     pub failed: AtomicU64,
     /// Handshakes not finished within `handshake_timeout`.
     pub timed_out: AtomicU64,
+    /// Connections the client closed before the handshake ended (port checks, given up).
+    pub closed: AtomicU64,
 }
 
 /// A node's TLS state: the certificates and the server config.
