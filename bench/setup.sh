@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the benchmark tools idempotently: nginx, haproxy, wrk (Debian), python3, gcc (builds
-# bench/ideal/fwd.c, the ideal forwarder).
+# bench/ideal/fwd.c, the ideal forwarder), openssl + libssl-dev (tls.sh: the certificate, the
+# resumption check, bench/tls_client.c).
 # Optional: WITH_PROFILE=1 ./setup.sh -> also linux-perf and strace (for profile.sh).
 #           WITH_OHA=1 ./setup.sh  -> also `cargo install oha` (slow: compiles from crates.io).
 # The system nginx/haproxy services are NOT started (policy-rc.d blocks it during install);
@@ -8,12 +9,14 @@
 set -euo pipefail
 
 need=()
-for pkg_bin in nginx:nginx haproxy:haproxy wrk:wrk python3:python3 procps:ps util-linux:taskset curl:curl gcc:gcc; do
+for pkg_bin in nginx:nginx haproxy:haproxy wrk:wrk python3:python3 procps:ps util-linux:taskset curl:curl gcc:gcc openssl:openssl; do
   pkg=${pkg_bin%%:*}; bin=${pkg_bin##*:}
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then need+=("$pkg"); fi
 done
 # echo module: gives nginx `echo_sleep`, used for the 'slow' backend (fallback: slow_backend.py)
 [ -e /usr/lib/nginx/modules/ngx_http_echo_module.so ] || need+=(libnginx-mod-http-echo)
+# OpenSSL headers: tls.sh's TLS_CLIENT=openssl client (bench/tls_client.c)
+[ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 if [ "${WITH_PROFILE:-0}" = 1 ]; then
   command -v perf >/dev/null 2>&1 || need+=(linux-perf)
   command -v strace >/dev/null 2>&1 || need+=(strace)

@@ -88,6 +88,11 @@ static int new_session_cb(SSL *ssl, SSL_SESSION *sess) {
   return 1;
 }
 
+static int accept_cert(X509_STORE_CTX *store, void *arg) {
+  (void)store; (void)arg;
+  return 1;
+}
+
 static void set_events(struct conn *c, int ev) {
   if (c->events == ev) return;
   struct epoll_event e = {.events = ev, .data.ptr = c};
@@ -116,10 +121,15 @@ static void finish(struct conn *c, int outcome) { /* outcome: 0 ok, 1 err, 2 tim
     n_timeout++;
   }
   /* No close_notify: the server has closed already. Marking the connection as shut down
-   * keeps SSL_free from flagging its session (the slot's newest ticket) not resumable. */
-  if (c->ssl && outcome == 0) SSL_set_shutdown(c->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
-  if (c->ssl) SSL_free(c->ssl);
-  c->ssl = NULL;
+   * keeps OpenSSL from flagging its session (the slot's newest ticket) not resumable. After a
+   * clean connection the SSL object is kept for the slot's next one (SSL_clear: cheaper than
+   * SSL_free + SSL_new); after an error it is freed. */
+  if (c->ssl && outcome == 0) {
+    SSL_set_shutdown(c->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+  } else if (c->ssl) {
+    SSL_free(c->ssl);
+    c->ssl = NULL;
+  }
   if (c->fd >= 0) close(c->fd); /* also removes it from epoll */
   c->fd = -1;
   c->events = 0;
@@ -149,13 +159,19 @@ static void start(struct conn *c) {
     fail(c, "connect");
     return;
   }
-  c->ssl = SSL_new(ctx);
-  SSL_set_app_data(c->ssl, c);
+  if (c->ssl) {
+    SSL_clear(c->ssl);
+  } else {
+    c->ssl = SSL_new(ctx);
+    SSL_set_app_data(c->ssl, c);
+  }
   SSL_set_fd(c->ssl, c->fd);
   SSL_set_tlsext_host_name(c->ssl, sni);
   if (resume && slot_sess[c->slot] && SSL_SESSION_is_resumable(slot_sess[c->slot])) {
     SSL_set_session(c->ssl, slot_sess[c->slot]);
     n_offered++;
+  } else {
+    SSL_set_session(c->ssl, NULL); /* never offer the previous connection's session */
   }
   set_events(c, EPOLLOUT);
 }
@@ -262,6 +278,8 @@ int main(int argc, char **argv) {
   SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
   SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION);
   SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+  /* skip X509_verify_cert altogether (OpenSSL builds the chain even with VERIFY_NONE) */
+  SSL_CTX_set_cert_verify_callback(ctx, accept_cert, NULL);
   SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
   if (resume) {
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
