@@ -108,7 +108,9 @@ impl Tls {
         server.send_tls13_tickets = 2;
         let mut control = server.clone();
         control.alpn_protocols = vec![b"h2".to_vec()];
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // http/1.0 last: a client that offers only it (curl --http1.0) is served, not refused
+        // with no_application_protocol (nginx serves it too).
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
         let tls = Tls {
             table,
             server: Arc::new(server),
