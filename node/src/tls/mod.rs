@@ -21,7 +21,6 @@ pub mod sni;
 pub mod tickets;
 pub mod upstream;
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -231,11 +230,6 @@ impl Tls {
     pub fn set_cluster_certs(&self, certs: Vec<Loaded>) {
         *lock(&self.cluster) = certs;
         self.publish();
-    }
-
-    /// The configured certificate files (for the watcher's log lines and `shoald check`).
-    pub fn files(&self) -> Vec<PathBuf> {
-        lock(&self.files).iter().map(|f| f.paths.cert.clone()).collect()
     }
 
     /// Logs a warning for every certificate that expires within `WARN_DAYS`.
