@@ -124,15 +124,6 @@ impl Tls {
         Ok(tls)
     }
 
-    /// Checks every configured certificate file without starting anything (`shoald check`).
-    pub fn check(settings: &TlsSettings) -> Result<Vec<CertInfo>, String> {
-        settings
-            .certificates
-            .iter()
-            .map(|p| certs::load_files(&p.cert, &p.key).map(|l| l.info).map_err(|e| format!("{}: {e}", p.named_at)))
-            .collect()
-    }
-
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server.clone()
     }
@@ -222,8 +213,10 @@ impl Tls {
         settings.min_version = old.min_version;
         settings.control = old.control;
         self.settings.store(Arc::new(settings));
-        self.reload_files(true);
-        self.publish();
+        // Re-reading publishes what it replaced; a pair that only went away needs a publish.
+        if self.reload_files(true) == 0 {
+            self.publish();
+        }
     }
 
     /// Replaces the certificates that came from the cluster's registry.
