@@ -124,7 +124,9 @@ fn from_status(node: &str, s: Status) -> Failure {
         Code::Unavailable => Failure(2, format!("node {node} unreachable: {}", s.message())),
         Code::NotFound => Failure(3, s.message().to_string()),
         Code::Unauthenticated => Failure(1, format!("refused by {node}: {} ", s.message())),
-        _ if s.message().contains("transport error") => {
+        // Plain HTTP/2 against a TLS port fails as one or the other, depending on which bytes
+        // arrive first.
+        _ if s.message().contains("transport error") || s.message().contains("protocol error") => {
             Failure(2, format!("{node}: {} (if its control port speaks TLS, pass --ca-file)", s.message()))
         }
         _ => Failure(1, format!("{node}: {}", s.message())),
