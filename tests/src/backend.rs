@@ -299,22 +299,7 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Result<Response<F
     if wants_upgrade {
         s.upgrades.fetch_add(1, SeqCst);
         let protocol = req.headers()[header::UPGRADE].clone();
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let Ok(upgraded) = on_upgrade.await else { return };
-            let mut io = TokioIo::new(upgraded);
-            let mut buf = [0u8; 4096];
-            loop {
-                match io.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if io.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
+        echo_after_upgrade(hyper::upgrade::on(&mut req));
         let mut r = reply(101, &s.name, Bytes::new());
         r.headers_mut().insert(header::UPGRADE, protocol);
         r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -364,4 +349,24 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Result<Response<F
         return Ok(r);
     }
     Ok(reply(status, &s.name, s.name.clone()))
+}
+
+/// Echoes every byte back on a connection once it is upgraded (after the 101), until either
+/// side closes: the backends' WebSocket stand-in.
+pub fn echo_after_upgrade(on_upgrade: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let mut io = TokioIo::new(upgraded);
+        let mut buf = [0u8; 4096];
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
 }

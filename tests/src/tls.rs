@@ -102,14 +102,28 @@ impl TestCa {
             KeyKind::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
             KeyKind::Rsa2048 => KeyPair::from_pem(&rsa_key_pem().await?).context("load the RSA key openssl made")?,
         };
+        self.sign(cn, names, key, |params| {
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
+        })
+    }
+
+    /// A server certificate for `names` with subject `CN=cn` and `key`, signed by this CA;
+    /// `validity` may change its dates (rcgen's default: 1975 to 4096).
+    fn sign(
+        &self,
+        cn: &str,
+        names: &[&str],
+        key: KeyPair,
+        validity: impl FnOnce(&mut CertificateParams),
+    ) -> anyhow::Result<Leaf> {
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
         params.distinguished_name = dn(cn);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
+        validity(&mut params);
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Leaf {
@@ -353,21 +367,10 @@ impl TestCa {
     /// epoch), from a day ago.
     pub fn leaf_until(&self, cn: &str, names: &[&str], not_after: i64) -> anyhow::Result<Leaf> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
-        params.distinguished_name = dn(cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        let epoch = rcgen::date_time_ymd(1970, 1, 1);
-        let now = unix_now();
-        params.not_before = epoch + Duration::from_secs((now - 86_400).max(0) as u64);
-        params.not_after = epoch + Duration::from_secs(not_after.max(0) as u64);
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok(Leaf {
-            cn: cn.to_string(),
-            cert_pem: format!("{}{}", cert.pem(), self.pem),
-            key_pem: key.serialize_pem(),
-            der: cert.der().to_vec(),
+        self.sign(cn, names, key, |params| {
+            let epoch = rcgen::date_time_ymd(1970, 1, 1);
+            params.not_before = epoch + Duration::from_secs((unix_now() - 86_400).max(0) as u64);
+            params.not_after = epoch + Duration::from_secs(not_after.max(0) as u64);
         })
     }
 }
@@ -554,22 +557,7 @@ async fn tls_backend_answer(
     if wants_upgrade {
         s.upgrades.fetch_add(1, SeqCst);
         let protocol = req.headers()[http::header::UPGRADE].clone();
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let Ok(upgraded) = on_upgrade.await else { return };
-            let mut io = hyper_util::rt::TokioIo::new(upgraded);
-            let mut buf = [0u8; 4096];
-            loop {
-                match io.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if io.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
+        crate::backend::echo_after_upgrade(hyper::upgrade::on(&mut req));
         *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
         resp.headers_mut().insert(http::header::UPGRADE, protocol);
         resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("upgrade"));
