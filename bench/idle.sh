@@ -191,14 +191,7 @@ stop_lb() { # name
   stop_pidfile "$d/shoald.pid" TERM
 }
 
-lb_pids() { # name -> every process of the balancer (nginx: master + workers)
-  local d=$IDIR/$1 m
-  case $1 in
-    nginx) m=$(cat "$d/nginx.pid"); echo "$m"; ps -o pid= --ppid "$m" | tr -d ' ' ;;
-    haproxy) cat "$d/haproxy.pid" ;;
-    shoal) cat "$d/shoald.pid" ;;
-  esac
-}
+lb_pids() { balancer_pids "$IDIR/$1" "$1"; } # kind -> every process of the balancer
 
 rss() { # name -> RSS = total VmRSS (kB) of its processes, RSS_PARTS = "pid:kB,..."
   local v p

@@ -139,3 +139,13 @@ backend_ports() {
     ls "$BENCH_TMP/backends" | sort -n
   fi
 }
+
+balancer_pids() { # DIR KIND -> every process of the balancer whose pid file is in DIR
+  # (nginx: master + workers; HAProxy and shoald: one process)
+  local d=$1 m
+  case $2 in
+    nginx) m=$(cat "$d/nginx.pid"); echo "$m"; ps -o pid= --ppid "$m" | tr -d ' ' ;;
+    haproxy) cat "$d/haproxy.pid" ;;
+    shoal) cat "$d/shoald.pid" ;;
+  esac
+}

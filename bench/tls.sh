@@ -251,14 +251,7 @@ stop_lb() {
   stop_pidfile "$d/shoald.pid" TERM
 }
 
-lb_pids() { # kind -> every process of the balancer (nginx: master + worker)
-  local d=$TDIR/$1 m
-  case $1 in
-    nginx) m=$(cat "$d/nginx.pid"); echo "$m"; ps -o pid= --ppid "$m" | tr -d ' ' ;;
-    haproxy) cat "$d/haproxy.pid" ;;
-    shoal) cat "$d/shoald.pid" ;;
-  esac
-}
+lb_pids() { balancer_pids "$TDIR/$1" "$1"; } # kind -> every process of the balancer
 
 # resumption_check KIND -> "yes (Reused, TLSv1.3)" or "NO ...": openssl s_client saves the
 # session of one request and offers it on a second connection (independent of tls_client)
