@@ -53,13 +53,19 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         drain_timeout: Duration,
     },
-    /// Backends of the cluster.
+    /// Backends of the cluster, by pool.
     #[command(subcommand)]
     Backend(BackendCmd),
+    /// Routes: host and path to a pool, or a redirect.
+    #[command(subcommand)]
+    Route(RouteCmd),
+    /// Pools (`[upstream]` and `[upstreams.NAME]`): settings and backends in one line each.
+    #[command(subcommand)]
+    Upstream(UpstreamCmd),
     /// Cluster certificates (HTTPS): stored sealed with the cluster secret, served by every node.
     #[command(subcommand)]
     Cert(CertCmd),
-    /// Print the Shoal config equivalent to an nginx `upstream { ... }` block.
+    /// Print the Shoal config equivalent to an nginx config (upstreams, servers, locations).
     ImportNginx { file: PathBuf },
 }
 
@@ -74,14 +80,61 @@ enum BackendCmd {
         max_conns: u32,
         #[arg(long)]
         backup: bool,
+        /// The pool (default: the default pool, `[upstream]`).
+        #[arg(long)]
+        upstream: Option<String>,
     },
     Remove {
         addr: String,
+        /// The pool (needed only when the address is in several).
+        #[arg(long)]
+        upstream: Option<String>,
     },
     /// No new requests; in-flight ones finish.
     Drain {
         addr: String,
+        /// The pool (needed only when the address is in several).
+        #[arg(long)]
+        upstream: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// Every route, from the config and from the registry.
+    List,
+    /// Set the route for a host and path (replacing one with the same host and path), on every
+    /// node. Precedence: exact host > `*.suffix` > any host; `=/exact` path > longest prefix.
+    Add {
+        /// An exact host name or `*.suffix` (default: any host).
+        #[arg(long)]
+        host: Option<String>,
+        /// `=/exact` or a prefix (default: `/`).
+        #[arg(long)]
+        path: Option<String>,
+        /// The pool that serves these requests.
+        #[arg(long, conflicts_with = "redirect", required_unless_present = "redirect")]
+        upstream: Option<String>,
+        /// The backend sees the path without the route's prefix.
+        #[arg(long, requires = "upstream")]
+        strip_prefix: bool,
+        /// 308 to this origin (`https://www.example.com`) plus the path and query.
+        #[arg(long)]
+        redirect: Option<String>,
+    },
+    /// Remove the route for a host and path (from the config or the registry), on every node.
+    Remove {
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        path: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum UpstreamCmd {
+    /// Every pool this node runs.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -161,9 +214,78 @@ fn member_json(m: &pb::Member) -> Value {
 }
 
 fn backend_json(b: &pb::Backend) -> Value {
-    json!({"addr": b.addr, "weight": b.weight, "max_conns": b.max_conns, "backup": b.backup, "state": b.state,
+    json!({"pool": b.pool, "addr": b.addr, "weight": b.weight, "max_conns": b.max_conns, "backup": b.backup, "state": b.state,
            "in_flight": b.local_in_flight, "cluster_in_flight": b.cluster_in_flight, "requests": b.requests,
            "failures": b.failures, "source": b.source, "down_on": b.down_on})
+}
+
+fn route_json(r: &pb::Route) -> Value {
+    json!({"name": r.name, "host": r.host, "path": r.path, "upstream": r.upstream, "strip_prefix": r.strip_prefix,
+           "redirect": r.redirect, "source": r.source})
+}
+
+fn upstream_json(u: &pb::Upstream) -> Value {
+    json!({"name": u.name, "algorithm": u.algorithm, "backends": u.backends, "up": u.up,
+           "in_flight": u.local_in_flight, "cluster_in_flight": u.cluster_in_flight, "requests": u.requests,
+           "health_checks": u.health_checks, "sticky_cookie": u.sticky_cookie, "rate_limit": u.rate_limit,
+           "source": u.source, "routes": u.routes, "tls": u.tls})
+}
+
+fn routes_table(routes: &[pb::Route]) {
+    table(
+        &["HOST", "PATH", "TO", "SOURCE"],
+        routes
+            .iter()
+            .map(|r| {
+                let to = if !r.redirect.is_empty() {
+                    format!("redirect {}", r.redirect)
+                } else if r.strip_prefix {
+                    format!("{} (strip prefix)", r.upstream)
+                } else {
+                    r.upstream.clone()
+                };
+                let host = if r.host.is_empty() { "*".to_string() } else { r.host.clone() };
+                vec![host, r.path.clone(), to, r.source.clone()]
+            })
+            .collect(),
+    );
+}
+
+fn upstreams_table(upstreams: &[pb::Upstream]) {
+    table(
+        &[
+            "POOL",
+            "ALGORITHM",
+            "UP",
+            "IN-FLIGHT",
+            "CLUSTER",
+            "REQUESTS",
+            "ROUTES",
+            "CHECKS",
+            "STICKY",
+            "RATE LIMIT",
+            "SOURCE",
+        ],
+        upstreams
+            .iter()
+            .map(|u| {
+                let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+                vec![
+                    format!("{}{}", u.name, if u.tls { " (tls)" } else { "" }),
+                    u.algorithm.clone(),
+                    format!("{}/{}", u.up, u.backends),
+                    u.local_in_flight.to_string(),
+                    u.cluster_in_flight.to_string(),
+                    u.requests.to_string(),
+                    u.routes.to_string(),
+                    if u.health_checks { "on" } else { "-" }.into(),
+                    or_dash(&u.sticky_cookie),
+                    or_dash(&u.rate_limit),
+                    u.source.clone(),
+                ]
+            })
+            .collect(),
+    );
 }
 
 fn cert_json(c: &pb::Cert) -> Value {
@@ -236,11 +358,24 @@ fn members_table(members: &[pb::Member]) {
 
 fn backends_table(backends: &[pb::Backend]) {
     table(
-        &["BACKEND", "STATE", "WEIGHT", "MAX", "IN-FLIGHT", "CLUSTER", "REQUESTS", "FAILURES", "SOURCE", "DOWN ON"],
+        &[
+            "POOL",
+            "BACKEND",
+            "STATE",
+            "WEIGHT",
+            "MAX",
+            "IN-FLIGHT",
+            "CLUSTER",
+            "REQUESTS",
+            "FAILURES",
+            "SOURCE",
+            "DOWN ON",
+        ],
         backends
             .iter()
             .map(|b| {
                 vec![
+                    b.pool.clone(),
                     format!("{}{}", b.addr, if b.backup { " (backup)" } else { "" }),
                     b.state.clone(),
                     b.weight.to_string(),
@@ -276,6 +411,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if cli.json {
                 let v = json!({"node": s.node_id, "cluster": s.cluster_id, "state": s.state, "algorithm": s.algorithm,
                     "members": s.members.iter().map(member_json).collect::<Vec<_>>(),
+                    "pools": s.upstreams.iter().map(upstream_json).collect::<Vec<_>>(),
                     "backends": s.backends.iter().map(backend_json).collect::<Vec<_>>()});
                 println!("{v:#}");
             } else {
@@ -291,6 +427,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
                 println!();
                 members_table(&s.members);
+                if s.upstreams.len() > 1 {
+                    println!();
+                    upstreams_table(&s.upstreams);
+                }
+                // Backends grouped by pool (the node lists them pool by pool).
                 println!();
                 backends_table(&s.backends);
             }
@@ -357,13 +498,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 BackendCmd::List => {
                     client.backend_list(pb::BackendListRequest {}).await.map_err(status)?.into_inner().backends
                 }
-                BackendCmd::Add { addr, weight, max_conns, backup } => {
+                BackendCmd::Add { addr, weight, max_conns, backup, upstream } => {
                     let r = client
                         .backend_add(pb::BackendAddRequest {
                             addr: addr.clone(),
                             weight: *weight,
                             max_conns: *max_conns,
                             backup: *backup,
+                            upstream: upstream.clone().unwrap_or_default(),
                         })
                         .await
                         .map_err(status)?
@@ -373,8 +515,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     }
                     r.backends
                 }
-                BackendCmd::Remove { addr } | BackendCmd::Drain { addr } => {
-                    let req = pb::BackendAddrRequest { addr: addr.clone() };
+                BackendCmd::Remove { addr, upstream } | BackendCmd::Drain { addr, upstream } => {
+                    let req =
+                        pb::BackendAddrRequest { addr: addr.clone(), upstream: upstream.clone().unwrap_or_default() };
                     let r = if matches!(cmd, BackendCmd::Remove { .. }) {
                         client.backend_remove(req).await
                     } else {
@@ -391,6 +534,51 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", Value::Array(backends.iter().map(backend_json).collect()));
             } else if matches!(cmd, BackendCmd::List) {
                 backends_table(&backends);
+            }
+        }
+        Command::Route(cmd) => {
+            let reply = match cmd {
+                RouteCmd::List => client.route_list(pb::RouteListRequest {}).await,
+                RouteCmd::Add { host, path, upstream, strip_prefix, redirect } => {
+                    client
+                        .route_add(pb::RouteAddRequest {
+                            host: host.clone().unwrap_or_default(),
+                            path: path.clone().unwrap_or_default(),
+                            upstream: upstream.clone().unwrap_or_default(),
+                            strip_prefix: *strip_prefix,
+                            redirect: redirect.clone().unwrap_or_default(),
+                        })
+                        .await
+                }
+                RouteCmd::Remove { host, path } => {
+                    client
+                        .route_remove(pb::RouteRemoveRequest {
+                            host: host.clone().unwrap_or_default(),
+                            path: path.clone().unwrap_or_default(),
+                        })
+                        .await
+                }
+            }
+            .map_err(status)?
+            .into_inner();
+            if cli.json {
+                let routes: Vec<Value> = reply.routes.iter().map(route_json).collect();
+                println!("{}", json!({"message": reply.message, "routes": routes}));
+            } else {
+                if !reply.message.is_empty() {
+                    println!("{}", reply.message);
+                }
+                if matches!(cmd, RouteCmd::List) {
+                    routes_table(&reply.routes);
+                }
+            }
+        }
+        Command::Upstream(UpstreamCmd::List) => {
+            let list = client.upstream_list(pb::UpstreamListRequest {}).await.map_err(status)?.into_inner().upstreams;
+            if cli.json {
+                println!("{}", Value::Array(list.iter().map(upstream_json).collect()));
+            } else {
+                upstreams_table(&list);
             }
         }
         Command::Cert(cmd) => {

@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
                     for b in 0..backends {
                         let backend = SocketAddr::from(([10, 0, 0, b as u8 + 1], 8000));
                         c.self_node_state()
-                            .set(keys::load_key(backend), ((round + i as u64 + b as u64) % 17).to_string());
+                            .set(keys::load_key("default", backend), ((round + i as u64 + b as u64) % 17).to_string());
                     }
                 }
             }
@@ -85,8 +85,8 @@ async fn main() -> anyhow::Result<()> {
         let backend = SocketAddr::from(([10, 9, 9, round as u8 + 1], 80));
         let value = format!("{}|add|1|0|0|n0", 1000 + round);
         let t = Instant::now();
-        chitchats[0].lock().await.self_node_state().set(keys::reg_key(backend), value.clone());
-        let key = keys::reg_key(backend);
+        chitchats[0].lock().await.self_node_state().set(keys::reg_key("default", backend), value.clone());
+        let key = keys::reg_key("default", backend);
         let source = handles[0].chitchat_id().clone();
         loop {
             let mut all = true;

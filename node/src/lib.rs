@@ -5,8 +5,10 @@
 //! - [`http1`]: the pure HTTP/1.1 codec (parse, validate, rewrite heads, chunked), no I/O.
 //! - [`proxy`]: the data plane (listener, HTTP/1.1 and HTTP/2 client sides, forward, upstream
 //!   exchange, errors, access log).
+//! - [`route`]: the route table: host and path to a named pool, or a redirect (pure).
 //! - [`balance`]: the [`balance::Picker`] trait and one type per algorithm.
-//! - [`pool`]: backends, their live counters, health flags and idle upstream connections.
+//! - [`pool`]: one pool's backends, their live counters, health flags and idle upstream
+//!   connections.
 //! - [`health`]: passive ejection and active checks.
 //! - [`limit`]: per-client rate limiting (node or cluster scope).
 //! - [`cluster`]: chitchat membership, gossip keys, the cluster view, the backend registry.
@@ -17,12 +19,14 @@
 //! - [`lifecycle`]: this node's member state and the leave sequence.
 //!
 //! ## Data paths
-//! - request: listener -> client_h1 | client_h2 (through http1) -> forward -> picker (pool
-//!   snapshot + local and remote in-flight) -> upstream exchange over a
-//!   pooled upstream connection -> response body streamed back (in-flight ends with the body);
+//! - request: listener -> client_h1 | client_h2 (through http1, which asks the route table for
+//!   the pool) -> forward -> picker (pool snapshot + local and remote in-flight) -> upstream
+//!   exchange over a pooled upstream connection -> response body streamed back (in-flight
+//!   ends with the body);
 //! - gossip: chitchat -> view task -> new view snapshot and per-backend remote load;
 //! - local load: in-flight counters -> publish tick -> gossip keys -> peers' views;
-//! - control: gRPC or config file -> registry -> gossip and pool.
+//! - control: gRPC or config file -> registry -> gossip, and `Node::apply` -> a new
+//!   `proxy::Runtime` (pools + routes).
 
 #![forbid(unsafe_code)]
 
@@ -42,10 +46,12 @@ pub mod limit;
 pub mod memory;
 pub mod pool;
 pub mod proxy;
+pub mod route;
 pub mod store;
 pub mod tls;
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -53,10 +59,11 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use config::{BackendSpec, Config, flags::RunFlags};
+use config::{Config, UpstreamSettings, flags::RunFlags};
 use lifecycle::{Lifecycle, MemberState};
 use pool::Pool;
-use proxy::Proxy;
+use proxy::{Proxy, RouteInfo, Runtime, Upstream};
+use route::{Entry, RouteAction, RouteTable};
 
 /// The listeners a node serves on, bound before `run` so a bad address fails before anything
 /// starts, and so tests can bind port 0.
@@ -125,7 +132,6 @@ pub struct Node {
     pub config: ArcSwap<Config>,
     /// The flags `shoald run` got, re-applied over the file on every reload.
     pub flags: RunFlags,
-    pub pool: Arc<Pool>,
     pub proxy: Arc<Proxy>,
     pub lifecycle: Lifecycle,
     pub started: Instant,
@@ -134,33 +140,50 @@ pub struct Node {
     pub cluster: OnceLock<Arc<cluster::Cluster>>,
     /// Admits control-plane calls (per-call tokens, replay check) and counts refusals.
     pub control_gate: Arc<control::auth::Gate>,
-    health_stop: Mutex<CancellationToken>,
+    /// Every pool by name, kept across rebuilds of the runtime so counters and warm
+    /// connections survive; the lock also serializes [`Node::apply`].
+    pools: Mutex<BTreeMap<String, Arc<Pool>>>,
+    /// Bumped by every reload: pools are then rebuilt with new pickers and limiters.
+    config_generation: AtomicU64,
+    /// The active-check task of each pool that has one, with the config generation it runs.
+    health: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    sticky_key: [u8; 16],
 }
 
 impl Node {
     pub fn new(config: Config, flags: RunFlags) -> anyhow::Result<Arc<Self>> {
         let sticky_key = pool::derive_key(config.cluster.secret.as_deref(), "sticky");
-        let pool = Arc::new(Pool::new(config.upstream.keepalive, sticky_key));
         let tls = match &config.tls {
             Some(t) => Some(Arc::new(tls::Tls::new(t, config.cluster.secret.as_deref()).map_err(anyhow::Error::msg)?)),
             None => None,
         };
-        let proxy = Arc::new(Proxy::new(&config, pool.clone(), tls)?);
+        // A first runtime with the default pool only; `apply` builds the whole one below.
+        let default_pool = Arc::new(Pool::new(config::DEFAULT_POOL, config.upstream.keepalive, sticky_key));
+        let first = Runtime {
+            upstreams: vec![Arc::new(
+                Upstream::new(config.upstream.clone(), default_pool).map_err(anyhow::Error::msg)?,
+            )],
+            route_list: Vec::new(),
+            routes: RouteTable::default(),
+            generation: u64::MAX,
+        };
+        let proxy = Arc::new(Proxy::new(&config, first, tls)?);
         let control_gate = Arc::new(control::auth::Gate::new(config.cluster.secret.as_deref()));
         let node = Arc::new(Node {
             config: ArcSwap::from_pointee(config),
             flags,
-            pool,
             proxy,
             lifecycle: Lifecycle::default(),
             started: Instant::now(),
             leave: CancellationToken::new(),
             cluster: OnceLock::new(),
             control_gate,
-            health_stop: Mutex::new(CancellationToken::new()),
+            pools: Mutex::new(BTreeMap::new()),
+            config_generation: AtomicU64::new(0),
+            health: Mutex::new(HashMap::new()),
+            sticky_key,
         });
-        node.apply_backends();
-        node.restart_health_checks();
+        node.apply().map_err(anyhow::Error::msg)?;
         Ok(node)
     }
 
@@ -168,14 +191,78 @@ impl Node {
         self.config.load().node.id.clone()
     }
 
-    /// Rebuilds the pool from the config's backends plus the run-time registry.
-    pub fn apply_backends(&self) {
-        let config = self.config.load();
-        let (specs, draining): (Vec<BackendSpec>, Vec<std::net::SocketAddr>) = match self.cluster.get() {
-            Some(c) => c.registry.effective(&config.upstream.backends),
-            None => (config.upstream.backends.clone(), Vec::new()),
+    /// The running pools and routes.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.proxy.runtime.load_full()
+    }
+
+    /// Builds the runtime from the config and the registry and swaps it in: the config's
+    /// pools, then pools only the registry or a route names (built-in settings); each pool's
+    /// backends are the config's with the registry's changes over them; the routes likewise.
+    /// Pools keep their live state; pickers and limiters are kept until a reload. Fails only
+    /// when TLS to a pool's backends cannot be set up (an unreadable `ca_file`).
+    pub fn apply(&self) -> Result<(), String> {
+        let config = self.config.load_full();
+        let generation = self.config_generation.load(Relaxed);
+        let registry = self.cluster.get().map(|c| &c.registry);
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.proxy.runtime.load_full();
+        let routes = match registry {
+            Some(r) => r.effective_routes(&config.routes),
+            None => config.routes.clone(),
         };
-        self.pool.replace(&specs, &draining);
+        let mut settings: Vec<UpstreamSettings> = config.pools().cloned().collect();
+        let named = registry.map(|r| r.pools()).unwrap_or_default().into_iter().chain(routes.iter().filter_map(|r| {
+            match &r.action {
+                RouteAction::Pool { upstream, .. } => Some(upstream.clone()),
+                RouteAction::Redirect { .. } => None,
+            }
+        }));
+        for name in named {
+            if !settings.iter().any(|s| s.name == name) {
+                settings.push(config::pool_defaults(&name));
+            }
+        }
+        let mut upstreams: Vec<Arc<Upstream>> = Vec::with_capacity(settings.len());
+        for s in settings {
+            let pool = pools
+                .entry(s.name.clone())
+                .or_insert_with(|| Arc::new(Pool::new(&s.name, s.keepalive, self.sticky_key)))
+                .clone();
+            pool.set_keepalive(s.keepalive);
+            let (specs, draining) = match registry {
+                Some(r) => r.effective(&s.name, &s.backends),
+                None => (s.backends.clone(), Vec::new()),
+            };
+            pool.replace(&specs, &draining);
+            let kept = (current.generation == generation)
+                .then(|| current.find(&s.name))
+                .flatten()
+                .filter(|u| Arc::ptr_eq(&u.pool, &pool) && u.settings.backends == s.backends);
+            upstreams.push(match kept {
+                Some(u) => u.clone(),
+                None => {
+                    let name = s.name.clone();
+                    Arc::new(Upstream::new(s, pool).map_err(|e| format!("pool {name}: {e}"))?)
+                }
+            });
+        }
+        pools.retain(|name, _| upstreams.iter().any(|u| u.name() == name));
+        let mut route_list = Vec::with_capacity(routes.len());
+        let mut table = Vec::with_capacity(routes.len());
+        for spec in routes {
+            let target = match &spec.action {
+                RouteAction::Pool { upstream, .. } => upstreams.iter().position(|u| u.name() == upstream).unwrap_or(0),
+                RouteAction::Redirect { .. } => 0,
+            };
+            table.push((spec.clone(), route_list.len() as u32));
+            route_list.push(RouteInfo { name: spec.describe().into(), entry: Entry { spec, target: target as u32 } });
+        }
+        let runtime = Runtime { upstreams, route_list, routes: RouteTable::new(table), generation };
+        self.proxy.runtime.store(Arc::new(runtime));
+        drop(pools);
+        self.sync_health_checks();
+        Ok(())
     }
 
     /// Serves the cluster's certificates (registry entries, opened with the cluster secret).
@@ -198,14 +285,27 @@ impl Node {
         tls.set_cluster_certs(served);
     }
 
-    fn restart_health_checks(&self) {
-        let config = self.config.load();
-        let token = CancellationToken::new();
-        let old = std::mem::replace(&mut *self.health_stop.lock().unwrap_or_else(|e| e.into_inner()), token.clone());
-        old.cancel();
-        if let Some(h) = config.health.clone() {
-            let tls = self.proxy.runtime.load().upstream_tls.clone();
-            tokio::spawn(health::run_checks(self.pool.clone(), h, tls, token));
+    /// Starts the active checks of pools that have them (again after a reload), and stops
+    /// those of pools that no longer do.
+    fn sync_health_checks(&self) {
+        let runtime = self.proxy.runtime.load_full();
+        let mut running = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|name, (generation, token)| {
+            let keep =
+                runtime.find(name).is_some_and(|u| u.settings.health.is_some()) && *generation == runtime.generation;
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+        for u in &runtime.upstreams {
+            let Some(h) = u.settings.health.clone() else { continue };
+            if running.contains_key(u.name()) {
+                continue;
+            }
+            let token = CancellationToken::new();
+            running.insert(u.name().to_string(), (runtime.generation, token.clone()));
+            tokio::spawn(health::run_checks(u.pool.clone(), h, u.tls.clone(), token));
         }
     }
 
@@ -234,10 +334,7 @@ impl Node {
             }
             (None, None) => {}
         }
-        self.pool.set_keepalive(new.upstream.keepalive);
         self.proxy.set_drain_timeout(new.node.drain_timeout);
-        let runtime = proxy::Runtime::from_config(&new)
-            .map_err(|message| config::ConfigError::Invalid { where_: path.display().to_string(), message })?;
         let log = match &new.access_log {
             Some(p) => Some(
                 proxy::access_log::AccessLog::open(p)
@@ -245,18 +342,32 @@ impl Node {
             ),
             None => None,
         };
-        self.proxy.runtime.store(Arc::new(runtime));
-        self.proxy.access_log.store(Arc::new(log));
         self.config.store(Arc::new(new));
-        self.apply_backends();
-        self.restart_health_checks();
-        tracing::info!(path = %path.display(), backends = self.pool.snapshot().backends.len(), "config reloaded");
+        self.config_generation.fetch_add(1, Relaxed);
+        if let Err(message) = self.apply() {
+            // TLS to a pool's backends cannot be set up: keep running as before.
+            self.config.store(current);
+            self.config_generation.fetch_add(1, Relaxed);
+            let _ = self.apply();
+            return Err(config::ConfigError::Invalid { where_: path.display().to_string(), message });
+        }
+        self.proxy.access_log.store(Arc::new(log));
+        let runtime = self.runtime();
+        tracing::info!(path = %path.display(), pools = runtime.upstreams.len(), routes = runtime.route_list.len(),
+            backends = runtime.upstreams.iter().map(|u| u.pool.snapshot().backends.len()).sum::<usize>(), "config reloaded");
         Ok(())
     }
 
-    /// Sum of this node's in-flight requests over all backends.
+    /// Sum of this node's in-flight requests over all backends of all pools.
     pub fn in_flight(&self) -> u64 {
-        self.pool.snapshot().backends.iter().map(|b| b.state.in_flight.load(Relaxed) as u64).sum()
+        let runtime = self.proxy.runtime.load();
+        runtime
+            .upstreams
+            .iter()
+            .flat_map(|u| {
+                u.pool.snapshot().backends.iter().map(|b| b.state.in_flight.load(Relaxed) as u64).collect::<Vec<_>>()
+            })
+            .sum()
     }
 }
 
@@ -265,7 +376,9 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
     let config = node.config.load_full();
     let cluster = cluster::Cluster::start(node.clone()).await?;
     let _ = node.cluster.set(cluster.clone());
-    node.apply_backends();
+    if let Err(e) = node.apply() {
+        tracing::error!(error = %e, "cannot apply the registry");
+    }
     node.apply_certs();
 
     let stop_accepting = CancellationToken::new();
@@ -340,7 +453,9 @@ pub async fn run(node: Arc<Node>, listeners: Listeners) -> anyhow::Result<()> {
         node = %config.node.id, proxy = %config.node.listen,
         tls = %config.tls.as_ref().map_or("off".to_string(), |t| t.listen.to_string()), admin = %config.node.admin,
         control = %config.node.control, gossip = %config.node.gossip,
-        backends = node.pool.snapshot().backends.len(), algorithm = %config.upstream.algorithm,
+        pools = node.runtime().upstreams.len(), routes = node.runtime().route_list.len(),
+        backends = node.runtime().upstreams.iter().map(|u| u.pool.snapshot().backends.len()).sum::<usize>(),
+        algorithm = %config.upstream.algorithm,
         "shoald started"
     );
 

@@ -110,8 +110,17 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match config::load(Some(&config), &RunFlags::default()).and_then(check_tls) {
             Ok(c) => {
+                let sites = if c.upstreams.is_empty() && c.routes.is_empty() {
+                    String::new()
+                } else {
+                    let pools: Vec<String> = c
+                        .pools()
+                        .map(|p| format!("{} ({} backends, {})", p.name, p.backends.len(), p.algorithm))
+                        .collect();
+                    format!("; pools: {}; {} routes", pools.join(", "), c.routes.len())
+                };
                 println!(
-                    "{}: ok ({} backends, algorithm {}, node {}, cluster {})",
+                    "{}: ok ({} backends, algorithm {}, node {}, cluster {}{sites})",
                     config.display(),
                     c.upstream.backends.len(),
                     c.upstream.algorithm,
@@ -186,9 +195,16 @@ fn main() -> ExitCode {
 /// Reads every certificate file `[tls]` names and the CA file of TLS to backends, so a bad one
 /// fails `check` and `run` before any port is bound.
 fn check_tls(c: config::Config) -> Result<config::Config, config::ConfigError> {
-    if let Some(u) = &c.upstream.tls {
-        shoal_node::tls::upstream::UpstreamTls::new(u)
-            .map_err(|message| config::ConfigError::Invalid { where_: "[upstream] tls".into(), message })?;
+    for pool in c.pools() {
+        if let Some(u) = &pool.tls {
+            let table = if pool.name == config::DEFAULT_POOL {
+                "[upstream]".into()
+            } else {
+                format!("[upstreams.{}]", pool.name)
+            };
+            shoal_node::tls::upstream::UpstreamTls::new(u)
+                .map_err(|message| config::ConfigError::Invalid { where_: format!("{table} tls"), message })?;
+        }
     }
     if let Some(t) = &c.tls {
         // The same loading `run` does (files only: no secret needed to check them).

@@ -15,9 +15,10 @@ pub enum RegOp {
     Drain,
 }
 
-/// One registry entry as persisted.
+/// One registry entry as persisted (format 3: the pool first).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct RegEntry {
+    pub pool: String,
     pub addr: SocketAddr,
     pub hlc: u64,
     pub op: RegOp,
@@ -27,6 +28,7 @@ pub struct RegEntry {
     pub origin: String,
 }
 
+/// The layout's first fields (`format, generation, registry`, then certificates and routes).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Persisted {
     pub format: u32,
@@ -43,7 +45,12 @@ pub fn read(data_dir: &Path) -> anyhow::Result<Persisted> {
     Ok(state)
 }
 
-/// The persisted registry entry for `addr`, if any.
+/// The persisted registry entry for `addr` in the default pool, if any.
 pub fn entry(data_dir: &Path, addr: SocketAddr) -> Option<RegEntry> {
-    read(data_dir).ok()?.registry.into_iter().find(|e| e.addr == addr)
+    entry_in(data_dir, "default", addr)
+}
+
+/// The persisted registry entry for `addr` in `pool`, if any.
+pub fn entry_in(data_dir: &Path, pool: &str, addr: SocketAddr) -> Option<RegEntry> {
+    read(data_dir).ok()?.registry.into_iter().find(|e| e.addr == addr && e.pool == pool)
 }

@@ -140,8 +140,8 @@ async fn status_certs(node: &Node) -> anyhow::Result<Vec<Value>> {
     Ok(s["tls"]["certificates"].as_array().cloned().unwrap_or_default())
 }
 
-/// The cluster certificates a node persisted in `data_dir/shoal-state.bin` (format 2:
-/// `format, generation, registry, certs`), read with mirror types so the test waits until a
+/// The cluster certificates a node persisted in `data_dir/shoal-state.bin` (format 3:
+/// `format, generation, registry, certs, routes`), read with mirror types so the test waits until a
 /// node has written what it merged instead of sleeping.
 #[derive(Debug, Deserialize)]
 struct PersistedState {
@@ -170,7 +170,7 @@ fn persisted_cert(data_dir: &Path, name: &str) -> Option<PersistedCert> {
     let bytes = std::fs::read(data_dir.join("shoal-state.bin")).ok()?;
     let (state, _): (PersistedState, usize) =
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).ok()?;
-    if state.format != 2 {
+    if state.format != 3 {
         return None;
     }
     state.certs.into_iter().find(|c| c.name == name)

@@ -102,14 +102,19 @@ impl Collector for NodeCollector {
                 ConstGauge::new(c.days_left(now)).encode(m.encode_family(&labels)?)?;
             }
         }
-        let pool = node.pool.full();
-        let pool_nodes = node.pool.serving_nodes();
+        let runtime = node.runtime();
+        let pairs: Vec<(&str, crate::pool::Backend)> = runtime
+            .upstreams
+            .iter()
+            .flat_map(|u| u.pool.snapshot().backends.iter().map(|b| (u.name(), b.clone())).collect::<Vec<_>>())
+            .collect();
+        let pool_nodes = node.proxy.serving_nodes();
         let now = now_ms();
         macro_rules! per_backend {
             ($name:expr, $help:expr, $ty:expr, $value:expr) => {{
                 let mut m = enc.encode_descriptor($name, $help, None, $ty)?;
-                for b in &pool.backends {
-                    let labels = [("backend", &*b.state.addr_text)];
+                for (pool, b) in &pairs {
+                    let labels = [("pool", *pool), ("backend", &*b.state.addr_text)];
                     let v = $value(b);
                     if $ty == MetricType::Counter {
                         ConstCounter::new(v as u64).encode(m.encode_family(&labels)?)?;
@@ -158,9 +163,9 @@ impl Collector for NodeCollector {
         {
             let mut m =
                 enc.encode_descriptor("backend_responses", "Responses by status class", None, MetricType::Counter)?;
-            for b in &pool.backends {
+            for (pool, b) in &pairs {
                 for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-                    let labels = [("backend", &*b.state.addr_text), ("class", class)];
+                    let labels = [("pool", *pool), ("backend", &*b.state.addr_text), ("class", class)];
                     ConstCounter::new(b.state.responses[i].load(Relaxed)).encode(m.encode_family(&labels)?)?;
                 }
             }
@@ -172,9 +177,9 @@ impl Collector for NodeCollector {
                 None,
                 MetricType::Histogram,
             )?;
-            for b in &pool.backends {
+            for (pool, b) in &pairs {
                 let (sum, count, buckets) = b.state.latency.snapshot();
-                let labels = [("backend", &*b.state.addr_text)];
+                let labels = [("pool", *pool), ("backend", &*b.state.addr_text)];
                 m.encode_family(&labels)?
                     .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
             }
@@ -222,14 +227,19 @@ impl Collector for NodeCollector {
             "Control-plane calls refused because their token was stale or used before",
             node.control_gate.replayed.load(Relaxed),
         )?;
-        if let Some(l) = &node.proxy.runtime.load().limiter {
-            gauge(
-                &mut enc,
+        let limited: Vec<_> = runtime.upstreams.iter().filter_map(|u| Some((u.name(), u.limiter.as_ref()?))).collect();
+        if !limited.is_empty() {
+            let mut m = enc.encode_descriptor(
                 "rate_limit_share_permille",
-                "This node's share of the cluster-wide rate limit",
-                (l.share() * 1000.0) as i64,
+                "This node's share of the pool's cluster-wide rate limit",
+                None,
+                MetricType::Gauge,
             )?;
+            for (pool, l) in limited {
+                ConstGauge::new((l.share() * 1000.0) as i64).encode(m.encode_family(&[("pool", pool)])?)?;
+            }
         }
+        gauge(&mut enc, "routes", "Routes in the running table", runtime.route_list.len() as i64)?;
         Ok(())
     }
 }

@@ -90,21 +90,65 @@ pub fn status_json(node: &Node) -> serde_json::Value {
     let s = &node.proxy.stats;
     let now = now_ms();
     let view = node.cluster.get().map(|c| c.view.load_full());
-    let backends: Vec<_> = node
-        .pool
-        .full()
-        .backends
+    let runtime = node.runtime();
+    let nodes = node.proxy.serving_nodes();
+    let pools: Vec<_> = runtime
+        .upstreams
         .iter()
-        .map(|b| {
-            let st = &b.state;
+        .enumerate()
+        .map(|(i, u)| {
+            let pool = u.pool.snapshot();
+            let s = &u.settings;
             json!({
+                "name": u.name(),
+                "algorithm": s.algorithm.name(),
+                "backends": pool.backends.len(),
+                "up": pool.backends.iter().filter(|b| b.accepts(now, nodes)).count(),
+                "in_flight": pool.backends.iter().map(|b| b.state.in_flight.load(Relaxed) as u64).sum::<u64>(),
+                "cluster_in_flight": pool.backends.iter().map(|b| b.state.load() as u64).sum::<u64>(),
+                "requests": pool.backends.iter().map(|b| b.state.requests.load(Relaxed)).sum::<u64>(),
+                "health_checks": s.health.is_some(),
+                "sticky_cookie": s.sticky.as_ref().map(|c| c.cookie.clone()),
+                "tls": u.tls.is_some(),
+                "routes": runtime.route_list.iter().filter(|r| r.entry.target as usize == i
+                    && matches!(r.entry.spec.action, crate::route::RouteAction::Pool { .. })).count(),
+            })
+        })
+        .collect();
+    let routes: Vec<_> = runtime
+        .route_list
+        .iter()
+        .map(|r| {
+            let spec = &r.entry.spec;
+            let (upstream, strip, redirect) = match &spec.action {
+                crate::route::RouteAction::Pool { upstream, strip_prefix } => {
+                    (Some(upstream.as_str()), *strip_prefix, None)
+                }
+                crate::route::RouteAction::Redirect { origin } => (None, false, Some(origin.as_str())),
+            };
+            json!({ "name": r.name.as_ref(), "host": spec.host.text(), "path": spec.path.text(),
+                "upstream": upstream, "strip_prefix": strip, "redirect": redirect })
+        })
+        .collect();
+    let pairs: Vec<(&str, crate::pool::Backend)> = runtime
+        .upstreams
+        .iter()
+        .flat_map(|u| u.pool.snapshot().backends.iter().map(|b| (u.name(), b.clone())).collect::<Vec<_>>())
+        .collect();
+    let backends: Vec<_> = pairs
+        .iter()
+        .map(|(pool, b)| {
+            let st = &b.state;
+            let key = (pool.to_string(), b.spec.addr);
+            json!({
+                "pool": pool,
                 "addr": st.addr_text.as_ref(),
                 "weight": b.spec.weight,
                 "max_conns": b.spec.max_conns,
                 "backup": b.spec.backup,
                 "state": st.state_name(now),
                 "own_verdict": if st.own_verdict_down(now) { "down" } else { "up" },
-                "down_on": view.as_ref().and_then(|v| v.down_on.get(&b.spec.addr).cloned()).unwrap_or_default(),
+                "down_on": view.as_ref().and_then(|v| v.down_on.get(&key).cloned()).unwrap_or_default(),
                 "in_flight": st.in_flight.load(Relaxed),
                 "cluster_in_flight": st.load(),
                 "requests": st.requests.load(Relaxed),
@@ -185,6 +229,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             })
         }),
         "members": members,
+        "pools": pools,
+        "routes": routes,
         "backends": backends,
     })
 }

@@ -190,7 +190,7 @@ mod tests {
                 s
             })
             .collect();
-        Pool::new(1, [1; 16]).replace(&specs, &[])
+        Pool::new("default", 1, [1; 16]).replace(&specs, &[])
     }
 
     fn req(ip: [u8; 4]) -> PickRequest<'static> {

@@ -47,7 +47,7 @@ pub fn simulate(policy: Policy, balancers: usize, period: f64, requests: usize, 
         .map(|_| {
             let specs: Vec<BackendSpec> =
                 (0..BACKENDS).map(|i| BackendSpec::new(SocketAddr::from(([10, 0, 0, 1], 8000 + i as u16)))).collect();
-            Pool::new(1, [0; 16]).replace(&specs, &[])
+            Pool::new("default", 1, [0; 16]).replace(&specs, &[])
         })
         .collect();
     // counts[m][b]: requests from balancer m at backend b (exact); views[v][m][b]: balancer m's

@@ -3,7 +3,8 @@
 //!
 //! - `keys`: gossip key names and typed values;
 //! - `change`: membership events from a pure diff;
-//! - `registry`: the run-time backend registry (LWW on a hybrid logical clock, persisted);
+//! - `registry`: the run-time registry of backends, routes and certificates (LWW on a hybrid
+//!   logical clock, persisted);
 //! - `transport`: the authenticated, encrypted gossip transport.
 //!
 //! Two tasks run per node. The *publish* task writes this node's per-backend in-flight counts,
@@ -33,7 +34,8 @@ use tokio::task::JoinSet;
 use crate::Node;
 use crate::lifecycle::MemberState;
 use crate::pool::now_ms;
-use registry::{CertEntry, RegEntry, Registry};
+use keys::BackendKey;
+use registry::{CertEntry, RegEntry, Registry, RouteEntry};
 use transport::{GossipCounters, SealedTransport};
 
 /// One member as this node sees it.
@@ -50,8 +52,8 @@ pub struct Member {
     pub in_flight: u64,
     pub rps: f64,
     pub is_self: bool,
-    /// Backends this member's own verdict says are down.
-    pub down: Vec<SocketAddr>,
+    /// Backends (pool, address) this member's own verdict says are down.
+    pub down: Vec<BackendKey>,
 }
 
 impl Default for Member {
@@ -78,10 +80,10 @@ pub struct ClusterView {
     pub members: Vec<Member>,
     /// First time each node id was seen by this node (for ages).
     pub first_seen: HashMap<String, Instant>,
-    /// Per backend: the members whose own verdict is down.
-    pub down_on: HashMap<SocketAddr, Vec<String>>,
-    /// Per backend: the sum of other live members' in-flight reports.
-    pub remote_in_flight: HashMap<SocketAddr, u32>,
+    /// Per backend of a pool: the members whose own verdict is down.
+    pub down_on: HashMap<BackendKey, Vec<String>>,
+    /// Per backend of a pool: the sum of other live members' in-flight reports.
+    pub remote_in_flight: HashMap<BackendKey, u32>,
 }
 
 /// This node's cluster membership.
@@ -113,7 +115,8 @@ impl Cluster {
             Some(dir) => crate::store::load(dir)?,
             None => crate::store::Persisted::default(),
         };
-        let registry = Registry::from_entries(persisted.registry.clone(), persisted.certs.clone());
+        let registry =
+            Registry::from_entries(persisted.registry.clone(), persisted.certs.clone(), persisted.routes.clone());
         let generation = generation_now().max(persisted.generation + 1);
         if let Some(dir) = &config.node.data_dir {
             let mut p = persisted.clone();
@@ -223,11 +226,14 @@ impl Cluster {
         }
     }
 
-    /// Records a registry change made on this node, applies it and persists it.
-    pub fn change_registry(&self, entry_fn: impl FnOnce(&Registry) -> RegEntry) -> RegEntry {
+    /// Records a registry change made on this node (a backend or a route), applies it and
+    /// persists it.
+    pub fn change_registry<E>(&self, entry_fn: impl FnOnce(&Registry) -> E) -> E {
         let entry = entry_fn(&self.registry);
         if let Some(node) = self.node.upgrade() {
-            node.apply_backends();
+            if let Err(e) = node.apply() {
+                tracing::error!(error = %e, "cannot apply the registry");
+            }
             self.persist(&node);
         }
         entry
@@ -251,6 +257,7 @@ impl Cluster {
                 generation: self.self_id.generation_id,
                 registry: self.registry.entries(),
                 certs: self.registry.certs(),
+                routes: self.registry.routes(),
             };
             if let Err(e) = crate::store::save(dir, &state) {
                 tracing::error!(error = %e, "cannot persist the registry");
@@ -311,7 +318,7 @@ async fn publish_loop(cluster: Arc<Cluster>) {
     loop {
         tick.tick().await;
         let Some(node) = cluster.node.upgrade() else { return };
-        let pool = node.pool.full();
+        let runtime = node.runtime();
         let now = now_ms();
         let requests = node.proxy.stats.requests.load(Relaxed);
         let elapsed = last_at.elapsed().as_secs_f64();
@@ -322,24 +329,31 @@ async fn publish_loop(cluster: Arc<Cluster>) {
         }
         let registry = cluster.registry.entries();
         let certs = cluster.registry.certs();
+        let routes = cluster.registry.routes();
+        let pools: Vec<_> = runtime.upstreams.iter().map(|u| u.pool.full()).collect();
         let mut cc = cluster.chitchat.lock().await;
         let me = cc.self_node_state();
-        for b in &pool.backends {
-            me.set(keys::load_key(b.spec.addr), b.state.in_flight.load(Relaxed).to_string());
-            let down_key = keys::down_key(b.spec.addr);
-            if b.state.own_verdict_down(now) {
-                me.set(down_key, "1");
-            } else if me.get(&down_key).is_some() {
-                me.delete(&down_key);
+        for (u, pool) in runtime.upstreams.iter().zip(&pools) {
+            for b in &pool.backends {
+                me.set(keys::load_key(u.name(), b.spec.addr), b.state.in_flight.load(Relaxed).to_string());
+                let down_key = keys::down_key(u.name(), b.spec.addr);
+                if b.state.own_verdict_down(now) {
+                    me.set(down_key, "1");
+                } else if me.get(&down_key).is_some() {
+                    me.delete(&down_key);
+                }
             }
         }
-        // Keys of backends that left the pool.
+        // Keys of backends that left their pool.
+        let known = |(pool, addr): &BackendKey| {
+            runtime.upstreams.iter().zip(&pools).any(|(u, p)| u.name() == pool && p.find(*addr).is_some())
+        };
         let stale: Vec<String> = me
             .iter_prefix(keys::LOAD_PREFIX)
             .chain(me.iter_prefix(keys::DOWN_PREFIX))
             .filter(|(k, _)| {
-                let addr = keys::backend_of(k, keys::LOAD_PREFIX).or_else(|| keys::backend_of(k, keys::DOWN_PREFIX));
-                addr.is_none_or(|a| pool.find(a).is_none())
+                let key = keys::backend_of(k, keys::LOAD_PREFIX).or_else(|| keys::backend_of(k, keys::DOWN_PREFIX));
+                key.is_none_or(|key| !known(&key))
             })
             .map(|(k, _)| k.to_string())
             .collect();
@@ -348,7 +362,10 @@ async fn publish_loop(cluster: Arc<Cluster>) {
         }
         me.set(keys::RPS, format!("{rps:.1}"));
         for e in &registry {
-            me.set(keys::reg_key(e.addr), keys::format_reg(e));
+            me.set(keys::reg_key(&e.pool, e.addr), keys::format_reg(e));
+        }
+        for e in &routes {
+            me.set(keys::route_key(&e.host, &e.path), keys::format_route(e));
         }
         // A value too large for a datagram would hold back everything published after it;
         // `shoal cert add` refuses such certificates, so only an old or forged entry is skipped.
@@ -358,9 +375,15 @@ async fn publish_loop(cluster: Arc<Cluster>) {
     }
 }
 
-/// What the view task reads from one member's gossip state: the member, its per-backend
-/// in-flight reports, its registry entries and its certificate entries.
-type MemberReading = (Member, Vec<(SocketAddr, u32)>, Vec<RegEntry>, Vec<CertEntry>);
+/// What the view task reads from one member's gossip state.
+struct MemberReading {
+    member: Member,
+    /// Its in-flight reports per backend of a pool.
+    loads: Vec<(BackendKey, u32)>,
+    registry: Vec<RegEntry>,
+    certs: Vec<CertEntry>,
+    routes: Vec<RouteEntry>,
+}
 
 fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) -> MemberReading {
     let announced = state.get(keys::STATE).and_then(MemberState::parse).unwrap_or(MemberState::Alive);
@@ -370,7 +393,7 @@ fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) ->
         (false, _) => MemberState::Dead,
     };
     let addr = |k| state.get(k).and_then(|v| v.parse().ok());
-    let loads: Vec<(SocketAddr, u32)> = state
+    let loads: Vec<(BackendKey, u32)> = state
         .iter_prefix(keys::LOAD_PREFIX)
         .filter_map(|(k, v)| Some((keys::backend_of(k, keys::LOAD_PREFIX)?, keys::parse_load(&v.value)?)))
         .collect();
@@ -381,6 +404,7 @@ fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) ->
         .filter_map(|(k, v)| keys::parse_reg(keys::backend_of(k, keys::REG_PREFIX)?, &v.value))
         .collect();
     let certs = state.iter_prefix(keys::CERT_PREFIX).filter_map(|(k, v)| keys::parse_cert(k, &v.value)).collect();
+    let routes = state.iter_prefix(keys::ROUTE_PREFIX).filter_map(|(k, v)| keys::parse_route(k, &v.value)).collect();
     let member = Member {
         node_id: id.node_id.to_string(),
         generation: id.generation_id,
@@ -394,13 +418,13 @@ fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) ->
         is_self,
         down,
     };
-    (member, loads, registry, certs)
+    MemberReading { member, loads, registry, certs, routes }
 }
 
 /// Builds the cluster view from gossip, once per interval.
 async fn view_loop(cluster: Arc<Cluster>) {
     let mut tick = tokio::time::interval(cluster.interval);
-    let mut peers_said_down: HashMap<SocketAddr, bool> = HashMap::new();
+    let mut peers_said_down: HashMap<BackendKey, bool> = HashMap::new();
     let mut first_seen: HashMap<String, Instant> = HashMap::new();
     loop {
         tick.tick().await;
@@ -421,12 +445,14 @@ async fn view_loop(cluster: Arc<Cluster>) {
         };
         // One entry per node id: a live incarnation wins, then the newest generation.
         let mut members: Vec<Member> = Vec::new();
-        let mut loads_by_node: HashMap<String, Vec<(SocketAddr, u32)>> = HashMap::new();
+        let mut loads_by_node: HashMap<String, Vec<(BackendKey, u32)>> = HashMap::new();
         let mut seen_registry = Vec::new();
         let mut seen_certs = Vec::new();
-        for (m, loads, reg, certs) in raw {
-            seen_registry.extend(reg);
+        let mut seen_routes = Vec::new();
+        for MemberReading { member: m, loads, registry, certs, routes } in raw {
+            seen_registry.extend(registry);
             seen_certs.extend(certs);
+            seen_routes.extend(routes);
             let rank = |x: &Member| (x.state != MemberState::Dead && x.state != MemberState::Left, x.generation);
             match members.iter_mut().find(|o| o.node_id == m.node_id) {
                 Some(o) if rank(o) >= rank(&m) => {}
@@ -443,45 +469,57 @@ async fn view_loop(cluster: Arc<Cluster>) {
         members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
 
         // Remote load: only live peers count; a dead or left node's reports stop at once.
-        let mut remote: HashMap<SocketAddr, u32> = HashMap::new();
-        let mut down_on: HashMap<SocketAddr, Vec<String>> = HashMap::new();
+        let mut remote: HashMap<BackendKey, u32> = HashMap::new();
+        let mut down_on: HashMap<BackendKey, Vec<String>> = HashMap::new();
         for m in &members {
             let counts = matches!(m.state, MemberState::Alive | MemberState::Draining) && !m.is_self;
             if !counts {
                 continue;
             }
-            for (addr, n) in loads_by_node.get(&m.node_id).into_iter().flatten() {
-                *remote.entry(*addr).or_default() += n;
+            for (key, n) in loads_by_node.get(&m.node_id).into_iter().flatten() {
+                *remote.entry(key.clone()).or_default() += n;
             }
-            for addr in &m.down {
-                down_on.entry(*addr).or_default().push(m.node_id.clone());
+            for key in &m.down {
+                down_on.entry(key.clone()).or_default().push(m.node_id.clone());
             }
         }
         let serving = members.iter().filter(|m| matches!(m.state, MemberState::Alive | MemberState::Draining)).count();
-        node.pool.set_serving_nodes(serving as u32);
-        let pool = node.pool.full();
-        for b in &pool.backends {
-            let addr = b.spec.addr;
-            b.state.remote_in_flight.store(remote.get(&addr).copied().unwrap_or(0), Relaxed);
-            // Shared health: a new "down" report from any peer takes the backend out here too;
-            // it stays out until the peers take it back or our own checks see `rise` good ones.
-            let now_down = down_on.contains_key(&addr);
-            let before = peers_said_down.insert(addr, now_down).unwrap_or(false);
-            if now_down && !before {
-                b.state.health.cluster_down.store(true, Relaxed);
-                if !b.state.own_verdict_down(now_ms()) {
-                    tracing::warn!(backend = %addr, reported_by = ?down_on[&addr], "peer reports backend down; out of rotation here too");
+        node.proxy.set_serving_nodes(serving as u32);
+        let runtime = node.runtime();
+        let mut key: BackendKey = (String::new(), SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut present: std::collections::HashSet<BackendKey> = std::collections::HashSet::new();
+        for u in &runtime.upstreams {
+            key.0.clear();
+            key.0.push_str(u.name());
+            for b in &u.pool.snapshot().backends {
+                key.1 = b.spec.addr;
+                present.insert(key.clone());
+                b.state.remote_in_flight.store(remote.get(&key).copied().unwrap_or(0), Relaxed);
+                // Shared health: a new "down" report from any peer takes the backend out here
+                // too; it stays out until the peers take it back or our own checks see `rise`
+                // good ones.
+                let now_down = down_on.contains_key(&key);
+                let before = peers_said_down.insert(key.clone(), now_down).unwrap_or(false);
+                if now_down && !before {
+                    b.state.health.cluster_down.store(true, Relaxed);
+                    if !b.state.own_verdict_down(now_ms()) {
+                        tracing::warn!(pool = u.name(), backend = %key.1, reported_by = ?down_on[&key], "peer reports backend down; out of rotation here too");
+                    }
+                } else if !now_down && before {
+                    b.state.health.cluster_down.store(false, Relaxed);
+                    tracing::info!(pool = u.name(), backend = %key.1, "no peer reports backend down any more");
                 }
-            } else if !now_down && before {
-                b.state.health.cluster_down.store(false, Relaxed);
-                tracing::info!(backend = %addr, "no peer reports backend down any more");
             }
         }
-        peers_said_down.retain(|a, _| pool.find(*a).is_some());
+        peers_said_down.retain(|k, _| present.contains(k));
 
-        if cluster.registry.merge(seen_registry) {
-            tracing::info!("backend registry changed through gossip");
-            node.apply_backends();
+        let backends_changed = cluster.registry.merge(seen_registry);
+        let routes_changed = cluster.registry.merge_routes(seen_routes);
+        if backends_changed || routes_changed {
+            tracing::info!(backends = backends_changed, routes = routes_changed, "registry changed through gossip");
+            if let Err(e) = node.apply() {
+                tracing::error!(error = %e, "cannot apply the registry");
+            }
             cluster.persist(&node);
         }
         if cluster.registry.merge_certs(seen_certs) {
@@ -490,15 +528,15 @@ async fn view_loop(cluster: Arc<Cluster>) {
             cluster.persist(&node);
         }
 
-        // Cluster-scope rate limit: this node's share of the cluster's request rate.
-        if let Some(limiter) = &node.proxy.runtime.load().limiter
-            && limiter.settings().scope == crate::config::LimitScope::Cluster
-        {
-            let total: f64 = members.iter().filter(|m| m.state == MemberState::Alive || m.is_self).map(|m| m.rps).sum();
-            let own = members.iter().find(|m| m.is_self).map_or(0.0, |m| m.rps);
-            let alive = members.iter().filter(|m| m.state == MemberState::Alive).count().max(1) as f64;
-            let share = if total > 1.0 { own / total } else { 1.0 / alive };
-            limiter.set_share(share);
+        // Cluster-scope rate limits: this node's share of the cluster's request rate.
+        let total: f64 = members.iter().filter(|m| m.state == MemberState::Alive || m.is_self).map(|m| m.rps).sum();
+        let own = members.iter().find(|m| m.is_self).map_or(0.0, |m| m.rps);
+        let alive = members.iter().filter(|m| m.state == MemberState::Alive).count().max(1) as f64;
+        let share = if total > 1.0 { own / total } else { 1.0 / alive };
+        for limiter in runtime.upstreams.iter().filter_map(|u| u.limiter.as_ref()) {
+            if limiter.settings().scope == crate::config::LimitScope::Cluster {
+                limiter.set_share(share);
+            }
         }
 
         let old = cluster.view.load();

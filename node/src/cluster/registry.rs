@@ -1,5 +1,6 @@
-//! The registry: backends added, removed or drained at run time (`shoal backend ...`), on top
-//! of the config file's, and the cluster's certificates (`shoal cert ...`, sealed with the
+//! The registry: backends added, removed or drained at run time (`shoal backend ...`, per
+//! pool), routes added or removed (`shoal route ...`), both on top of the config file's, and
+//! the cluster's certificates (`shoal cert ...`, sealed with the
 //! cluster secret). Entries merge by last writer wins on a hybrid logical clock
 //! (ties broken by origin node id); a removal is a tombstone entry, so it cannot be undone by a
 //! stale add. Every node re-publishes the merged registry, so a change survives the node that
@@ -14,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::BackendSpec;
+use crate::route::{HostPattern, PathPattern, RouteAction, RouteSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RegOp {
@@ -41,9 +43,11 @@ impl RegOp {
     }
 }
 
-/// One registry change for one backend address.
+/// One registry change for one backend address of one pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegEntry {
+    /// The pool (`default` for `[upstream]`).
+    pub pool: String,
     pub addr: SocketAddr,
     /// Hybrid logical clock: wall-clock milliseconds << 16 | logical counter.
     pub hlc: u64,
@@ -90,6 +94,48 @@ impl CertOp {
     }
 }
 
+/// A route added or removed at run time (`shoal route add|remove`), by its host and path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteEntry {
+    /// The host pattern's text (`HostPattern::text`: empty for any host).
+    pub host: String,
+    /// The path pattern's text (`PathPattern::text`).
+    pub path: String,
+    pub hlc: u64,
+    /// `Add` sets the route (replacing one with the same host and path), `Remove` deletes it.
+    pub op: CertOp,
+    /// The pool, for a route to a pool (else empty).
+    pub upstream: String,
+    pub strip_prefix: bool,
+    /// The origin, for a redirect (else empty).
+    pub redirect: String,
+    pub origin: String,
+}
+
+impl RouteEntry {
+    /// The route this entry sets, or why it cannot be one (an entry from a newer or broken peer).
+    pub fn spec(&self) -> Result<RouteSpec, String> {
+        let host = HostPattern::parse(Some(&self.host))?;
+        let path = PathPattern::parse(Some(&self.path))?;
+        let action = match (self.upstream.is_empty(), self.redirect.is_empty()) {
+            (false, true) => RouteAction::Pool { upstream: self.upstream.clone(), strip_prefix: self.strip_prefix },
+            (true, false) => RouteAction::Redirect { origin: crate::route::parse_origin(&self.redirect)? },
+            _ => return Err("a route entry needs a pool or a redirect".into()),
+        };
+        Ok(RouteSpec { host, path, action })
+    }
+}
+
+impl Stamped for RouteEntry {
+    type Key = (String, String);
+    fn key(&self) -> (String, String) {
+        (self.host.clone(), self.path.clone())
+    }
+    fn stamp(&self) -> (u64, &str) {
+        (self.hlc, &self.origin)
+    }
+}
+
 /// An entry merged last-writer-wins by key.
 trait Stamped {
     type Key: Ord + Clone;
@@ -98,9 +144,9 @@ trait Stamped {
 }
 
 impl Stamped for RegEntry {
-    type Key = SocketAddr;
-    fn key(&self) -> SocketAddr {
-        self.addr
+    type Key = (String, SocketAddr);
+    fn key(&self) -> (String, SocketAddr) {
+        (self.pool.clone(), self.addr)
     }
     fn stamp(&self) -> (u64, &str) {
         (self.hlc, &self.origin)
@@ -158,17 +204,90 @@ impl Hlc {
 /// The merged registry of this node.
 #[derive(Debug, Default)]
 pub struct Registry {
-    entries: Mutex<BTreeMap<SocketAddr, RegEntry>>,
+    entries: Mutex<BTreeMap<(String, SocketAddr), RegEntry>>,
     certs: Mutex<BTreeMap<String, CertEntry>>,
+    routes: Mutex<BTreeMap<(String, String), RouteEntry>>,
     pub clock: Hlc,
 }
 
 impl Registry {
-    pub fn from_entries(entries: Vec<RegEntry>, certs: Vec<CertEntry>) -> Self {
+    pub fn from_entries(entries: Vec<RegEntry>, certs: Vec<CertEntry>, routes: Vec<RouteEntry>) -> Self {
         let r = Registry::default();
         r.merge(entries);
         r.merge_certs(certs);
+        r.merge_routes(routes);
         r
+    }
+
+    pub fn routes(&self) -> Vec<RouteEntry> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    /// Merges route entries seen elsewhere. Returns true if anything changed.
+    pub fn merge_routes(&self, incoming: impl IntoIterator<Item = RouteEntry>) -> bool {
+        merge_into(&mut self.routes.lock().unwrap_or_else(|e| e.into_inner()), &self.clock, incoming)
+    }
+
+    /// Records a local route change with a fresh clock value: `Some(spec)` sets the route,
+    /// `None` removes the route with this host and path.
+    pub fn record_route(
+        &self,
+        host: &HostPattern,
+        path: &PathPattern,
+        set: Option<&RouteSpec>,
+        origin: &str,
+    ) -> RouteEntry {
+        let (upstream, strip_prefix, redirect) = match set.map(|s| &s.action) {
+            Some(RouteAction::Pool { upstream, strip_prefix }) => (upstream.clone(), *strip_prefix, String::new()),
+            Some(RouteAction::Redirect { origin }) => (String::new(), false, origin.clone()),
+            None => (String::new(), false, String::new()),
+        };
+        let e = RouteEntry {
+            host: host.text(),
+            path: path.text(),
+            hlc: self.clock.now(),
+            op: if set.is_some() { CertOp::Add } else { CertOp::Remove },
+            upstream,
+            strip_prefix,
+            redirect,
+            origin: origin.to_string(),
+        };
+        self.merge_routes([e.clone()]);
+        e
+    }
+
+    /// The routes: the config's, overridden by registry entries (an add replaces or adds the
+    /// route with its host and path, a remove deletes it). An entry that is not a valid route
+    /// is skipped and logged.
+    pub fn effective_routes(&self, config: &[RouteSpec]) -> Vec<RouteSpec> {
+        let entries = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut routes: Vec<RouteSpec> = config.to_vec();
+        for e in entries.values() {
+            let pos = routes.iter().position(|r| r.host.text() == e.host && r.path.text() == e.path);
+            match (e.op, e.spec()) {
+                (CertOp::Remove, _) => {
+                    if let Some(i) = pos {
+                        routes.remove(i);
+                    }
+                }
+                (CertOp::Add, Ok(spec)) => match pos {
+                    Some(i) => routes[i] = spec,
+                    None => routes.push(spec),
+                },
+                (CertOp::Add, Err(why)) => {
+                    tracing::warn!(host = %e.host, path = %e.path, error = %why, "route entry skipped")
+                }
+            }
+        }
+        routes
+    }
+
+    /// Pools that registry entries name (they exist even when no config defines them).
+    pub fn pools(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.entries.lock().unwrap_or_else(|e| e.into_inner()).keys().map(|(p, _)| p.clone()).collect();
+        names.dedup();
+        names
     }
 
     pub fn entries(&self) -> Vec<RegEntry> {
@@ -197,8 +316,10 @@ impl Registry {
     }
 
     /// Records a local change with a fresh clock value.
+    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
+        pool: &str,
         addr: SocketAddr,
         op: RegOp,
         weight: u32,
@@ -206,23 +327,32 @@ impl Registry {
         backup: bool,
         origin: &str,
     ) -> RegEntry {
-        let e = RegEntry { addr, hlc: self.clock.now(), op, weight, max_conns, backup, origin: origin.to_string() };
+        let e = RegEntry {
+            pool: pool.to_string(),
+            addr,
+            hlc: self.clock.now(),
+            op,
+            weight,
+            max_conns,
+            backup,
+            origin: origin.to_string(),
+        };
         self.merge([e.clone()]);
         e
     }
 
-    pub fn get(&self, addr: SocketAddr) -> Option<RegEntry> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(&addr).cloned()
+    pub fn get(&self, pool: &str, addr: SocketAddr) -> Option<RegEntry> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(&(pool.to_string(), addr)).cloned()
     }
 
-    /// The backend set: config backends, overridden by registry entries (add replaces the
+    /// The backend set of `pool`: config backends, overridden by registry entries (add replaces the
     /// spec, remove deletes, drain keeps it but takes no new requests). Returns
     /// (specs, draining addresses).
-    pub fn effective(&self, config: &[BackendSpec]) -> (Vec<BackendSpec>, Vec<SocketAddr>) {
+    pub fn effective(&self, pool: &str, config: &[BackendSpec]) -> (Vec<BackendSpec>, Vec<SocketAddr>) {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let mut specs: Vec<BackendSpec> = config.to_vec();
         let mut draining = Vec::new();
-        for e in entries.values() {
+        for e in entries.values().filter(|e| e.pool == pool) {
             let pos = specs.iter().position(|s| s.addr == e.addr);
             match e.op {
                 RegOp::Remove => {
@@ -256,7 +386,16 @@ mod tests {
     use super::*;
 
     fn entry(addr: &str, hlc: u64, op: RegOp, origin: &str) -> RegEntry {
-        RegEntry { addr: addr.parse().unwrap(), hlc, op, weight: 1, max_conns: 0, backup: false, origin: origin.into() }
+        RegEntry {
+            pool: "default".into(),
+            addr: addr.parse().unwrap(),
+            hlc,
+            op,
+            weight: 1,
+            max_conns: 0,
+            backup: false,
+            origin: origin.into(),
+        }
     }
 
     #[test]
@@ -266,7 +405,7 @@ mod tests {
         assert!(r.merge([entry("10.0.0.1:80", 20, RegOp::Remove, "b")]));
         // a stale add (delivered late) does not resurrect it
         assert!(!r.merge([entry("10.0.0.1:80", 15, RegOp::Add, "c")]));
-        assert_eq!(r.get("10.0.0.1:80".parse().unwrap()).unwrap().op, RegOp::Remove);
+        assert_eq!(r.get("default", "10.0.0.1:80".parse().unwrap()).unwrap().op, RegOp::Remove);
         // same clock: origin breaks the tie the same way on every node
         let r2 = Registry::default();
         r2.merge([entry("10.0.0.2:80", 5, RegOp::Drain, "b"), entry("10.0.0.2:80", 5, RegOp::Add, "a")]);
@@ -274,7 +413,7 @@ mod tests {
         r3.merge([entry("10.0.0.2:80", 5, RegOp::Add, "a"), entry("10.0.0.2:80", 5, RegOp::Drain, "b")]);
         assert_eq!(r2.entries(), r3.entries());
         // local writes move past everything seen
-        assert!(r.record("10.0.0.3:80".parse().unwrap(), RegOp::Add, 1, 0, false, "me").hlc > 20);
+        assert!(r.record("default", "10.0.0.3:80".parse().unwrap(), RegOp::Add, 1, 0, false, "me").hlc > 20);
     }
 
     #[test]
@@ -306,7 +445,7 @@ mod tests {
             entry("10.0.0.2:80", 1, RegOp::Drain, "a"),
             entry("10.0.0.3:80", 1, RegOp::Add, "a"),
         ]);
-        let (specs, draining) = r.effective(&cfg);
+        let (specs, draining) = r.effective("default", &cfg);
         let addrs: Vec<String> = specs.iter().map(|s| s.addr.to_string()).collect();
         assert_eq!(addrs, vec!["10.0.0.2:80", "10.0.0.3:80"]);
         assert_eq!(draining, vec!["10.0.0.2:80".parse::<SocketAddr>().unwrap()]);

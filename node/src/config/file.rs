@@ -20,6 +20,12 @@ pub struct FileConfig {
     pub cluster: ClusterFile,
     #[serde(default)]
     pub upstream: UpstreamFile,
+    /// More pools (`[upstreams.NAME]`), each with every key of `[upstream]`.
+    #[serde(default)]
+    pub upstreams: std::collections::BTreeMap<String, toml::Spanned<UpstreamFile>>,
+    /// `[[route]]`: host and path to a pool, or a redirect.
+    #[serde(default)]
+    pub route: Vec<toml::Spanned<RouteFile>>,
     pub health: Option<HealthFile>,
     pub sticky: Option<StickyFile>,
     pub rate_limit: Option<RateLimitFile>,
@@ -105,6 +111,29 @@ pub struct UpstreamFile {
     pub verify: Option<bool>,
     #[serde(default)]
     pub backend: Vec<toml::Spanned<BackendFile>>,
+    /// The pool's active checks (`[upstreams.NAME.health]`; `[health]` for the default pool).
+    pub health: Option<HealthFile>,
+    /// The pool's sticky cookie (`[upstreams.NAME.sticky]`; `[sticky]` for the default pool).
+    pub sticky: Option<StickyFile>,
+    /// The pool's rate limit (`[upstreams.NAME.rate_limit]`; `[rate_limit]` for the default).
+    pub rate_limit: Option<RateLimitFile>,
+}
+
+/// One `[[route]]`: which requests (host, path) go to which pool, or are redirected.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    /// An exact host name or `*.suffix`; absent: any host.
+    pub host: Option<String>,
+    /// `=/exact` or a prefix; absent: `/`.
+    pub path: Option<String>,
+    /// The pool that serves the matching requests.
+    pub upstream: Option<String>,
+    /// The backend sees the path without the route's prefix.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// 308 to this origin plus the request's path and query.
+    pub redirect: Option<String>,
 }
 
 /// One `[[upstream.backend]]`.

@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::route::{HostPattern, PathPattern, RouteAction, RouteSpec};
 use file::FileConfig;
 pub use file::{Algorithm, AllDown, CheckKind, LimitScope, StatusClass, TlsVersion};
 
@@ -93,8 +94,11 @@ pub struct ClusterSettings {
     pub gossip_interval: Duration,
 }
 
+/// One pool: its backends and every setting that applies to them.
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
+    /// `default` for `[upstream]`, else the `NAME` of `[upstreams.NAME]`.
+    pub name: String,
     pub algorithm: Algorithm,
     pub keepalive: usize,
     pub connect_timeout: Duration,
@@ -106,6 +110,9 @@ pub struct UpstreamSettings {
     /// TLS to the backends, when `tls = true`.
     pub tls: Option<UpstreamTlsSettings>,
     pub backends: Vec<BackendSpec>,
+    pub health: Option<HealthSettings>,
+    pub sticky: Option<StickySettings>,
+    pub rate_limit: Option<RateLimitSettings>,
 }
 
 /// How to speak TLS to a pool's backends.
@@ -176,16 +183,28 @@ pub struct TlsSettings {
 pub struct Config {
     pub node: NodeSettings,
     pub cluster: ClusterSettings,
+    /// The default pool (`[upstream]`).
     pub upstream: UpstreamSettings,
-    pub health: Option<HealthSettings>,
-    pub sticky: Option<StickySettings>,
-    pub rate_limit: Option<RateLimitSettings>,
+    /// The other pools (`[upstreams.NAME]`), by name.
+    pub upstreams: Vec<UpstreamSettings>,
+    /// `[[route]]`s, in file order.
+    pub routes: Vec<RouteSpec>,
     pub dns: Option<DnsSettings>,
     pub access_log: Option<PathBuf>,
     pub tls: Option<TlsSettings>,
     /// The file this came from (reloaded on SIGHUP).
     pub path: Option<PathBuf>,
 }
+
+impl Config {
+    /// Every pool, the default one first.
+    pub fn pools(&self) -> impl Iterator<Item = &UpstreamSettings> {
+        std::iter::once(&self.upstream).chain(&self.upstreams)
+    }
+}
+
+/// The name of the pool `[upstream]` defines.
+pub const DEFAULT_POOL: &str = "default";
 
 /// Default ports (PRODUCT.md §2).
 pub const DEFAULT_LISTEN: u16 = 8080;
@@ -328,89 +347,62 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
         gossip_interval,
     };
 
-    let u = file.upstream;
-    let mut backends = Vec::new();
-    if flags.backends.is_empty() {
-        for spanned in &u.backend {
-            let line = Some(line_of(src, spanned.span().start));
-            let b = spanned.get_ref();
-            let spec = BackendSpec {
-                addr: b.addr,
-                weight: b.weight.map_or(1, |w| w.0),
-                max_fails: b.max_fails.unwrap_or(1),
-                fail_timeout: b.fail_timeout.map_or(Duration::from_secs(10), |d| d.0),
-                max_conns: b.max_conns.unwrap_or(0),
-                backup: b.backup,
-            };
-            if backends.iter().any(|o: &BackendSpec| o.addr == spec.addr) {
-                return Err(invalid(line, format!("backend {} is listed twice", spec.addr)));
+    let mut u = file.upstream;
+    for (table, given) in [
+        ("health", u.health.is_some() && file.health.is_some()),
+        ("sticky", u.sticky.is_some() && file.sticky.is_some()),
+        ("rate_limit", u.rate_limit.is_some() && file.rate_limit.is_some()),
+    ] {
+        if given {
+            return Err(invalid(None, format!("[{table}] and [upstream.{table}] both given: keep one")));
+        }
+    }
+    u.health = u.health.or(file.health);
+    u.sticky = u.sticky.or(file.sticky);
+    u.rate_limit = u.rate_limit.or(file.rate_limit);
+    let mut upstream = pool_settings(DEFAULT_POOL, u, src, &invalid, Some(flags))?;
+    let mut upstreams = Vec::new();
+    for (name, spanned) in file.upstreams {
+        let line = Some(line_of(src, spanned.span().start));
+        if let Err(why) = check_pool_name(&name) {
+            return Err(invalid(line, why));
+        }
+        upstreams.push(pool_settings(&name, spanned.into_inner(), src, &invalid, None)?);
+    }
+    let mut routes: Vec<RouteSpec> = Vec::new();
+    for spanned in &file.route {
+        let line = Some(line_of(src, spanned.span().start));
+        let spec = route_spec(spanned.get_ref()).map_err(|why| invalid(line, why))?;
+        if let RouteAction::Pool { upstream: name, .. } = &spec.action {
+            let pool = std::iter::once(&upstream).chain(&upstreams).find(|p| p.name == *name);
+            match pool {
+                None => {
+                    return Err(invalid(
+                        line,
+                        format!(
+                            "route {} names pool {name:?}, which is not defined (add [upstreams.{name}])",
+                            spec.describe()
+                        ),
+                    ));
+                }
+                Some(p) if p.backends.is_empty() => {
+                    return Err(invalid(
+                        line,
+                        format!("route {} names pool {name:?}, which has no backends", spec.describe()),
+                    ));
+                }
+                Some(_) => {}
             }
-            backends.push(spec);
         }
-    } else {
-        for spec in &flags.backends {
-            if backends.iter().any(|o: &BackendSpec| o.addr == spec.addr) {
-                return Err(invalid(None, format!("--backend {} is given twice", spec.addr)));
-            }
-            backends.push(spec.clone());
+        if routes.iter().any(|r| r.host == spec.host && r.path == spec.path) {
+            return Err(invalid(line, format!("route {} is given twice (same host and path)", spec.describe())));
         }
+        routes.push(spec);
     }
-    let algorithm = flags.algorithm.or(u.algorithm).unwrap_or_default();
-    let retry_budget = u.retry_budget.unwrap_or(0.2);
-    if !(0.0..=1.0).contains(&retry_budget) {
-        return Err(invalid(None, format!("upstream.retry_budget {retry_budget} must be between 0 and 1")));
+    // The default pool's sticky cookie comes from `--algorithm cookie` too.
+    if upstream.sticky.is_none() && upstream.algorithm == Algorithm::Cookie {
+        upstream.sticky = Some(StickySettings { cookie: "shoal_backend".into(), expires: None });
     }
-    let upstream = UpstreamSettings {
-        algorithm,
-        keepalive: u.keepalive.unwrap_or(32),
-        connect_timeout: u.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
-        read_timeout: u.read_timeout.map_or(Duration::from_secs(60), |d| d.0),
-        retries: u.retries.unwrap_or(2),
-        retry_on: u.retry_on.unwrap_or_default().into_iter().map(|r| r.0).collect(),
-        retry_budget,
-        when_all_down: u.when_all_down.unwrap_or_default(),
-        tls: u.tls.then(|| UpstreamTlsSettings {
-            sni: u.sni.clone(),
-            ca_file: u.ca_file.clone(),
-            verify: u.verify.unwrap_or(true),
-        }),
-        backends,
-    };
-    if !u.tls && (u.sni.is_some() || u.ca_file.is_some() || u.verify.is_some()) {
-        return Err(invalid(None, "upstream.sni, ca_file and verify need upstream.tls = true".into()));
-    }
-    if upstream.connect_timeout.is_zero() || upstream.read_timeout.is_zero() {
-        return Err(invalid(None, "upstream timeouts must be greater than zero".into()));
-    }
-
-    let health = file.health.map(|h| HealthSettings {
-        interval: h.interval.map_or(Duration::from_secs(3), |d| d.0),
-        rise: h.rise.map_or(2, |c| c.0),
-        fall: h.fall.map_or(3, |c| c.0),
-        timeout: h.timeout.map_or(Duration::from_secs(1), |d| d.0),
-        kind: h.kind.unwrap_or_default(),
-        path: h.path.map_or_else(|| "/".to_string(), |p| p.0),
-        expect: h.expect.unwrap_or_else(|| vec![StatusClass::Class(2), StatusClass::Class(3)]),
-    });
-    if let Some(h) = &health {
-        if h.interval < Duration::from_millis(50) {
-            return Err(invalid(None, "health.interval must be at least 50ms".into()));
-        }
-        if h.timeout.is_zero() {
-            return Err(invalid(None, "health.timeout must be greater than zero".into()));
-        }
-    }
-    let sticky = match (file.sticky, algorithm) {
-        (Some(s), _) => Some(StickySettings { cookie: s.cookie.0, expires: s.expires.map(|d| d.0) }),
-        (None, Algorithm::Cookie) => Some(StickySettings { cookie: "shoal_backend".into(), expires: None }),
-        (None, _) => None,
-    };
-    let rate_limit = file.rate_limit.map(|r| RateLimitSettings {
-        per_second: r.rate.per_second,
-        burst: r.burst.unwrap_or(0),
-        nodelay: r.nodelay,
-        scope: r.scope.unwrap_or_default(),
-    });
     // Each DNS flag overrides its own key; `--dns-listen` alone turns the responder on.
     let dns = match (file.dns, flags.dns_listen) {
         (None, None) => None,
@@ -429,14 +421,163 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
         node,
         cluster,
         upstream,
-        health,
-        sticky,
-        rate_limit,
+        upstreams,
+        routes,
         dns,
         access_log: file.access_log.map(|a| a.path),
         tls,
         path: None,
     })
+}
+
+/// One pool's settings from its table (`[upstream]` with the top-level `[health]`, `[sticky]`
+/// and `[rate_limit]` merged in, or `[upstreams.NAME]`). `flags` only for the default pool:
+/// `--backend` and `--algorithm` apply to it.
+fn pool_settings(
+    name: &str,
+    u: file::UpstreamFile,
+    src: &str,
+    invalid: &dyn Fn(Option<usize>, String) -> ConfigError,
+    flags: Option<&flags::RunFlags>,
+) -> Result<UpstreamSettings, ConfigError> {
+    let table = if name == DEFAULT_POOL { "upstream".to_string() } else { format!("upstreams.{name}") };
+    let mut backends = Vec::new();
+    match flags.filter(|f| !f.backends.is_empty()) {
+        None => {
+            for spanned in &u.backend {
+                let line = Some(line_of(src, spanned.span().start));
+                let b = spanned.get_ref();
+                let spec = BackendSpec {
+                    addr: b.addr,
+                    weight: b.weight.map_or(1, |w| w.0),
+                    max_fails: b.max_fails.unwrap_or(1),
+                    fail_timeout: b.fail_timeout.map_or(Duration::from_secs(10), |d| d.0),
+                    max_conns: b.max_conns.unwrap_or(0),
+                    backup: b.backup,
+                };
+                if backends.iter().any(|o: &BackendSpec| o.addr == spec.addr) {
+                    return Err(invalid(line, format!("backend {} is listed twice", spec.addr)));
+                }
+                backends.push(spec);
+            }
+        }
+        Some(flags) => {
+            for spec in &flags.backends {
+                if backends.iter().any(|o: &BackendSpec| o.addr == spec.addr) {
+                    return Err(invalid(None, format!("--backend {} is given twice", spec.addr)));
+                }
+                backends.push(spec.clone());
+            }
+        }
+    }
+    let algorithm = flags.and_then(|f| f.algorithm).or(u.algorithm).unwrap_or_default();
+    let retry_budget = u.retry_budget.unwrap_or(0.2);
+    if !(0.0..=1.0).contains(&retry_budget) {
+        return Err(invalid(None, format!("{table}.retry_budget {retry_budget} must be between 0 and 1")));
+    }
+    if !u.tls && (u.sni.is_some() || u.ca_file.is_some() || u.verify.is_some()) {
+        return Err(invalid(None, format!("{table}.sni, ca_file and verify need {table}.tls = true")));
+    }
+    let health = u.health.map(|h| HealthSettings {
+        interval: h.interval.map_or(Duration::from_secs(3), |d| d.0),
+        rise: h.rise.map_or(2, |c| c.0),
+        fall: h.fall.map_or(3, |c| c.0),
+        timeout: h.timeout.map_or(Duration::from_secs(1), |d| d.0),
+        kind: h.kind.unwrap_or_default(),
+        path: h.path.map_or_else(|| "/".to_string(), |p| p.0),
+        expect: h.expect.unwrap_or_else(|| vec![StatusClass::Class(2), StatusClass::Class(3)]),
+    });
+    let health_table = if name == DEFAULT_POOL { "health".to_string() } else { format!("{table}.health") };
+    if let Some(h) = &health {
+        if h.interval < Duration::from_millis(50) {
+            return Err(invalid(None, format!("{health_table}.interval must be at least 50ms")));
+        }
+        if h.timeout.is_zero() {
+            return Err(invalid(None, format!("{health_table}.timeout must be greater than zero")));
+        }
+    }
+    let sticky = match (u.sticky, algorithm) {
+        (Some(s), _) => Some(StickySettings { cookie: s.cookie.0, expires: s.expires.map(|d| d.0) }),
+        (None, Algorithm::Cookie) => Some(StickySettings { cookie: "shoal_backend".into(), expires: None }),
+        (None, _) => None,
+    };
+    let rate_limit = u.rate_limit.map(|r| RateLimitSettings {
+        per_second: r.rate.per_second,
+        burst: r.burst.unwrap_or(0),
+        nodelay: r.nodelay,
+        scope: r.scope.unwrap_or_default(),
+    });
+    let settings = UpstreamSettings {
+        name: name.to_string(),
+        algorithm,
+        keepalive: u.keepalive.unwrap_or(32),
+        connect_timeout: u.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
+        read_timeout: u.read_timeout.map_or(Duration::from_secs(60), |d| d.0),
+        retries: u.retries.unwrap_or(2),
+        retry_on: u.retry_on.unwrap_or_default().into_iter().map(|r| r.0).collect(),
+        retry_budget,
+        when_all_down: u.when_all_down.unwrap_or_default(),
+        tls: u.tls.then(|| UpstreamTlsSettings {
+            sni: u.sni.clone(),
+            ca_file: u.ca_file.clone(),
+            verify: u.verify.unwrap_or(true),
+        }),
+        backends,
+        health,
+        sticky,
+        rate_limit,
+    };
+    if settings.connect_timeout.is_zero() || settings.read_timeout.is_zero() {
+        return Err(invalid(None, format!("{table} timeouts must be greater than zero")));
+    }
+    Ok(settings)
+}
+
+/// The settings of a pool no config table defines (one that only the registry or a route
+/// names): every key at its default, no backends of its own.
+pub fn pool_defaults(name: &str) -> UpstreamSettings {
+    let no_error = |_: Option<usize>, message: String| ConfigError::Invalid { where_: String::new(), message };
+    match pool_settings(name, file::UpstreamFile::default(), "", &no_error, None) {
+        Ok(s) => s,
+        // Unreachable: the defaults are valid; a pool with them is still better than none.
+        Err(_) => unreachable!("the default pool settings are valid"),
+    }
+}
+
+/// Pool names: what `[upstreams.NAME]`, routes, gossip keys and metric labels carry.
+pub fn check_pool_name(name: &str) -> Result<(), String> {
+    if name == DEFAULT_POOL {
+        return Err("[upstreams.default] is [upstream]: the pool named \"default\" is written as [upstream]".into());
+    }
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!("pool name {name:?} must be 1-64 characters of [A-Za-z0-9-_]"));
+    }
+    Ok(())
+}
+
+/// A route as the file writes it -> a checked [`RouteSpec`] (the pool it names is checked by
+/// the caller).
+pub fn route_spec(r: &file::RouteFile) -> Result<RouteSpec, String> {
+    let host = HostPattern::parse(r.host.as_deref())?;
+    let path = PathPattern::parse(r.path.as_deref())?;
+    let action = match (&r.upstream, &r.redirect) {
+        (Some(_), Some(_)) => return Err("a route takes upstream or redirect, not both".into()),
+        (None, None) => return Err("a route needs upstream = \"POOL\" or redirect = \"ORIGIN\"".into()),
+        (Some(name), None) => {
+            if name != DEFAULT_POOL {
+                check_pool_name(name)?;
+            }
+            RouteAction::Pool { upstream: name.clone(), strip_prefix: r.strip_prefix }
+        }
+        (None, Some(origin)) => {
+            if r.strip_prefix {
+                return Err("strip_prefix applies to a route to a pool, not to a redirect".into());
+            }
+            RouteAction::Redirect { origin: crate::route::parse_origin(origin)? }
+        }
+    };
+    Ok(RouteSpec { host, path, action })
 }
 
 /// `[tls]` with the `--tls-*` flags over it: `--tls-listen` alone (with certificate flags)
@@ -556,7 +697,7 @@ nodelay = true
         assert_eq!(c.upstream.backends[0].weight, 3);
         assert!(c.upstream.backends[1].backup);
         assert_eq!(c.upstream.retry_on, vec![502, 503]);
-        assert_eq!(c.rate_limit.unwrap().per_second, 10.0);
+        assert_eq!(c.upstream.rate_limit.clone().unwrap().per_second, 10.0);
         // no secret: control and gossip default to loopback
         assert!(c.node.control.ip().is_loopback());
     }

@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::Node;
-use crate::cluster::registry::{CertEntry, CertOp, RegOp};
+use crate::cluster::registry::{CertEntry, CertOp, RegOp, RouteEntry};
 use crate::lifecycle::MemberState;
 use crate::pool::now_ms;
+use crate::route::{HostPattern, PathPattern, RouteAction, RouteSpec};
 
 /// Serves the control plane on `listener` until `stop` fires: plain HTTP/2, or TLS with the
 /// node's certificates when `[tls] control = true`.
@@ -164,21 +165,24 @@ impl ControlService {
             .collect()
     }
 
+    /// Every backend of every pool, pool by pool.
     fn backends(&self) -> Vec<pb::Backend> {
-        let pool = self.node.pool.full();
+        let runtime = self.node.runtime();
         let now = now_ms();
         let config = self.node.config.load();
         let (view, registry) = match self.node.cluster.get() {
             Some(c) => (Some(c.view.load_full()), c.registry.entries()),
             None => (None, Vec::new()),
         };
-        pool.backends
-            .iter()
-            .map(|b| {
+        let mut out = Vec::new();
+        for u in &runtime.upstreams {
+            let configured = config.pools().find(|p| p.name == u.name()).map_or(&[][..], |p| &p.backends[..]);
+            for b in &u.pool.snapshot().backends {
                 let s = &b.state;
-                let from_runtime = registry.iter().any(|e| e.addr == b.spec.addr)
-                    || !config.upstream.backends.iter().any(|c| c.addr == b.spec.addr);
-                pb::Backend {
+                let from_runtime = registry.iter().any(|e| e.pool == u.name() && e.addr == b.spec.addr)
+                    || !configured.iter().any(|c| c.addr == b.spec.addr);
+                let key = (u.name().to_string(), b.spec.addr);
+                out.push(pb::Backend {
                     addr: b.spec.addr.to_string(),
                     weight: b.spec.weight,
                     max_conns: b.spec.max_conns,
@@ -189,7 +193,79 @@ impl ControlService {
                     requests: s.requests.load(Relaxed),
                     failures: s.failures.load(Relaxed),
                     source: if from_runtime { "runtime" } else { "config" }.into(),
-                    down_on: view.as_ref().and_then(|v| v.down_on.get(&b.spec.addr).cloned()).unwrap_or_default(),
+                    down_on: view.as_ref().and_then(|v| v.down_on.get(&key).cloned()).unwrap_or_default(),
+                    pool: u.name().to_string(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Every pool with its settings and a summary of its backends.
+    fn upstreams(&self) -> Vec<pb::Upstream> {
+        let runtime = self.node.runtime();
+        let config = self.node.config.load();
+        let now = now_ms();
+        let nodes = self.node.proxy.serving_nodes();
+        runtime
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let pool = u.pool.snapshot();
+                let s = &u.settings;
+                pb::Upstream {
+                    name: u.name().to_string(),
+                    algorithm: s.algorithm.name().into(),
+                    backends: pool.backends.len() as u32,
+                    up: pool.backends.iter().filter(|b| b.accepts(now, nodes)).count() as u32,
+                    local_in_flight: pool.backends.iter().map(|b| b.state.in_flight.load(Relaxed) as u64).sum(),
+                    cluster_in_flight: pool.backends.iter().map(|b| b.state.load() as u64).sum(),
+                    requests: pool.backends.iter().map(|b| b.state.requests.load(Relaxed)).sum(),
+                    health_checks: s.health.is_some(),
+                    sticky_cookie: s.sticky.as_ref().map(|c| c.cookie.clone()).unwrap_or_default(),
+                    rate_limit: s
+                        .rate_limit
+                        .as_ref()
+                        .map(|r| format!("{}r/s burst {}", r.per_second, r.burst))
+                        .unwrap_or_default(),
+                    source: if config.pools().any(|p| p.name == u.name()) { "config" } else { "runtime" }.into(),
+                    routes: runtime
+                        .route_list
+                        .iter()
+                        .filter(|r| r.entry.target as usize == i && is_pool_route(r))
+                        .count() as u32,
+                    tls: u.tls.is_some(),
+                }
+            })
+            .collect()
+    }
+
+    /// Every route, in the order the table was built (the config's, then the registry's).
+    fn routes(&self) -> Vec<pb::Route> {
+        let runtime = self.node.runtime();
+        let config = self.node.config.load();
+        let registry = self.node.cluster.get().map(|c| c.registry.routes()).unwrap_or_default();
+        runtime
+            .route_list
+            .iter()
+            .map(|r| {
+                let spec = &r.entry.spec;
+                let (host, path) = (spec.host.text(), spec.path.text());
+                let (upstream, strip_prefix, redirect) = match &spec.action {
+                    RouteAction::Pool { upstream, strip_prefix } => (upstream.clone(), *strip_prefix, String::new()),
+                    RouteAction::Redirect { origin } => (String::new(), false, origin.clone()),
+                };
+                let from_runtime = registry.iter().any(|e| e.host == host && e.path == path)
+                    || !config.routes.iter().any(|c| c == spec);
+                pb::Route {
+                    host,
+                    path,
+                    upstream,
+                    strip_prefix,
+                    redirect,
+                    source: if from_runtime { "runtime" } else { "config" }.into(),
+                    name: r.name.to_string(),
                 }
             })
             .collect()
@@ -197,6 +273,7 @@ impl ControlService {
 
     fn registry_change(
         &self,
+        pool: &str,
         addr: &str,
         op: RegOp,
         weight: u32,
@@ -206,10 +283,36 @@ impl ControlService {
         let addr: SocketAddr =
             addr.parse().map_err(|_| Status::invalid_argument(format!("{addr:?} is not an IP:PORT address")))?;
         let cluster = self.cluster()?;
-        let pool = self.node.pool.full();
-        let existing = pool.find(addr);
+        let runtime = self.node.runtime();
+        let upstream = match (pool, op) {
+            ("", RegOp::Add) => runtime.upstreams[0].clone(),
+            ("", _) => {
+                let holding: Vec<_> =
+                    runtime.upstreams.iter().filter(|u| u.pool.snapshot().find(addr).is_some()).collect();
+                match holding.as_slice() {
+                    [] => return Err(Status::not_found(format!("unknown backend {addr}"))),
+                    [one] => (*one).clone(),
+                    many => {
+                        let names: Vec<&str> = many.iter().map(|u| u.name()).collect();
+                        return Err(Status::invalid_argument(format!(
+                            "backend {addr} is in pools {}: name one with --upstream",
+                            names.join(", ")
+                        )));
+                    }
+                }
+            }
+            (name, _) => runtime.find(name).cloned().ok_or_else(|| {
+                let names: Vec<&str> = runtime.upstreams.iter().map(|u| u.name()).collect();
+                Status::not_found(format!(
+                    "unknown pool {name:?} (pools here: {}; a pool is defined in the config as [upstreams.{name}])",
+                    names.join(", ")
+                ))
+            })?,
+        };
+        let snapshot = upstream.pool.snapshot();
+        let existing = snapshot.find(addr);
         if op != RegOp::Add && existing.is_none() {
-            return Err(Status::not_found(format!("unknown backend {addr}")));
+            return Err(Status::not_found(format!("unknown backend {addr} in pool {}", upstream.name())));
         }
         if op == RegOp::Add && !(1..=1000).contains(&weight) {
             return Err(Status::invalid_argument(format!("weight {weight} out of range 1..=1000")));
@@ -219,13 +322,18 @@ impl ControlService {
             (_, Some(b)) => (b.spec.weight, b.spec.max_conns, b.spec.backup),
         };
         let origin = self.node.id();
-        let entry = cluster.change_registry(|r| r.record(addr, op, weight, max_conns, backup, &origin));
-        tracing::info!(backend = %addr, op = op.name(), hlc = entry.hlc, "backend registry changed here");
+        let name = upstream.name().to_string();
+        let entry = cluster.change_registry(|r| r.record(&name, addr, op, weight, max_conns, backup, &origin));
+        tracing::info!(pool = %name, backend = %addr, op = op.name(), hlc = entry.hlc, "backend registry changed here");
         Ok(Response::new(pb::BackendReply {
-            message: format!("backend {addr}: {}", op.name()),
+            message: format!("backend {addr} ({name}): {}", op.name()),
             backends: self.backends(),
         }))
     }
+}
+
+fn is_pool_route(r: &crate::proxy::RouteInfo) -> bool {
+    matches!(r.entry.spec.action, RouteAction::Pool { .. })
 }
 
 /// One certificate as `shoal cert list` shows it.
@@ -286,6 +394,7 @@ impl Control for ControlService {
             members: self.members(),
             backends: self.backends(),
             algorithm: config.upstream.algorithm.name().into(),
+            upstreams: self.upstreams(),
         }))
     }
 
@@ -315,6 +424,7 @@ impl Control for ControlService {
             .entries()
             .into_iter()
             .map(|e| pb::RegistryEntry {
+                pool: e.pool,
                 addr: e.addr.to_string(),
                 weight: e.weight,
                 max_conns: e.max_conns,
@@ -336,11 +446,27 @@ impl Control for ControlService {
                 sealed: e.sealed,
             })
             .collect();
+        let routes = cluster
+            .registry
+            .routes()
+            .into_iter()
+            .map(|e| pb::RouteEntry {
+                host: e.host,
+                path: e.path,
+                hlc: e.hlc,
+                op: e.op.name().into(),
+                upstream: e.upstream,
+                strip_prefix: e.strip_prefix,
+                redirect: e.redirect,
+                origin: e.origin,
+            })
+            .collect();
         Ok(Response::new(pb::HelloReply {
             cluster_id: cluster.cluster_id.clone(),
             gossip_seeds: seeds,
             registry,
             certs,
+            routes,
         }))
     }
 
@@ -360,6 +486,7 @@ impl Control for ControlService {
             .into_inner();
         let entries = hello.registry.into_iter().filter_map(|e| {
             Some(crate::cluster::registry::RegEntry {
+                pool: if e.pool.is_empty() { crate::config::DEFAULT_POOL.to_string() } else { e.pool },
                 addr: e.addr.parse().ok()?,
                 hlc: e.hlc,
                 op: RegOp::parse(&e.op)?,
@@ -369,8 +496,21 @@ impl Control for ControlService {
                 origin: e.origin,
             })
         });
-        if cluster.registry.merge(entries) {
-            self.node.apply_backends();
+        let routes = hello.routes.into_iter().filter_map(|e| {
+            Some(RouteEntry {
+                host: e.host,
+                path: e.path,
+                hlc: e.hlc,
+                op: CertOp::parse(&e.op)?,
+                upstream: e.upstream,
+                strip_prefix: e.strip_prefix,
+                redirect: e.redirect,
+                origin: e.origin,
+            })
+        });
+        let backends_changed = cluster.registry.merge(entries);
+        if cluster.registry.merge_routes(routes) || backends_changed {
+            self.node.apply().map_err(Status::internal)?;
         }
         let certs = hello.certs.into_iter().filter_map(|e| {
             Some(CertEntry { name: e.name, hlc: e.hlc, op: CertOp::parse(&e.op)?, origin: e.origin, sealed: e.sealed })
@@ -442,15 +582,76 @@ impl Control for ControlService {
 
     async fn backend_add(&self, req: Request<pb::BackendAddRequest>) -> Result<Response<pb::BackendReply>, Status> {
         let r = req.into_inner();
-        self.registry_change(&r.addr, RegOp::Add, if r.weight == 0 { 1 } else { r.weight }, r.max_conns, r.backup)
+        let weight = if r.weight == 0 { 1 } else { r.weight };
+        self.registry_change(&r.upstream, &r.addr, RegOp::Add, weight, r.max_conns, r.backup)
     }
 
     async fn backend_remove(&self, req: Request<pb::BackendAddrRequest>) -> Result<Response<pb::BackendReply>, Status> {
-        self.registry_change(&req.into_inner().addr, RegOp::Remove, 1, 0, false)
+        let r = req.into_inner();
+        self.registry_change(&r.upstream, &r.addr, RegOp::Remove, 1, 0, false)
     }
 
     async fn backend_drain(&self, req: Request<pb::BackendAddrRequest>) -> Result<Response<pb::BackendReply>, Status> {
-        self.registry_change(&req.into_inner().addr, RegOp::Drain, 1, 0, false)
+        let r = req.into_inner();
+        self.registry_change(&r.upstream, &r.addr, RegOp::Drain, 1, 0, false)
+    }
+
+    async fn route_list(&self, _: Request<pb::RouteListRequest>) -> Result<Response<pb::RouteReply>, Status> {
+        Ok(Response::new(pb::RouteReply { message: String::new(), routes: self.routes() }))
+    }
+
+    async fn route_add(&self, req: Request<pb::RouteAddRequest>) -> Result<Response<pb::RouteReply>, Status> {
+        let r = req.into_inner();
+        let cluster = self.cluster()?;
+        let file = crate::config::file::RouteFile {
+            host: Some(r.host).filter(|h| !h.is_empty()),
+            path: Some(r.path).filter(|p| !p.is_empty()),
+            upstream: Some(r.upstream).filter(|u| !u.is_empty()),
+            strip_prefix: r.strip_prefix,
+            redirect: Some(r.redirect).filter(|o| !o.is_empty()),
+        };
+        let spec: RouteSpec = crate::config::route_spec(&file).map_err(Status::invalid_argument)?;
+        if let RouteAction::Pool { upstream, .. } = &spec.action {
+            let runtime = self.node.runtime();
+            let Some(u) = runtime.find(upstream) else {
+                let names: Vec<&str> = runtime.upstreams.iter().map(|u| u.name()).collect();
+                return Err(Status::not_found(format!("unknown pool {upstream:?} (pools here: {})", names.join(", "))));
+            };
+            if u.pool.snapshot().backends.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "pool {upstream:?} has no backends: add one first (shoal backend add ADDR --upstream {upstream})"
+                )));
+            }
+        }
+        let origin = self.node.id();
+        let entry = cluster.change_registry(|reg| reg.record_route(&spec.host, &spec.path, Some(&spec), &origin));
+        tracing::info!(route = %spec.describe(), hlc = entry.hlc, "route set here");
+        Ok(Response::new(pb::RouteReply { message: format!("route {} set", spec.describe()), routes: self.routes() }))
+    }
+
+    async fn route_remove(&self, req: Request<pb::RouteRemoveRequest>) -> Result<Response<pb::RouteReply>, Status> {
+        let r = req.into_inner();
+        let cluster = self.cluster()?;
+        let host = HostPattern::parse(Some(&r.host)).map_err(Status::invalid_argument)?;
+        let path = PathPattern::parse(Some(&r.path).filter(|p| !p.is_empty()).map(String::as_str))
+            .map_err(Status::invalid_argument)?;
+        let runtime = self.node.runtime();
+        let Some(route) = runtime.route_list.iter().find(|x| x.entry.spec.host == host && x.entry.spec.path == path)
+        else {
+            return Err(Status::not_found(format!("no route for host {:?} and path {:?}", host.text(), path.text())));
+        };
+        let name = route.name.clone();
+        let origin = self.node.id();
+        let entry = cluster.change_registry(|reg| reg.record_route(&host, &path, None, &origin));
+        tracing::info!(route = %name, hlc = entry.hlc, "route removed here");
+        Ok(Response::new(pb::RouteReply { message: format!("route {name} removed"), routes: self.routes() }))
+    }
+
+    async fn upstream_list(
+        &self,
+        _: Request<pb::UpstreamListRequest>,
+    ) -> Result<Response<pb::UpstreamListReply>, Status> {
+        Ok(Response::new(pb::UpstreamListReply { upstreams: self.upstreams() }))
     }
 
     async fn cert_add(&self, req: Request<pb::CertAddRequest>) -> Result<Response<pb::CertReply>, Status> {

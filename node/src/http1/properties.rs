@@ -14,7 +14,7 @@ use super::rewrite::{self, Forwarding};
 fn opts() -> Options<'static> {
     Options {
         max_header_bytes: 16 * 1024,
-        sticky_cookie: Some("srv"),
+        router: &super::request::OnePool(Some("srv")),
         log: true,
         forwarding: Forwarding { client_ip: b"10.0.0.9", proto: "http" },
         redirect_https: None,

@@ -19,16 +19,49 @@ pub enum BodyFraming {
 }
 
 /// What the parser needs besides the bytes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Options<'a> {
     pub max_header_bytes: usize,
-    /// The sticky cookie's name, when sticky sessions are on.
-    pub sticky_cookie: Option<&'a str>,
+    /// Chooses where the request goes (by host and path), and so the sticky cookie's name, the
+    /// target the backend gets, and a redirect.
+    pub router: &'a (dyn Router + Sync),
     /// Capture the request line, Referer and User-Agent for the access log.
     pub log: bool,
     pub forwarding: Forwarding<'a>,
     /// Answer every request with a redirect to https on this port (`[tls] redirect_http`).
     pub redirect_https: Option<u16>,
+}
+
+/// Routing as the codec sees it: it knows no pools, only what a route changes in the request.
+pub trait Router {
+    /// Routes a request by its host (the `Host` field or the target's authority, as sent;
+    /// empty without one) and its target (path and query, origin-form).
+    fn route(&self, host: &[u8], target: &str) -> Routed<'_>;
+    /// The target the backend gets for a request routed by `route` (a stripped prefix).
+    fn upstream_target<'t>(&self, route: u32, target: &'t str) -> std::borrow::Cow<'t, str>;
+}
+
+/// What a [`Router`] said about one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Routed<'a> {
+    /// The router's own number for the route (returned in [`Request::route`]).
+    pub route: u32,
+    /// The name of the sticky cookie of the pool the route leads to.
+    pub sticky_cookie: Option<&'a str>,
+    /// Redirect to this origin (plus the request's target) instead of forwarding.
+    pub redirect: Option<&'a str>,
+}
+
+/// No routes: one pool, with this sticky cookie.
+pub struct OnePool<'a>(pub Option<&'a str>);
+
+impl Router for OnePool<'_> {
+    fn route(&self, _host: &[u8], _target: &str) -> Routed<'_> {
+        Routed { route: 0, sticky_cookie: self.0, redirect: None }
+    }
+    fn upstream_target<'t>(&self, _route: u32, target: &'t str) -> std::borrow::Cow<'t, str> {
+        std::borrow::Cow::Borrowed(target)
+    }
 }
 
 /// The request line and fields an access log line shows.
@@ -55,8 +88,10 @@ pub struct Request {
     /// Bytes of the head, to take off the buffer.
     pub head_size: usize,
     pub log: Option<LogFields>,
-    /// With `Options::redirect_https`: where the client is sent (`https://host[:port]/path`).
+    /// With `Options::redirect_https` or a redirect route: where the client is sent.
     pub location: Option<String>,
+    /// The route the router chose ([`Routed::route`]).
+    pub route: u32,
 }
 
 impl BodyFraming {
@@ -106,12 +141,6 @@ pub fn parse(buf: &[u8], opts: &Options<'_>, out: &mut Vec<u8>) -> Result<Option
     let http11 = minor == 1;
     let (path, authority) = split_target(target)?;
     let fields = req.headers.iter().map(|h| (h.name, h.value));
-    let i = rewrite::inspect(fields.clone(), opts.sticky_cookie)?;
-    if http11 && i.hosts == 0 && authority.is_none() {
-        return Err(Refusal::Bad("HTTP/1.1 request without Host"));
-    }
-    let body = body_framing(&i, http11)?;
-    let upgrade = i.upgrade();
     let path_and_query;
     let path = match path {
         Path::Whole(p) => p,
@@ -120,7 +149,19 @@ pub fn parse(buf: &[u8], opts: &Options<'_>, out: &mut Vec<u8>) -> Result<Option
             &path_and_query
         }
     };
-    rewrite::write_head(out, Target { method: method.as_str(), path, authority }, fields, &i, opts.forwarding);
+    let host = authority
+        .map(str::as_bytes)
+        .or_else(|| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value.trim_ascii()));
+    let routed = opts.router.route(host.unwrap_or_default(), path);
+    let i = rewrite::inspect(fields.clone(), routed.sticky_cookie)?;
+    if http11 && i.hosts == 0 && authority.is_none() {
+        return Err(Refusal::Bad("HTTP/1.1 request without Host"));
+    }
+    let body = body_framing(&i, http11)?;
+    let upgrade = i.upgrade();
+    let upstream_path = opts.router.upstream_target(routed.route, path);
+    let head_target = Target { method: method.as_str(), path: &upstream_path, authority };
+    rewrite::write_head(out, head_target, fields, &i, opts.forwarding);
 
     let log = opts.log.then(|| {
         let field = |n: &str| {
@@ -136,18 +177,11 @@ pub fn parse(buf: &[u8], opts: &Options<'_>, out: &mut Vec<u8>) -> Result<Option
         }
     });
     let location = match opts.redirect_https {
-        None => None,
-        Some(port) => {
-            let host = authority.map(str::as_bytes).or_else(|| {
-                req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value.trim_ascii())
-            });
-            match host {
-                Some(host) if !host.is_empty() => {
-                    Some(https_location(host, port, if path == "*" { "/" } else { path }))
-                }
-                _ => return Err(Refusal::Bad("no Host to redirect to https")),
-            }
-        }
+        None => routed.redirect.map(|origin| format!("{origin}{}", if path == "*" { "/" } else { path })),
+        Some(port) => match host {
+            Some(host) if !host.is_empty() => Some(https_location(host, port, if path == "*" { "/" } else { path })),
+            _ => return Err(Refusal::Bad("no Host to redirect to https")),
+        },
     };
     let Inspection { close, expect_continue, sticky, .. } = i;
     Ok(Some(Request {
@@ -162,6 +196,7 @@ pub fn parse(buf: &[u8], opts: &Options<'_>, out: &mut Vec<u8>) -> Result<Option
         log,
         method,
         location,
+        route: routed.route,
     }))
 }
 
@@ -236,7 +271,7 @@ mod tests {
     fn opts() -> Options<'static> {
         Options {
             max_header_bytes: 16 * 1024,
-            sticky_cookie: Some("srv"),
+            router: &OnePool(Some("srv")),
             log: false,
             forwarding: Forwarding { client_ip: b"10.0.0.9", proto: "http" },
             redirect_https: None,

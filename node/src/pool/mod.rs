@@ -270,10 +270,9 @@ pub fn smooth_wrr_schedule(weights: &[u32]) -> Vec<u32> {
 /// The backend set of this node. Writers (reload, registry) are rare and serialized by a mutex
 /// that the request path never touches.
 pub struct Pool {
+    /// `default`, or the `NAME` of `[upstreams.NAME]`.
+    pub name: Arc<str>,
     current: ArcSwap<PoolSnapshot>,
-    /// Members serving traffic (alive or draining, this node included), from the cluster view;
-    /// splits `max_conns` between nodes.
-    serving_nodes: AtomicU32,
     states: Mutex<HashMap<SocketAddr, Arc<BackendState>>>,
     keepalive: std::sync::atomic::AtomicUsize,
     /// Idle connections per worker over all backends (`keepalive` x backends).
@@ -282,10 +281,10 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(keepalive: usize, sticky_key: [u8; 16]) -> Self {
+    pub fn new(name: &str, keepalive: usize, sticky_key: [u8; 16]) -> Self {
         Pool {
+            name: name.into(),
             current: ArcSwap::from_pointee(PoolSnapshot::default()),
-            serving_nodes: AtomicU32::new(1),
             states: Mutex::new(HashMap::new()),
             keepalive: keepalive.into(),
             idle_budget: Arc::default(),
@@ -300,14 +299,6 @@ impl Pool {
 
     pub fn full(&self) -> Arc<PoolSnapshot> {
         self.current.load_full()
-    }
-
-    pub fn serving_nodes(&self) -> u32 {
-        self.serving_nodes.load(Relaxed)
-    }
-
-    pub fn set_serving_nodes(&self, n: u32) {
-        self.serving_nodes.store(n.max(1), Relaxed);
     }
 
     pub fn set_keepalive(&self, keepalive: usize) {
@@ -413,7 +404,7 @@ mod tests {
 
     #[test]
     fn replace_keeps_state() {
-        let pool = Pool::new(4, [0; 16]);
+        let pool = Pool::new("default", 4, [0; 16]);
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
         let s1 = pool.replace(&[BackendSpec::new(a), BackendSpec::new(b)], &[]);

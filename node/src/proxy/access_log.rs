@@ -1,5 +1,7 @@
 //! The access log: one line per request in nginx `combined` format, followed by the backend,
-//! the upstream time and the node (`backend=10.0.0.1:8000 upstream_time=0.004 node=lb-1`).
+//! its pool, the route that chose the pool, the upstream time and the node
+//! (`backend=10.0.0.1:8000 pool=api route=api.example.com/v1/ upstream_time=0.004 node=lb-1`;
+//! `-` for what does not apply).
 //! Lines go through a bounded channel to one writer task; when the disk cannot keep up, lines
 //! are dropped and counted rather than slowing requests.
 
@@ -25,6 +27,9 @@ pub struct RequestLine {
     request: String,
     referer: String,
     user_agent: String,
+    /// The pool the request went to, and the route that chose it.
+    pool: Option<std::sync::Arc<str>>,
+    route: Option<std::sync::Arc<str>>,
 }
 
 impl RequestLine {
@@ -34,7 +39,16 @@ impl RequestLine {
             request,
             referer: referer.unwrap_or_else(|| "-".to_owned()),
             user_agent: user_agent.unwrap_or_else(|| "-".to_owned()),
+            pool: None,
+            route: None,
         }
+    }
+
+    /// Names the pool and route of the request.
+    pub fn routed(mut self, pool: &std::sync::Arc<str>, route: Option<&std::sync::Arc<str>>) -> Self {
+        self.pool = Some(pool.clone());
+        self.route = route.cloned();
+        self
     }
 }
 
@@ -68,7 +82,7 @@ impl AccessLog {
     ) {
         let bytes = bytes.map_or_else(|| "-".to_string(), |n| n.to_string());
         let text = format!(
-            "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" backend={} upstream_time={:.3} node={}\n",
+            "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\" backend={} pool={} route={} upstream_time={:.3} node={}\n",
             line.remote,
             time_local(SystemTime::now()),
             line.request.escape_debug(),
@@ -77,6 +91,8 @@ impl AccessLog {
             line.referer.escape_debug(),
             line.user_agent.escape_debug(),
             backend.unwrap_or("-"),
+            line.pool.as_deref().unwrap_or("-"),
+            line.route.as_deref().unwrap_or("-"),
             upstream.as_secs_f64(),
             node.to_str().unwrap_or("-"),
         );

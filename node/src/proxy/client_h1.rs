@@ -17,6 +17,7 @@
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,7 @@ use super::forward::{self, ClientConn, Forwarded, Outgoing, forward};
 use super::idle::{self, Woke};
 use super::stream::ProxyStream;
 use super::upstream::{BodySource, RequestBody};
-use super::{Limits, Open, Proxy};
+use super::{Limits, Open, Proxy, Upstream};
 use crate::buffers;
 use crate::http1::chunked::{self, Chunk, Step};
 use crate::http1::request::{self, BodyFraming, Refusal, Request};
@@ -393,7 +394,7 @@ async fn request<S: ProxyStream>(
     let runtime = proxy.runtime.load_full();
     let opts = request::Options {
         max_header_bytes: limits.max_header_bytes,
-        sticky_cookie: runtime.sticky.as_ref().map(|s| s.cookie.as_str()),
+        router: &*runtime,
         log: proxy.access_log.load().is_some(),
         forwarding: Forwarding { client_ip: client.real_ip(), proto: io.stream.scheme() },
         redirect_https: if io.stream.holds_plaintext() { None } else { proxy.redirect_https() },
@@ -421,7 +422,9 @@ async fn request<S: ProxyStream>(
     if let Some(location) = parsed.location.take() {
         return redirect(proxy, io, &parsed, &location, stop).await;
     }
-    match exchange(proxy, client, io, parsed, upstream_head, limits, stop).await {
+    let upstream = runtime.upstream(parsed.route);
+    let route = runtime.route_name(parsed.route);
+    match exchange(proxy, upstream, route, client, io, parsed, upstream_head, limits, stop).await {
         Ok(Next::Close) if io.body != BodyLeft::None || !io.buf.is_empty() || stop.is_cancelled() => {
             // Answered without reading the whole body, or closing with pipelined requests
             // unanswered, or draining while the client may be sending: let it see the answer.
@@ -514,8 +517,11 @@ async fn next_request<S: ProxyStream>(
 }
 
 /// Forwards one request and writes its response, and says what the connection does next.
+#[allow(clippy::too_many_arguments)]
 async fn exchange<S: ProxyStream>(
     proxy: &Proxy,
+    upstream: &Upstream,
+    route: Option<&Arc<str>>,
     client: &ClientConn,
     io: &mut ClientIo<S>,
     mut parsed: Request,
@@ -525,12 +531,13 @@ async fn exchange<S: ProxyStream>(
 ) -> std::io::Result<Next> {
     // Only the access log needs the request's duration.
     let started = parsed.log.is_some().then(Instant::now);
-    let log_line = parsed.log.take().map(|l| RequestLine::new(client.addr.ip(), l.request, l.referer, l.user_agent));
+    let log_line = parsed.log.take().map(|l| {
+        RequestLine::new(client.addr.ip(), l.request, l.referer, l.user_agent).routed(&upstream.pool.name, route)
+    });
     proxy.stats.requests.fetch_add(1, Relaxed);
-    let runtime = proxy.runtime.load();
     let head_request = parsed.method == Method::HEAD;
     io.body = BodyLeft::of(parsed.body);
-    if let Err(e) = forward::admit(proxy, &runtime, client, io.body != BodyLeft::None).await {
+    if let Err(e) = forward::admit(proxy, upstream, client, io.body != BodyLeft::None).await {
         // Without a body to skip, the connection can carry the next request (a limited client
         // need not reconnect).
         let keep = parsed.keep_alive && io.body == BodyLeft::None && !stop.is_cancelled();
@@ -568,7 +575,7 @@ async fn exchange<S: ProxyStream>(
         chunked: framing == Framing::Chunked,
         body: Some(body),
     };
-    let result = forward(proxy, &runtime, client, outgoing).await;
+    let result = forward(proxy, upstream, client, outgoing).await;
     // A body left unread (the request was answered without it) makes the connection unusable.
     let mut keep_alive = parsed.keep_alive && io.body == BodyLeft::None && !stop.is_cancelled();
     let (status, sent, backend) = match result {

@@ -27,6 +27,7 @@ use super::error::ProxyError;
 use super::forward::{self, ClientConn, Outgoing, forward};
 use super::upstream::{BodySource, RequestBody, UpstreamBody};
 use super::{Limits, Proxy};
+use crate::http1::request::{Routed, Router};
 use crate::http1::rewrite::{self, Forwarding, Framing, Target};
 
 /// Serves an HTTP/2 connection until it ends, the node drains (`stop`), it has had no open
@@ -288,6 +289,11 @@ fn redirect_response(req: &Request<Incoming>, port: u16, node: &HeaderValue, gua
     let Some(location) = location else {
         return error_response(ProxyError::BadRequest("no Host to redirect to https"), node, guard);
     };
+    redirect_to(location, node, guard)
+}
+
+/// A 308 to `location`.
+fn redirect_to(location: HeaderValue, node: &HeaderValue, guard: StreamGuard) -> Response<RespBody> {
     let mut resp = Response::new(RespBody::new(Inner::Full(None), guard));
     *resp.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
     resp.headers_mut().insert(header::LOCATION, location);
@@ -308,6 +314,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         return Ok(redirect_response(&req, port, &proxy.node_id, guard));
     }
     let runtime = proxy.runtime.load();
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| req.headers().get(header::HOST).map(HeaderValue::as_bytes));
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let routed = runtime.route(host.unwrap_or_default(), target);
+    if let Some(origin) = routed.redirect {
+        return Ok(match HeaderValue::from_str(&format!("{origin}{target}")) {
+            Ok(location) => redirect_to(location, &proxy.node_id, guard),
+            Err(_) => error_response(ProxyError::BadRequest("invalid request target"), &proxy.node_id, guard),
+        });
+    }
+    let upstream = runtime.upstream(routed.route);
     let log_line = proxy.access_log.load().as_ref().as_ref().map(|_| {
         let h = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_owned);
         RequestLine::new(
@@ -316,8 +336,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             h(header::REFERER),
             h(header::USER_AGENT),
         )
+        .routed(&upstream.pool.name, runtime.route_name(routed.route))
     });
-    let (resp, backend) = match forward_h2(&shared, &runtime, req).await {
+    let (resp, backend) = match forward_h2(&shared, &runtime, routed, upstream, req).await {
         Err(e) => (error_response(e, &proxy.node_id, guard), None),
         Ok((resp, backend)) => {
             let (parts, body) = resp.into_parts();
@@ -340,7 +361,12 @@ struct Checked {
 
 /// The same field rules as HTTP/1.1 (`http1::rewrite`), plus HTTP/2's own: no CONNECT, no
 /// Transfer-Encoding, `:authority` over `Host`.
-fn check_h2(shared: &Shared, runtime: &super::Runtime, parts: &http::request::Parts) -> Result<Checked, ProxyError> {
+fn check_h2(
+    shared: &Shared,
+    runtime: &super::Runtime,
+    routed: Routed<'_>,
+    parts: &http::request::Parts,
+) -> Result<Checked, ProxyError> {
     if parts.method == Method::CONNECT {
         return Err(ProxyError::NotImplemented("CONNECT is not supported"));
     }
@@ -349,8 +375,7 @@ fn check_h2(shared: &Shared, runtime: &super::Runtime, parts: &http::request::Pa
     }
     let fields: Vec<(&str, &[u8])> = parts.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
     let fields = fields.iter().copied();
-    let sticky_name = runtime.sticky.as_ref().map(|s| s.cookie.as_str());
-    let inspection = rewrite::inspect(fields.clone(), sticky_name)?;
+    let inspection = rewrite::inspect(fields.clone(), routed.sticky_cookie)?;
     if inspection.te_fields > 0 {
         return Err(ProxyError::BadRequest("Transfer-Encoding in an HTTP/2 request"));
     }
@@ -363,7 +388,8 @@ fn check_h2(shared: &Shared, runtime: &super::Runtime, parts: &http::request::Pa
         return Err(ProxyError::BadRequest("HTTP/2 request without :authority or Host"));
     }
     let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let target = Target { method: parts.method.as_str(), path, authority };
+    let path = runtime.upstream_target(routed.route, path);
+    let target = Target { method: parts.method.as_str(), path: &path, authority };
     let mut head = Vec::with_capacity(512);
     let forwarding = Forwarding { client_ip: shared.client.real_ip(), proto: shared.scheme };
     rewrite::write_head(&mut head, target, fields, &inspection, forwarding);
@@ -375,14 +401,16 @@ fn check_h2(shared: &Shared, runtime: &super::Runtime, parts: &http::request::Pa
 async fn forward_h2(
     shared: &Shared,
     runtime: &super::Runtime,
+    routed: Routed<'_>,
+    upstream: &super::Upstream,
     req: Request<Incoming>,
 ) -> Result<(Response<Inner>, Arc<str>), ProxyError> {
     let proxy = &shared.proxy;
     let (parts, body) = req.into_parts();
-    let Checked { mut head, length, sticky } = check_h2(shared, runtime, &parts).inspect_err(|&e| {
+    let Checked { mut head, length, sticky } = check_h2(shared, runtime, routed, &parts).inspect_err(|&e| {
         proxy.count_error(e);
     })?;
-    forward::admit(proxy, runtime, &shared.client, !body.is_end_stream()).await?;
+    forward::admit(proxy, upstream, &shared.client, !body.is_end_stream()).await?;
     let mut source = H2Body { body, prefix: None, timeout: shared.body_timeout };
     let (body, framing) = if source.body.is_end_stream() {
         (RequestBody::None, length.map_or(Framing::None, Framing::Length))
@@ -408,7 +436,7 @@ async fn forward_h2(
         body: Some(body),
         method: parts.method,
     };
-    let f = forward(proxy, runtime, &shared.client, outgoing).await?;
+    let f = forward(proxy, upstream, &shared.client, outgoing).await?;
     // HTTP/2 has no transfer codings: a gzip-coded stream cannot be passed on as such.
     if f.head.codings().is_some() && f.head.has_body() {
         proxy.count_error(ProxyError::BadGateway);

@@ -18,7 +18,7 @@ use http::{Method, StatusCode};
 
 use super::error::ProxyError;
 use super::upstream::{self, BodySource, ExchangeError, RequestBody, UpstreamBody};
-use super::{Proxy, Runtime};
+use super::{Proxy, Upstream};
 use crate::balance::PickRequest;
 use crate::config::AllDown;
 use crate::health::{Failure, record_failure};
@@ -114,6 +114,8 @@ pub struct Forwarded {
     pub body: UpstreamBody,
     /// The backend that answered, for the access log.
     pub backend: Arc<str>,
+    /// Its pool, for the access log.
+    pub pool: Arc<str>,
     /// A sticky cookie to set.
     pub set_cookie: Option<String>,
 }
@@ -157,8 +159,8 @@ impl Proxy {
 /// Admits a request before its body is read: the rate limiter passes, delays or rejects it,
 /// and with `body` a request finds no usable backend at all is answered now, so neither a
 /// limited client's body nor one nobody can take is read. The error is counted already.
-pub async fn admit(proxy: &Proxy, runtime: &Runtime, client: &ClientConn, body: bool) -> Result<(), ProxyError> {
-    let verdict = runtime.limiter.as_ref().map_or(Verdict::Pass, |l| l.check(client.addr.ip()));
+pub async fn admit(proxy: &Proxy, upstream: &Upstream, client: &ClientConn, body: bool) -> Result<(), ProxyError> {
+    let verdict = upstream.limiter.as_ref().map_or(Verdict::Pass, |l| l.check(client.addr.ip()));
     let result = match verdict {
         Verdict::Pass => Ok(()),
         Verdict::Delay(d) => {
@@ -167,7 +169,7 @@ pub async fn admit(proxy: &Proxy, runtime: &Runtime, client: &ClientConn, body: 
         }
         Verdict::Reject => Err(ProxyError::RateLimited),
     }
-    .and_then(|()| if body { usable_now(proxy, runtime) } else { Ok(()) });
+    .and_then(|()| if body { usable_now(proxy, upstream) } else { Ok(()) });
     if let Err(e) = result {
         proxy.count_error(e);
     }
@@ -175,13 +177,13 @@ pub async fn admit(proxy: &Proxy, runtime: &Runtime, client: &ClientConn, body: 
 }
 
 /// Whether some backend could take a request now (no side effects on the pickers).
-fn usable_now(proxy: &Proxy, runtime: &Runtime) -> Result<(), ProxyError> {
-    let pool = proxy.pool.snapshot();
-    let (now, nodes) = (now_ms(), proxy.pool.serving_nodes());
+fn usable_now(proxy: &Proxy, upstream: &Upstream) -> Result<(), ProxyError> {
+    let pool = upstream.pool.snapshot();
+    let (now, nodes) = (now_ms(), proxy.serving_nodes());
     if pool.backends.iter().any(|b| b.accepts(now, nodes)) {
         return Ok(());
     }
-    let open = runtime.upstream.when_all_down == AllDown::Open;
+    let open = upstream.settings.when_all_down == AllDown::Open;
     if open && pool.backends.iter().any(|b| !b.state.health.draining.load(Relaxed)) {
         return Ok(());
     }
@@ -198,11 +200,11 @@ fn none_usable(pool: &PoolSnapshot, now: u64) -> ProxyError {
 /// already.
 pub async fn forward<S: BodySource>(
     proxy: &Proxy,
-    runtime: &Runtime,
+    upstream: &Upstream,
     client: &ClientConn,
     mut outgoing: Outgoing<'_, S>,
 ) -> Result<Forwarded, ProxyError> {
-    let result = attempts(proxy, runtime, client, &mut outgoing).await;
+    let result = attempts(proxy, upstream, client, &mut outgoing).await;
     if let Err(e) = result {
         proxy.count_error(e);
     }
@@ -211,15 +213,15 @@ pub async fn forward<S: BodySource>(
 
 async fn attempts<S: BodySource>(
     proxy: &Proxy,
-    runtime: &Runtime,
+    upstream: &Upstream,
     client: &ClientConn,
     outgoing: &mut Outgoing<'_, S>,
 ) -> Result<Forwarded, ProxyError> {
     let idempotent = is_idempotent(&outgoing.method);
-    let settings = &runtime.upstream;
+    let settings = &upstream.settings;
     proxy.retry_budget.deposit(settings.retry_budget);
-    let pool = proxy.pool.snapshot();
-    let serving_nodes = proxy.pool.serving_nodes();
+    let pool = upstream.pool.snapshot();
+    let serving_nodes = proxy.serving_nodes();
     let pick_req = PickRequest { client_ip: client.addr.ip(), sticky: outgoing.sticky_cookie };
     let mut tried = Tried::default();
     let mut last_error = ProxyError::NoBackend;
@@ -251,7 +253,7 @@ async fn attempts<S: BodySource>(
                     proxy.stats.retries.fetch_add(1, Relaxed);
                 }
                 attempt += 1;
-                let Some(index) = pick(&pool, serving_nodes, &tried, &pick_req, runtime, settings.when_all_down) else {
+                let Some(index) = pick(&pool, serving_nodes, &tried, &pick_req, upstream) else {
                     if attempt == 1 {
                         last_error = none_usable(&pool, now_ms());
                     }
@@ -272,7 +274,7 @@ async fn attempts<S: BodySource>(
         let idle = if again.is_some() { None } else { state.idle.take() };
         let mut conn = match idle {
             Some(c) => c,
-            None => match conn::connect(state.addr, settings.connect_timeout, runtime.upstream_tls.as_deref()).await {
+            None => match conn::connect(state.addr, settings.connect_timeout, upstream.tls.as_deref()).await {
                 Ok(c) => c,
                 Err(e) => {
                     if matches!(e, conn::ConnectError::Tls(..)) {
@@ -382,44 +384,40 @@ async fn attempts<S: BodySource>(
         if status == StatusCode::SWITCHING_PROTOCOLS && !outgoing.upgrade {
             return Err(ProxyError::BadGateway);
         }
-        let set_cookie = runtime
+        let set_cookie = settings
             .sticky
             .as_ref()
             .filter(|_| outgoing.sticky_cookie != Some(&*backend.sticky_id))
             .map(|s| sticky_cookie(s, backend));
         let body = UpstreamBody::new(&head, conn, in_flight, settings.read_timeout);
-        return Ok(Forwarded { head, body, backend: state.addr_text.clone(), set_cookie });
+        return Ok(Forwarded {
+            head,
+            body,
+            backend: state.addr_text.clone(),
+            set_cookie,
+            pool: upstream.pool.name.clone(),
+        });
     }
     Err(last_error)
 }
 
 /// Picks among primaries, then backups; with `when_all_down = "open"`, then any untried one.
-fn pick(
-    snapshot: &PoolSnapshot,
-    nodes: u32,
-    tried: &Tried,
-    req: &PickRequest,
-    runtime: &Runtime,
-    all_down: AllDown,
-) -> Option<usize> {
+fn pick(snapshot: &PoolSnapshot, nodes: u32, tried: &Tried, req: &PickRequest, upstream: &Upstream) -> Option<usize> {
+    let all_down = upstream.settings.when_all_down;
     let now = now_ms();
     let backends = &snapshot.backends;
     let usable = |i: usize, backup: bool| {
         let b = &backends[i];
         b.spec.backup == backup && !tried.has(i) && b.accepts(now, nodes)
     };
-    runtime
-        .picker
+    let picker = &upstream.picker;
+    picker
         .pick(snapshot, &|i| usable(i, false), req)
-        .or_else(|| runtime.picker.pick(snapshot, &|i| usable(i, true), req))
+        .or_else(|| picker.pick(snapshot, &|i| usable(i, true), req))
         .or_else(|| {
             (all_down == AllDown::Open && !backends.iter().any(|b| b.accepts(now, nodes)))
                 .then(|| {
-                    runtime.picker.pick(
-                        snapshot,
-                        &|i| !tried.has(i) && !backends[i].state.health.draining.load(Relaxed),
-                        req,
-                    )
+                    picker.pick(snapshot, &|i| !tried.has(i) && !backends[i].state.health.draining.load(Relaxed), req)
                 })
                 .flatten()
         })

@@ -27,9 +27,11 @@ use http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Picker, picker_for};
-use crate::config::{Config, StickySettings, UpstreamSettings};
+use crate::config::{Config, UpstreamSettings};
+use crate::http1::request::{Routed, Router};
 use crate::limit::Limiter;
 use crate::pool::Pool;
+use crate::route::{Entry, RouteAction, RouteTable};
 use crate::tls::Tls;
 use crate::tls::upstream::UpstreamTls;
 
@@ -148,26 +150,97 @@ impl RetryBudget {
     }
 }
 
-/// The reloadable part of the proxy: built from a `Config`, swapped whole on SIGHUP.
-pub struct Runtime {
-    pub upstream: UpstreamSettings,
+/// One pool as the request path uses it: its backends and the policy built from its settings
+/// (picker, rate limiter, TLS to its backends). Rebuilt on reload; kept while only the
+/// registry changes, so round-robin positions and rate-limit buckets carry on.
+pub struct Upstream {
+    pub settings: UpstreamSettings,
+    pub pool: Arc<Pool>,
     pub picker: Box<dyn Picker>,
     pub limiter: Option<Limiter>,
-    pub sticky: Option<StickySettings>,
-    /// TLS to the backends (`[upstream] tls = true`).
-    pub upstream_tls: Option<Arc<UpstreamTls>>,
+    /// TLS to the backends (`tls = true`).
+    pub tls: Option<Arc<UpstreamTls>>,
+}
+
+impl Upstream {
+    /// Fails only on TLS to backends (an unreadable `ca_file`, say).
+    pub fn new(settings: UpstreamSettings, pool: Arc<Pool>) -> Result<Self, String> {
+        Ok(Upstream {
+            picker: picker_for(settings.algorithm),
+            limiter: settings.rate_limit.clone().map(Limiter::new),
+            tls: settings.tls.as_ref().map(UpstreamTls::new).transpose()?.map(Arc::new),
+            settings,
+            pool,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+}
+
+/// `Request::route` of a request no route matched: it goes to the default pool.
+pub const NO_ROUTE: u32 = u32::MAX;
+
+/// One route of the running table.
+pub struct RouteInfo {
+    /// The route; `target` is the index of its pool in [`Runtime::upstreams`] (unused for a
+    /// redirect).
+    pub entry: Entry<u32>,
+    /// `host/path` as logs and metrics show it.
+    pub name: Arc<str>,
+}
+
+/// The reloadable part of the proxy: the pools and the route table, built from the config and
+/// the registry and swapped whole when either changes. The request path reads it with one
+/// atomic load per request.
+pub struct Runtime {
+    /// Every pool; the default one first.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// The routes; [`Runtime::routes`] holds indexes into this.
+    pub route_list: Vec<RouteInfo>,
+    pub routes: RouteTable<u32>,
+    /// Bumped on every reload: pools built under another generation are rebuilt.
+    pub generation: u64,
 }
 
 impl Runtime {
-    /// Builds the runtime; fails only on TLS to backends (an unreadable `ca_file`, say).
-    pub fn from_config(config: &Config) -> Result<Self, String> {
-        Ok(Runtime {
-            upstream: config.upstream.clone(),
-            picker: picker_for(config.upstream.algorithm),
-            limiter: config.rate_limit.clone().map(Limiter::new),
-            sticky: config.sticky.clone(),
-            upstream_tls: config.upstream.tls.as_ref().map(UpstreamTls::new).transpose()?.map(Arc::new),
-        })
+    /// The pool a request routed to `route` goes to ([`NO_ROUTE`]: the default pool).
+    #[inline]
+    pub fn upstream(&self, route: u32) -> &Arc<Upstream> {
+        let i = self.route_list.get(route as usize).map_or(0, |r| r.entry.target as usize);
+        self.upstreams.get(i).unwrap_or(&self.upstreams[0])
+    }
+
+    /// The route's name for logs (`None` without a route).
+    pub fn route_name(&self, route: u32) -> Option<&Arc<str>> {
+        self.route_list.get(route as usize).map(|r| &r.name)
+    }
+
+    pub fn find(&self, pool: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name() == pool)
+    }
+}
+
+impl Router for Runtime {
+    #[inline]
+    fn route(&self, host: &[u8], target: &str) -> Routed<'_> {
+        let (route, upstream) = match self.routes.find(host, target) {
+            Some(e) => (e.target, self.upstream(e.target)),
+            None => (NO_ROUTE, &self.upstreams[0]),
+        };
+        let redirect = match self.route_list.get(route as usize).map(|r| &r.entry.spec.action) {
+            Some(RouteAction::Redirect { origin }) => Some(origin.as_str()),
+            _ => None,
+        };
+        Routed { route, sticky_cookie: upstream.settings.sticky.as_ref().map(|s| s.cookie.as_str()), redirect }
+    }
+
+    fn upstream_target<'t>(&self, route: u32, target: &'t str) -> std::borrow::Cow<'t, str> {
+        match self.route_list.get(route as usize) {
+            Some(r) => r.entry.upstream_path(target),
+            None => std::borrow::Cow::Borrowed(target),
+        }
     }
 }
 
@@ -175,8 +248,11 @@ impl Runtime {
 pub struct Proxy {
     /// This node's id, as sent in `x-shoal-node`.
     pub node_id: HeaderValue,
-    pub pool: Arc<Pool>,
+    /// Built by `Node::apply` (the node owns the pools and the registry).
     pub runtime: ArcSwap<Runtime>,
+    /// Members serving traffic (alive or draining, this node included), from the cluster view;
+    /// splits `max_conns` between nodes.
+    serving_nodes: std::sync::atomic::AtomicU32,
     pub stats: Stats,
     pub retry_budget: RetryBudget,
     pub access_log: ArcSwap<Option<access_log::AccessLog>>,
@@ -189,15 +265,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: &Config, pool: Arc<Pool>, tls: Option<Arc<Tls>>) -> std::io::Result<Self> {
+    pub fn new(config: &Config, runtime: Runtime, tls: Option<Arc<Tls>>) -> std::io::Result<Self> {
         let log = match &config.access_log {
             Some(p) => Some(access_log::AccessLog::open(p)?),
             None => None,
         };
         Ok(Proxy {
             node_id: HeaderValue::from_str(&config.node.id).unwrap_or(HeaderValue::from_static("shoal")),
-            pool,
-            runtime: ArcSwap::from_pointee(Runtime::from_config(config).map_err(std::io::Error::other)?),
+            runtime: ArcSwap::from_pointee(runtime),
+            serving_nodes: 1.into(),
             stats: Stats::default(),
             retry_budget: RetryBudget::default(),
             access_log: ArcSwap::from_pointee(log),
@@ -211,6 +287,14 @@ impl Proxy {
     pub fn redirect_https(&self) -> Option<u16> {
         let settings = self.tls.as_ref()?.settings.load();
         settings.redirect_http.then_some(settings.listen.port())
+    }
+
+    pub fn serving_nodes(&self) -> u32 {
+        self.serving_nodes.load(Relaxed)
+    }
+
+    pub fn set_serving_nodes(&self, n: u32) {
+        self.serving_nodes.store(n.max(1), Relaxed);
     }
 
     pub fn set_drain_timeout(&self, d: std::time::Duration) {
