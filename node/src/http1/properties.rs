@@ -18,6 +18,7 @@ fn opts() -> Options<'static> {
         log: true,
         forwarding: Forwarding { client_ip: b"10.0.0.9", proto: "http" },
         redirect_https: None,
+        serves_host: None,
     }
 }
 

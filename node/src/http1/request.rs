@@ -18,6 +18,9 @@ pub enum BodyFraming {
     Chunked,
 }
 
+/// Says whether a host (as sent) may be asked for on this connection.
+pub type HostCheck<'a> = &'a (dyn Fn(&[u8]) -> bool + Sync);
+
 /// What the parser needs besides the bytes.
 #[derive(Clone, Copy)]
 pub struct Options<'a> {
@@ -30,6 +33,9 @@ pub struct Options<'a> {
     pub forwarding: Forwarding<'a>,
     /// Answer every request with a redirect to https on this port (`[tls] redirect_http`).
     pub redirect_https: Option<u16>,
+    /// Whether the connection may carry requests for a host (`Host` or authority, as sent):
+    /// on TLS, the certificate the client's SNI chose must cover it (else 421).
+    pub serves_host: Option<HostCheck<'a>>,
 }
 
 /// Routing as the codec sees it: it knows no pools, only what a route changes in the request.
@@ -152,6 +158,11 @@ pub fn parse(buf: &[u8], opts: &Options<'_>, out: &mut Vec<u8>) -> Result<Option
     let host = authority
         .map(str::as_bytes)
         .or_else(|| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value.trim_ascii()));
+    if let (Some(serves), Some(host)) = (opts.serves_host, host)
+        && !serves(host)
+    {
+        return Err(Refusal::Misdirected);
+    }
     let routed = opts.router.route(host.unwrap_or_default(), path);
     let i = rewrite::inspect(fields.clone(), routed.sticky_cookie)?;
     if http11 && i.hosts == 0 && authority.is_none() {
@@ -275,6 +286,7 @@ mod tests {
             log: false,
             forwarding: Forwarding { client_ip: b"10.0.0.9", proto: "http" },
             redirect_https: None,
+            serves_host: None,
         }
     }
 

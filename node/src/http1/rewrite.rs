@@ -20,6 +20,8 @@ pub enum Refusal {
     Bad(&'static str),
     /// Something the proxy cannot pass on faithfully: 501, with what.
     Unsupported(&'static str),
+    /// A host the connection is not for (its TLS certificate does not cover it): 421.
+    Misdirected,
 }
 
 /// A request's fields as (name, value) pairs, in order; iterated more than once.

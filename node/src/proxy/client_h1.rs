@@ -31,7 +31,7 @@ use super::access_log::RequestLine;
 use super::error::ProxyError;
 use super::forward::{self, ClientConn, Forwarded, Outgoing, forward};
 use super::idle::{self, Woke};
-use super::stream::ProxyStream;
+use super::stream::{ProxyStream, SniName};
 use super::upstream::{BodySource, RequestBody};
 use super::{Limits, Open, Proxy, Upstream};
 use crate::buffers;
@@ -392,7 +392,14 @@ async fn request<S: ProxyStream>(
 ) -> Next {
     // Held while the head arrives: an owned Arc, not an arc-swap guard.
     let runtime = proxy.runtime.load_full();
+    // On TLS: the certificate the client's SNI chose must cover each request's host.
+    let sni = SniName::of(io.stream.server_name());
+    let serves = |host: &[u8]| match (&proxy.tls, &sni) {
+        (Some(tls), Some(sni)) => tls.serves(sni.as_str(), host),
+        _ => true,
+    };
     let opts = request::Options {
+        serves_host: sni.is_some().then_some(&serves as request::HostCheck<'_>),
         max_header_bytes: limits.max_header_bytes,
         router: &*runtime,
         log: proxy.access_log.load().is_some(),

@@ -34,22 +34,17 @@ use crate::http1::rewrite::{self, Forwarding, Framing, Target};
 /// stream for `keepalive_timeout` (GOAWAY), or a response has waited for the client to take
 /// it for `send_timeout` with nothing taken meanwhile (closed: the client stopped reading).
 /// Each read of a request body is bounded by `client_body_timeout`.
-pub async fn serve<IO>(
-    proxy: Arc<Proxy>,
-    client: ClientConn,
-    scheme: &'static str,
-    io: IO,
-    limits: &Limits,
-    stop: CancellationToken,
-) where
+pub async fn serve<IO>(proxy: Arc<Proxy>, conn: Conn, io: IO, limits: &Limits, stop: CancellationToken)
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (idle, send_timeout) = (limits.keepalive_timeout, limits.send_timeout);
     let streams = Arc::new(Streams::new());
     let shared = Arc::new(Shared {
         proxy,
-        client,
-        scheme,
+        client: conn.client,
+        scheme: conn.scheme,
+        sni: conn.sni,
         streams: streams.clone(),
         request_buffer_bytes: limits.request_buffer_bytes,
         body_timeout: limits.body_timeout,
@@ -158,12 +153,23 @@ impl Drop for StreamGuard {
     }
 }
 
+/// What is known of an HTTP/2 client connection when it starts.
+pub struct Conn {
+    pub client: ClientConn,
+    /// `http` (h2c) or `https`, for `X-Forwarded-Proto`.
+    pub scheme: &'static str,
+    /// The name the client asked for in its TLS handshake: every request's host must be one
+    /// its certificate covers (else 421).
+    pub sni: Option<Box<str>>,
+}
+
 /// What every request of one connection shares.
 struct Shared {
     proxy: Arc<Proxy>,
     client: ClientConn,
     /// `http` (h2c) or `https`, for `X-Forwarded-Proto`.
     scheme: &'static str,
+    sni: Option<Box<str>>,
     streams: Arc<Streams>,
     request_buffer_bytes: usize,
     body_timeout: Duration,
@@ -320,6 +326,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         .map(|a| a.as_str().as_bytes())
         .or_else(|| req.headers().get(header::HOST).map(HeaderValue::as_bytes));
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    if let (Some(sni), Some(tls), Some(host)) = (&shared.sni, &proxy.tls, host)
+        && !tls.serves(sni, host)
+    {
+        proxy.count_error(ProxyError::Misdirected);
+        return Ok(error_response(ProxyError::Misdirected, &proxy.node_id, guard));
+    }
     let routed = runtime.route(host.unwrap_or_default(), target);
     if let Some(origin) = routed.redirect {
         return Ok(match HeaderValue::from_str(&format!("{origin}{target}")) {

@@ -28,6 +28,9 @@ pub enum ProxyError {
     HeaderTimeout,
     /// The request uses something the proxy cannot pass on faithfully (what).
     NotImplemented(&'static str),
+    /// The request names a host the connection's TLS certificate does not cover (421: the
+    /// client should ask on a connection to that name).
+    Misdirected,
 }
 
 impl From<Refusal> for ProxyError {
@@ -37,6 +40,7 @@ impl From<Refusal> for ProxyError {
             Refusal::TooLarge => ProxyError::HeadersTooLarge,
             Refusal::Bad(why) => ProxyError::BadRequest(why),
             Refusal::Unsupported(what) => ProxyError::NotImplemented(what),
+            Refusal::Misdirected => ProxyError::Misdirected,
         }
     }
 }
@@ -52,6 +56,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -64,6 +69,9 @@ impl ProxyError {
             ProxyError::RateLimited => "429 too many requests\n",
             ProxyError::HeadersTooLarge => "431 request header fields too large\n",
             ProxyError::HeaderTimeout => "408 request head not received in time\n",
+            ProxyError::Misdirected => {
+                "421 misdirected request: this connection's certificate does not cover the host\n"
+            }
             ProxyError::BadRequest(why) => return Cow::Owned(format!("400 bad request: {why}\n")),
             ProxyError::NotImplemented(what) => return Cow::Owned(format!("501 not implemented: {what}\n")),
         })

@@ -148,7 +148,7 @@ impl Proxy {
             ProxyError::Timeout => &self.stats.timeouts,
             ProxyError::RateLimited => &self.stats.rate_limited,
             ProxyError::HeadersTooLarge => &self.stats.headers_too_large,
-            ProxyError::BadRequest(_) => &self.stats.bad_requests,
+            ProxyError::BadRequest(_) | ProxyError::Misdirected => &self.stats.bad_requests,
             ProxyError::HeaderTimeout => &self.stats.header_timeouts,
             ProxyError::NotImplemented(_) => &self.stats.not_implemented,
         };

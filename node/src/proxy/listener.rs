@@ -152,7 +152,8 @@ fn tls_connection(open: Open, stream: TcpStream, addr: SocketAddr, tls: Arc<Tls>
             tls.stats.resumed.fetch_add(1, Relaxed);
         }
         if session.alpn_protocol() == Some(b"h2") {
-            return serve_h2(&open, addr, "https", stream).await;
+            let sni = session.server_name().map(Box::from);
+            return serve_h2(&open, addr, "https", sni, stream).await;
         }
         // The first request's head is due `client_header_timeout` after the handshake.
         let deadline = tokio::time::Instant::now() + open.limits.header_timeout;
@@ -167,13 +168,15 @@ fn serve_h2<'a, IO>(
     open: &'a Open,
     addr: SocketAddr,
     scheme: &'static str,
+    sni: Option<Box<str>>,
     io: IO,
 ) -> Pin<Box<impl Future<Output = ()> + 'a>>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = ClientConn::new(addr);
-    Box::pin(client_h2::serve(open.proxy.clone(), client, scheme, io, &open.limits, open.close_idle.clone()))
+    let conn = client_h2::Conn { client, scheme, sni };
+    Box::pin(client_h2::serve(open.proxy.clone(), conn, io, &open.limits, open.close_idle.clone()))
 }
 
 /// One client connection, until its protocol is known: waits for its first bytes (holding no
@@ -190,7 +193,7 @@ fn connection(open: Open, mut stream: TcpStream, addr: SocketAddr) -> impl Futur
             _ = open.close_idle.cancelled() => return,
         };
         match sniffed {
-            Ok(Ok((buf, true))) => serve_h2(&open, addr, "http", Prefixed { prefix: buf, inner: stream }).await,
+            Ok(Ok((buf, true))) => serve_h2(&open, addr, "http", None, Prefixed { prefix: buf, inner: stream }).await,
             Ok(Ok((buf, false))) if buf.is_empty() => buffers::give_read(buf),
             Ok(Ok((buf, false))) => {
                 let first = Box::new(client_h1::First { buf, deadline });

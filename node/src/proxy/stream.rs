@@ -30,6 +30,31 @@ pub trait ProxyStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 
     /// Reads what is there now; `WouldBlock` when nothing is.
     fn try_read_buf<B: BufMut>(&mut self, buf: &mut B) -> std::io::Result<usize>;
+
+    /// The name the client asked for in its TLS handshake (SNI), if any.
+    fn server_name(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// A copy of a connection's SNI name on the stack (a DNS name is at most 253 bytes), so a
+/// request can check its host against it while the stream is borrowed, with no allocation.
+pub struct SniName {
+    bytes: [u8; 253],
+    len: u8,
+}
+
+impl SniName {
+    pub fn of(name: Option<&str>) -> Option<Self> {
+        let name = name?;
+        let mut bytes = [0u8; 253];
+        bytes.get_mut(..name.len())?.copy_from_slice(name.as_bytes());
+        Some(SniName { bytes, len: name.len() as u8 })
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or_default()
+    }
 }
 
 impl ProxyStream for TcpStream {
@@ -53,6 +78,10 @@ impl ProxyStream for tokio_rustls::server::TlsStream<TcpStream> {
 
     fn tcp(&self) -> &TcpStream {
         self.get_ref().0
+    }
+
+    fn server_name(&self) -> Option<&str> {
+        self.get_ref().1.server_name()
     }
 
     fn try_read_buf<B: BufMut>(&mut self, buf: &mut B) -> std::io::Result<usize> {

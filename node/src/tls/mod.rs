@@ -141,6 +141,11 @@ impl Tls {
         Ok(shoal_proto::ControlTls { config: Arc::new(config), server_name: name })
     }
 
+    /// Whether a connection whose client sent SNI `sni` may carry requests for `host`.
+    pub fn serves(&self, sni: &str, host: &[u8]) -> bool {
+        self.table.load().serves(sni, host)
+    }
+
     /// Every certificate served now, files first.
     pub fn certificates(&self) -> Vec<CertInfo> {
         self.table.load().certs().iter().map(|c| c.info.clone()).collect()

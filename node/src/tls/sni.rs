@@ -70,6 +70,43 @@ impl SniTable {
     }
 }
 
+impl SniTable {
+    /// Whether a connection whose client asked for `sni` may carry requests for `host` (the
+    /// `Host` field or authority as sent, port and all): the same name, or a name one of the
+    /// certificates served for `sni` also covers (HTTP/2 connection reuse across names of one
+    /// certificate). When no certificate has `sni`'s name, the first one was served.
+    pub fn serves(&self, sni: &str, host: &[u8]) -> bool {
+        let host = host_name(host);
+        if host.eq_ignore_ascii_case(sni.trim_end_matches('.').as_bytes()) {
+            return true;
+        }
+        let Ok(host) = std::str::from_utf8(host) else { return false };
+        let named: Vec<&Loaded> =
+            self.certs.iter().filter(|c| c.info.names.iter().any(|n| name_covers(n, sni))).collect();
+        let served = if named.is_empty() { self.certs.first().into_iter().collect() } else { named };
+        served.iter().any(|c| c.info.names.iter().any(|n| name_covers(n, host)))
+    }
+}
+
+/// The name part of a `Host` value: without a port or a trailing dot (`[v6]` kept whole).
+fn host_name(host: &[u8]) -> &[u8] {
+    let name = if host.first() == Some(&b'[') {
+        host.iter().position(|&b| b == b']').map_or(host, |i| &host[..=i])
+    } else {
+        host.iter().rposition(|&b| b == b':').map_or(host, |i| &host[..i])
+    };
+    name.strip_suffix(b".").unwrap_or(name)
+}
+
+/// Whether a certificate name (`www.example.com` or `*.example.com`, one label) covers `name`.
+fn name_covers(pattern: &str, name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    match pattern.strip_prefix("*.") {
+        Some(parent) => name.split_once('.').is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(parent)),
+        None => pattern.eq_ignore_ascii_case(name),
+    }
+}
+
 /// rustls's view of the current table.
 #[derive(Debug)]
 pub struct Resolver(pub Arc<ArcSwap<SniTable>>);
@@ -111,6 +148,26 @@ mod tests {
         assert_eq!(source_of(&t, Some("a.cart.shop.example")), "first");
         assert_eq!(source_of(&t, Some("shop.example")), "first");
         assert_eq!(source_of(&t, None), "first");
+    }
+
+    #[test]
+    fn a_connection_serves_the_names_of_its_certificate() {
+        let t = SniTable::new(vec![
+            loaded(&["default.example"], "first"),
+            loaded(&["www.shop.example", "*.shop.example"], "shop"),
+        ]);
+        assert!(t.serves("www.shop.example", b"www.shop.example"));
+        assert!(t.serves("www.shop.example", b"WWW.shop.example:8443"));
+        // the same certificate covers the other name: HTTP/2 may reuse the connection
+        assert!(t.serves("www.shop.example", b"cart.shop.example"));
+        assert!(!t.serves("www.shop.example", b"default.example"));
+        assert!(!t.serves("www.shop.example", b"evil.example"));
+        assert!(!t.serves("cart.shop.example", b"a.cart.shop.example"));
+        // no certificate has the SNI name: the first was served, and its names count
+        assert!(t.serves("unknown.example", b"default.example"));
+        assert!(t.serves("unknown.example", b"unknown.example"));
+        assert!(!t.serves("unknown.example", b"www.shop.example"));
+        assert!(t.serves("[::1]", b"[::1]:8443"));
     }
 
     #[test]
