@@ -436,6 +436,39 @@ mod tests {
     }
 
     #[test]
+    fn routes_overlay_config_by_host_and_path() {
+        let spec = |host: Option<&str>, path: Option<&str>, pool: &str| RouteSpec {
+            host: HostPattern::parse(host).unwrap(),
+            path: PathPattern::parse(path).unwrap(),
+            action: RouteAction::Pool { upstream: pool.into(), strip_prefix: false },
+        };
+        let config = vec![spec(Some("api.example"), None, "api"), spec(None, Some("/static/"), "static")];
+        let r = Registry::default();
+        // replace the config's api route, remove the static one, add a new one
+        r.record_route(&config[0].host, &config[0].path, Some(&spec(Some("api.example"), None, "api2")), "a");
+        r.record_route(&config[1].host, &config[1].path, None, "a");
+        let new = spec(None, Some("=/healthz"), "api");
+        r.record_route(&new.host, &new.path, Some(&new), "b");
+        let routes = r.effective_routes(&config);
+        assert_eq!(routes, vec![spec(Some("api.example"), None, "api2"), new.clone()]);
+        // a stale add does not undo the removal; the same entries merge to the same result anywhere
+        let mut stale = r.routes().into_iter().find(|e| e.path == "/static/").unwrap();
+        stale.hlc -= 1;
+        stale.op = CertOp::Add;
+        stale.upstream = "static".into();
+        assert!(!r.merge_routes([stale]));
+        let copy = Registry::default();
+        copy.merge_routes(r.routes());
+        assert_eq!(copy.effective_routes(&config), routes);
+        // an entry that is no route (from a broken peer) is skipped
+        let mut broken = r.routes()[0].clone();
+        broken.host = "a b".into();
+        broken.hlc += 100;
+        copy.merge_routes([broken]);
+        assert_eq!(copy.effective_routes(&config), routes);
+    }
+
+    #[test]
     fn effective_overlays_config() {
         let r = Registry::default();
         let cfg =

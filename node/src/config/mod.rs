@@ -703,6 +703,98 @@ nodelay = true
     }
 
     #[test]
+    fn pools_and_routes() {
+        let c = check(
+            r#"
+[upstream]
+[[upstream.backend]]
+addr = "10.0.0.1:80"
+[sticky]
+cookie = "srv"
+[upstreams.api]
+algorithm = "round-robin"
+retries = 0
+[[upstreams.api.backend]]
+addr = "10.0.0.7:9000"
+[[upstreams.api.backend]]
+addr = "10.0.0.1:80"
+[upstreams.api.health]
+path = "/healthz"
+[upstreams.api.rate_limit]
+rate = "5r/s"
+[[route]]
+host = "API.example.com"
+path = "/v1/"
+upstream = "api"
+strip_prefix = true
+[[route]]
+host = "old.example.com"
+redirect = "https://www.example.com/"
+[[route]]
+path = "=/healthz"
+upstream = "default"
+"#,
+        )
+        .unwrap();
+        let names: Vec<&str> = c.pools().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["default", "api"]);
+        assert_eq!(c.upstream.sticky.as_ref().unwrap().cookie, "srv");
+        let api = &c.upstreams[0];
+        assert_eq!((api.algorithm, api.retries, api.backends.len()), (Algorithm::RoundRobin, 0, 2));
+        assert_eq!(api.health.as_ref().unwrap().path, "/healthz");
+        assert!(api.sticky.is_none() && api.rate_limit.is_some() && c.upstream.health.is_none());
+        assert_eq!(c.routes.len(), 3);
+        assert_eq!(c.routes[0].host, HostPattern::Exact("api.example.com".into()));
+        assert_eq!(c.routes[0].action, RouteAction::Pool { upstream: "api".into(), strip_prefix: true });
+        assert_eq!(c.routes[1].action, RouteAction::Redirect { origin: "https://www.example.com".into() });
+        assert_eq!(c.routes[2].path, PathPattern::Exact("/healthz".into()));
+        // `[upstream.health]` is the default pool's `[health]` too, but not both
+        let c = check("[upstream.health]\npath = \"/up\"\n").unwrap();
+        assert_eq!(c.upstream.health.unwrap().path, "/up");
+        assert!(check("[health]\n[upstream.health]\n").unwrap_err().contains("keep one"));
+    }
+
+    #[test]
+    fn bad_pools_and_routes_name_the_line() {
+        let pool = "[upstreams.api]\n[[upstreams.api.backend]]\naddr = \"10.0.0.7:9000\"\n";
+        let cases = [
+            (
+                format!("{pool}[[route]]\npath = \"/x/\"\nupstream = \"nope\"\n"),
+                "line 4: route */x/ names pool \"nope\", which is not defined",
+            ),
+            (
+                "[upstreams.api]\n[[route]]\nupstream = \"api\"\n".to_string(),
+                "line 2: route */ names pool \"api\", which has no backends",
+            ),
+            (
+                format!(
+                    "{pool}[[route]]\nhost = \"a.example\"\nupstream = \"api\"\n[[route]]\nhost = \"A.example\"\nupstream = \"api\"\n"
+                ),
+                "line 7: route a.example/ is given twice",
+            ),
+            (format!("{pool}[[route]]\nhost = \"a b\"\nupstream = \"api\"\n"), "line 4:"),
+            (format!("{pool}[[route]]\nupstream = \"api\"\nredirect = \"https://x.example\"\n"), "not both"),
+            ("[[route]]\npath = \"/x/\"\n".to_string(), "needs upstream"),
+            ("[[route]]\nredirect = \"ftp://x.example\"\n".to_string(), "line 1:"),
+            ("[[route]]\nredirect = \"https://x.example\"\nstrip_prefix = true\n".to_string(), "not to a redirect"),
+            ("[upstreams.default]\n".to_string(), "is [upstream]"),
+            ("[upstreams.\"a/b\"]\n".to_string(), "line 1: pool name \"a/b\""),
+            ("[upstreams.api]\nalgorithm = \"fastest\"\n".to_string(), "line 2"),
+            ("[upstreams.api]\nretry_budget = 2.0\n".to_string(), "upstreams.api.retry_budget"),
+            ("[upstreams.api.health]\ninterval = \"1ms\"\n".to_string(), "upstreams.api.health.interval"),
+            (
+                "[[upstreams.api.backend]]\naddr = \"10.0.0.1:1\"\n[[upstreams.api.backend]]\naddr = \"10.0.0.1:1\"\n"
+                    .to_string(),
+                "line 3: backend 10.0.0.1:1 is listed twice",
+            ),
+        ];
+        for (src, want) in cases {
+            let err = check(&src).expect_err(&src);
+            assert!(err.contains(want), "config {src:?}: error {err:?} should contain {want:?}");
+        }
+    }
+
+    #[test]
     fn dns_flags_override_single_keys() {
         let src = "[dns]\nlisten = \"127.0.0.1:5353\"\nname = \"lb.file.internal\"\nttl = \"1s\"\n";
         let flags = flags::RunFlags { dns_listen: Some("127.0.0.1:5354".parse().unwrap()), ..Default::default() };
