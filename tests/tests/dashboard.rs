@@ -223,7 +223,7 @@ const READ_PAGE: &str = r##"(() => {
       id: r.dataset.node, cls: r.cells[1]?.className ?? "", text: r.cells[1]?.textContent ?? "",
       self: (r.cells[0]?.textContent ?? "").includes("(this node)") })),
     backends: rows("#backends tbody tr[data-backend]").map(r => ({
-      addr: r.dataset.backend, cls: r.cells[1]?.className ?? "", text: r.cells[1]?.textContent ?? "" })),
+      addr: r.dataset.backend, pool: r.dataset.pool, cls: r.cells[2]?.className ?? "", text: r.cells[2]?.textContent ?? "" })),
     err: document.getElementById("err")?.textContent ?? "",
     header: document.getElementById("node")?.textContent ?? "",
   };
