@@ -56,7 +56,7 @@ pub fn record_failure(spec: &BackendSpec, state: &BackendState, kind: Failure) {
         let until = now + window;
         h.refused.store(kind == Failure::Connect, Relaxed);
         if h.ejected_until_ms.swap(until, Relaxed) <= now {
-            tracing::warn!(backend = %state.addr, failures = count, for_ms = window, cause = ?kind, "backend ejected after failures");
+            tracing::warn!(pool = %state.pool, backend = %state.addr, failures = count, for_ms = window, cause = ?kind, "backend ejected after failures");
         }
         h.fail_count.store(0, Relaxed);
     }
@@ -122,13 +122,13 @@ pub fn apply_probe(state: &BackendState, settings: &HealthSettings, result: &Pro
             let ok = h.streak_ok.fetch_add(1, Relaxed) + 1;
             if ok >= settings.rise {
                 if !was_up {
-                    tracing::info!(backend = %state.addr, good_checks = ok, "backend up again");
+                    tracing::info!(pool = %state.pool, backend = %state.addr, good_checks = ok, "backend up again");
                     h.active_up.store(true, Relaxed);
                     // A passive ejection ends too: the backend just proved itself `rise` times.
                     h.ejected_until_ms.store(0, Relaxed);
                 }
                 if h.cluster_down.swap(false, Relaxed) {
-                    tracing::warn!(backend = %state.addr, good_checks = ok,
+                    tracing::warn!(pool = %state.pool, backend = %state.addr, good_checks = ok,
                         "own checks disagree with the cluster: backend is up here, peers reported it down");
                 }
             }
@@ -137,7 +137,7 @@ pub fn apply_probe(state: &BackendState, settings: &HealthSettings, result: &Pro
             h.streak_ok.store(0, Relaxed);
             let bad = h.streak_bad.fetch_add(1, Relaxed) + 1;
             if bad >= settings.fall && was_up {
-                tracing::warn!(backend = %state.addr, bad_checks = bad, reason = %reason, "backend down");
+                tracing::warn!(pool = %state.pool, backend = %state.addr, bad_checks = bad, reason = %reason, "backend down");
                 h.active_up.store(false, Relaxed);
             }
         }
@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn rise_and_fall_need_streaks() {
-        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1, Default::default());
+        let s = BackendState::new("default".into(), "127.0.0.1:1".parse().unwrap(), 1, Default::default());
         let cfg = settings();
         let bad = Probe::Bad("x".into());
         assert!(apply_probe(&s, &cfg, &bad));
@@ -225,7 +225,7 @@ mod tests {
 
     #[test]
     fn own_good_checks_clear_a_cluster_report() {
-        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1, Default::default());
+        let s = BackendState::new("default".into(), "127.0.0.1:1".parse().unwrap(), 1, Default::default());
         s.health.cluster_down.store(true, Relaxed);
         let cfg = settings();
         apply_probe(&s, &cfg, &Probe::Good);
@@ -236,7 +236,7 @@ mod tests {
 
     #[test]
     fn passive_ejection_after_max_fails() {
-        let s = BackendState::new("127.0.0.1:1".parse().unwrap(), 1, Default::default());
+        let s = BackendState::new("default".into(), "127.0.0.1:1".parse().unwrap(), 1, Default::default());
         let mut spec = BackendSpec::new(s.addr);
         spec.max_fails = 2;
         spec.fail_timeout = Duration::from_secs(5);

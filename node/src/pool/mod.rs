@@ -125,6 +125,8 @@ impl Drop for InFlight {
 /// Live state of one backend, shared by every snapshot that contains it.
 #[derive(Debug)]
 pub struct BackendState {
+    /// The pool the backend is in (for logs).
+    pub pool: Arc<str>,
     pub addr: SocketAddr,
     /// `addr` as text, for logs and metric labels.
     pub addr_text: Arc<str>,
@@ -145,8 +147,9 @@ pub struct BackendState {
 }
 
 impl BackendState {
-    pub fn new(addr: SocketAddr, keepalive: usize, idle_budget: Arc<IdleBudget>) -> Self {
+    pub fn new(pool: Arc<str>, addr: SocketAddr, keepalive: usize, idle_budget: Arc<IdleBudget>) -> Self {
         BackendState {
+            pool,
             addr,
             addr_text: addr.to_string().into(),
             in_flight: AtomicU32::new(0),
@@ -315,7 +318,9 @@ impl Pool {
             .map(|spec| {
                 let state = states
                     .entry(spec.addr)
-                    .or_insert_with(|| Arc::new(BackendState::new(spec.addr, keepalive, self.idle_budget.clone())))
+                    .or_insert_with(|| {
+                        Arc::new(BackendState::new(self.name.clone(), spec.addr, keepalive, self.idle_budget.clone()))
+                    })
                     .clone();
                 state.health.draining.store(draining.contains(&spec.addr), Relaxed);
                 Backend { spec: spec.clone(), state, sticky_id: sticky_id(&self.sticky_key, spec.addr).into() }

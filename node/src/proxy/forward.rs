@@ -279,7 +279,7 @@ async fn attempts<S: BodySource>(
                 Err(e) => {
                     if matches!(e, conn::ConnectError::Tls(..)) {
                         // A certificate that does not verify is the operator's to fix: say why.
-                        tracing::warn!(backend = %state.addr, error = %e, "TLS to the backend failed");
+                        tracing::warn!(pool = %state.pool, backend = %state.addr, error = %e, "TLS to the backend failed");
                     } else {
                         tracing::debug!(backend = %state.addr, error = %e, "connect failed");
                     }
