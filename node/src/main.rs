@@ -208,8 +208,24 @@ fn check_tls(c: config::Config) -> Result<config::Config, config::ConfigError> {
     }
     if let Some(t) = &c.tls {
         // The same loading `run` does (files only: no secret needed to check them).
-        shoal_node::tls::Tls::new(t, None)
+        let tls = shoal_node::tls::Tls::new(t, None)
             .map_err(|message| config::ConfigError::Invalid { where_: "[tls] certificates".into(), message })?;
+        // A route's host that no certificate file names is served the first certificate over
+        // HTTPS, unless a cluster certificate (`shoal cert add`) names it: worth a warning, not
+        // a refusal.
+        if !tls.certificates().is_empty() {
+            for route in &c.routes {
+                let host = route.host.text();
+                let name = host.strip_prefix('*').map_or(host.clone(), |suffix| format!("x{suffix}"));
+                if !host.is_empty() && !tls.covers(&name) {
+                    eprintln!(
+                        "warning: route {}: no certificate file names {host}: HTTPS clients asking for it get a \
+                         certificate they will not accept, unless a cluster certificate (shoal cert add) names it",
+                        route.describe()
+                    );
+                }
+            }
+        }
     }
     Ok(c)
 }

@@ -146,6 +146,11 @@ impl Tls {
         self.table.load().serves(sni, host)
     }
 
+    /// Whether some certificate served now has a name that covers `name`.
+    pub fn covers(&self, name: &str) -> bool {
+        self.table.load().covers(name)
+    }
+
     /// Every certificate served now, files first.
     pub fn certificates(&self) -> Vec<CertInfo> {
         self.table.load().certs().iter().map(|c| c.info.clone()).collect()

@@ -88,6 +88,13 @@ impl SniTable {
     }
 }
 
+impl SniTable {
+    /// Whether some certificate has a name that covers `name`.
+    pub fn covers(&self, name: &str) -> bool {
+        self.certs.iter().any(|c| c.info.names.iter().any(|n| name_covers(n, name)))
+    }
+}
+
 /// The name part of a `Host` value: without a port or a trailing dot (`[v6]` kept whole).
 fn host_name(host: &[u8]) -> &[u8] {
     let name = if host.first() == Some(&b'[') {
