@@ -83,13 +83,15 @@ struct AccessLine {
     referer: String,
     user_agent: String,
     backend: String,
+    pool: String,
+    route: String,
     upstream_time: f64,
     node: String,
 }
 
 fn parse_access_line(line: &str) -> anyhow::Result<AccessLine> {
     use anyhow::Context;
-    let bad = || format!("not combined format + backend/upstream_time/node: {line:?}");
+    let bad = || format!("not combined format + backend/pool/route/upstream_time/node: {line:?}");
     let (remote, rest) = line.split_once(" - - [").with_context(bad)?;
     let (time, rest) = rest.split_once("] \"").with_context(bad)?;
     let (request, rest) = rest.split_once("\" ").with_context(bad)?;
@@ -102,7 +104,7 @@ fn parse_access_line(line: &str) -> anyhow::Result<AccessLine> {
         let (k, v) = part.split_once('=').with_context(bad)?;
         kv.insert(k, v);
     }
-    anyhow::ensure!(kv.len() == 3, "{}", bad());
+    anyhow::ensure!(kv.len() == 5, "{}", bad());
     Ok(AccessLine {
         remote: remote.into(),
         time: time.into(),
@@ -112,6 +114,8 @@ fn parse_access_line(line: &str) -> anyhow::Result<AccessLine> {
         referer: referer.into(),
         user_agent: user_agent.into(),
         backend: kv.get("backend").with_context(bad)?.to_string(),
+        pool: kv.get("pool").with_context(bad)?.to_string(),
+        route: kv.get("route").with_context(bad)?.to_string(),
         upstream_time: kv.get("upstream_time").with_context(bad)?.parse().with_context(bad)?,
         node: kv.get("node").with_context(bad)?.to_string(),
     })
@@ -178,6 +182,7 @@ async fn access_log_lines_carry_every_field_of_the_request() -> R {
     assert_eq!(l.referer, "http://example.test/from");
     assert_eq!(l.user_agent, "shoal-tests/1.0 (observability)");
     assert_eq!(l.backend, b.addr.to_string());
+    assert_eq!((l.pool.as_str(), l.route.as_str()), ("default", "-"), "one pool, no routes");
     assert!((0.2..1.5).contains(&l.upstream_time), "upstream_time {} for a 200 ms backend", l.upstream_time);
     assert_eq!(l.node, "obs-log");
     let l2 = parse_access_line(lines[1])?;

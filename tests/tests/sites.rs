@@ -20,12 +20,6 @@
 //! - the CLI refuses a pool that does not exist, naming it and the pools there are.
 //!
 //! Every wait has a deadline; nothing sleeps for a condition.
-//!
-//! Two of these fail today because of defects in Shoal (447d88e), to be fixed in the product:
-//! - routes match the raw path: `/%73tatic/x` (that is `/static/x`) goes to the default pool, not
-//!   to the `/static/` route's pool, over HTTP/1.1 and HTTP/2 (a route cannot guard a prefix);
-//! - `shoald check` (and `shoal route add`) accept `redirect = "https://x.example.com/p"`, an
-//!   origin with a path; Shoal lowercases it and appends the request's target to it.
 
 use std::net::SocketAddr;
 use std::path::Path;
