@@ -268,6 +268,44 @@ async fn sni_serves_the_certificate_of_the_name_asked_for() -> R {
     still_serves(&t, "a.test", "sni").await
 }
 
+/// The certificate is chosen by SNI, the pool by Host: they must agree on the name. A request
+/// whose Host the connection's certificate does not name gets 421 (the client retries on a
+/// connection of its own), and no backend sees it; a name the same certificate covers may share
+/// the connection (what HTTP/2 clients do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_the_connections_certificate_does_not_name_gets_421() -> R {
+    let ca = TestCa::new("shoal test CA")?;
+    let a = ca.leaf("a.test", &["a.test", "*.wild.test"], KeyKind::EcdsaP256).await?;
+    let b = ca.leaf("b.test", &["b.test"], KeyKind::EcdsaP256).await?;
+    let web = Backend::start("web").await?;
+    let bsite = Backend::start("b-site").await?;
+    let pools = format!(
+        "[upstreams.bsite]\n[[upstreams.bsite.backend]]\naddr = \"{}\"\n[[route]]\nhost = \"b.test\"\nupstream = \"bsite\"\n",
+        bsite.addr
+    );
+    let t = tls_node("tls-421", &ca, &[("a", &a), ("b", &b)], &web.addr.to_string(), "", &pools).await?;
+    for flag in ["--http1.1", "--http2"] {
+        // each name on its own connection: its own pool
+        for (name, body) in [("a.test", "web"), ("b.test", "b-site"), ("x.wild.test", "web")] {
+            let (url, res) = t.url(name, "/");
+            let out = curl(&[flag, "--cacert", t.ca(), "--resolve", &res, &url]).await?;
+            assert!(out.status.success() && out.stdout == body, "{flag} {name}: {out:?}");
+        }
+        // a connection for a.test asking for b.test: 421, and the b site never sees it
+        let (url, res) = t.url("a.test", "/");
+        let before = bsite.requests();
+        let args = [flag, "--cacert", t.ca(), "--resolve", &res, "-H", "Host: b.test", "-w", "|%{http_code}", &url];
+        let out = curl(&args).await?;
+        assert!(out.stdout.ends_with("|421") && out.stdout.contains("misdirected"), "{flag}: {out:?}");
+        assert_eq!(bsite.requests(), before, "{flag}: a misdirected request reached a backend");
+        // a name the same certificate covers may share the connection
+        let args = [flag, "--cacert", t.ca(), "--resolve", &res, "-H", "Host: y.wild.test:443", &url];
+        let out = curl(&args).await?;
+        assert!(out.status.success() && out.stdout == "web", "{flag} y.wild.test on a.test's connection: {out:?}");
+    }
+    still_serves(&t, "a.test", "web").await
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. ALPN, keep-alive, pipelining, WebSocket
 // ---------------------------------------------------------------------------------------------
