@@ -238,7 +238,7 @@ impl Node {
             let kept = (current.generation == generation)
                 .then(|| current.find(&s.name))
                 .flatten()
-                .filter(|u| Arc::ptr_eq(&u.pool, &pool) && u.settings.backends == s.backends);
+                .filter(|u| Arc::ptr_eq(&u.pool, &pool));
             upstreams.push(match kept {
                 Some(u) => u.clone(),
                 None => {

@@ -282,10 +282,12 @@ impl Registry {
         routes
     }
 
-    /// Pools that registry entries name (they exist even when no config defines them).
+    /// Pools that registry entries give a backend (they exist even when no config defines
+    /// them); a pool whose entries all remove backends is not one.
     pub fn pools(&self) -> Vec<String> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let mut names: Vec<String> =
-            self.entries.lock().unwrap_or_else(|e| e.into_inner()).keys().map(|(p, _)| p.clone()).collect();
+            entries.values().filter(|e| e.op != RegOp::Remove).map(|e| e.pool.clone()).collect();
         names.dedup();
         names
     }
