@@ -101,25 +101,19 @@ pub fn load(dir: &Path) -> Result<Persisted, StoreError> {
         FORMAT_VERSION => {
             bincode::serde::decode_from_slice::<Persisted, _>(&bytes, cfg).map_err(|e| corrupt(e.to_string()))?.0
         }
-        2 => {
-            let (v2, _): (PersistedV2, usize) =
-                bincode::serde::decode_from_slice(&bytes, cfg).map_err(|e| corrupt(e.to_string()))?;
+        1 | 2 => {
+            let v2: PersistedV2 = if format == 2 {
+                bincode::serde::decode_from_slice(&bytes, cfg).map_err(|e| corrupt(e.to_string()))?.0
+            } else {
+                let (v1, _): (PersistedV1, usize) =
+                    bincode::serde::decode_from_slice(&bytes, cfg).map_err(|e| corrupt(e.to_string()))?;
+                PersistedV2 { format: v1.format, generation: v1.generation, registry: v1.registry, certs: Vec::new() }
+            };
             Persisted {
                 format: v2.format,
                 generation: v2.generation,
                 registry: v2.registry.into_iter().map(RegEntry::from).collect(),
                 certs: v2.certs,
-                routes: Vec::new(),
-            }
-        }
-        1 => {
-            let (v1, _): (PersistedV1, usize) =
-                bincode::serde::decode_from_slice(&bytes, cfg).map_err(|e| corrupt(e.to_string()))?;
-            Persisted {
-                format: v1.format,
-                generation: v1.generation,
-                registry: v1.registry.into_iter().map(RegEntry::from).collect(),
-                certs: Vec::new(),
                 routes: Vec::new(),
             }
         }

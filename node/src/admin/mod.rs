@@ -93,25 +93,22 @@ pub fn status_json(node: &Node) -> serde_json::Value {
     let runtime = node.runtime();
     let nodes = node.proxy.serving_nodes();
     let pools: Vec<_> = runtime
-        .upstreams
-        .iter()
-        .enumerate()
-        .map(|(i, u)| {
-            let pool = u.pool.snapshot();
-            let s = &u.settings;
+        .summaries(now, nodes)
+        .into_iter()
+        .map(|p| {
+            let (u, s) = (p.upstream, &p.upstream.settings);
             json!({
                 "name": u.name(),
                 "algorithm": s.algorithm.name(),
-                "backends": pool.backends.len(),
-                "up": pool.backends.iter().filter(|b| b.accepts(now, nodes)).count(),
-                "in_flight": pool.backends.iter().map(|b| b.state.in_flight.load(Relaxed) as u64).sum::<u64>(),
-                "cluster_in_flight": pool.backends.iter().map(|b| b.state.load() as u64).sum::<u64>(),
-                "requests": pool.backends.iter().map(|b| b.state.requests.load(Relaxed)).sum::<u64>(),
+                "backends": p.backends,
+                "up": p.up,
+                "in_flight": p.in_flight,
+                "cluster_in_flight": p.cluster_in_flight,
+                "requests": p.requests,
                 "health_checks": s.health.is_some(),
                 "sticky_cookie": s.sticky.as_ref().map(|c| c.cookie.clone()),
                 "tls": u.tls.is_some(),
-                "routes": runtime.route_list.iter().filter(|r| r.entry.target as usize == i
-                    && matches!(r.entry.spec.action, crate::route::RouteAction::Pool { .. })).count(),
+                "routes": p.routes,
             })
         })
         .collect();

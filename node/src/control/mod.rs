@@ -208,20 +208,18 @@ impl ControlService {
         let now = now_ms();
         let nodes = self.node.proxy.serving_nodes();
         runtime
-            .upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| {
-                let pool = u.pool.snapshot();
-                let s = &u.settings;
+            .summaries(now, nodes)
+            .into_iter()
+            .map(|p| {
+                let (u, s) = (p.upstream, &p.upstream.settings);
                 pb::Upstream {
                     name: u.name().to_string(),
                     algorithm: s.algorithm.name().into(),
-                    backends: pool.backends.len() as u32,
-                    up: pool.backends.iter().filter(|b| b.accepts(now, nodes)).count() as u32,
-                    local_in_flight: pool.backends.iter().map(|b| b.state.in_flight.load(Relaxed) as u64).sum(),
-                    cluster_in_flight: pool.backends.iter().map(|b| b.state.load() as u64).sum(),
-                    requests: pool.backends.iter().map(|b| b.state.requests.load(Relaxed)).sum(),
+                    backends: p.backends as u32,
+                    up: p.up as u32,
+                    local_in_flight: p.in_flight,
+                    cluster_in_flight: p.cluster_in_flight,
+                    requests: p.requests,
                     health_checks: s.health.is_some(),
                     sticky_cookie: s.sticky.as_ref().map(|c| c.cookie.clone()).unwrap_or_default(),
                     rate_limit: s
@@ -229,12 +227,8 @@ impl ControlService {
                         .as_ref()
                         .map(|r| format!("{}r/s burst {}", r.per_second, r.burst))
                         .unwrap_or_default(),
-                    source: if config.pools().any(|p| p.name == u.name()) { "config" } else { "runtime" }.into(),
-                    routes: runtime
-                        .route_list
-                        .iter()
-                        .filter(|r| r.entry.target as usize == i && is_pool_route(r))
-                        .count() as u32,
+                    source: if config.pools().any(|c| c.name == u.name()) { "config" } else { "runtime" }.into(),
+                    routes: p.routes as u32,
                     tls: u.tls.is_some(),
                 }
             })
@@ -330,10 +324,6 @@ impl ControlService {
             backends: self.backends(),
         }))
     }
-}
-
-fn is_pool_route(r: &crate::proxy::RouteInfo) -> bool {
-    matches!(r.entry.spec.action, RouteAction::Pool { .. })
 }
 
 /// One certificate as `shoal cert list` shows it.

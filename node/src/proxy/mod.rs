@@ -220,6 +220,47 @@ impl Runtime {
     pub fn find(&self, pool: &str) -> Option<&Arc<Upstream>> {
         self.upstreams.iter().find(|u| u.name() == pool)
     }
+
+    /// One line per pool, as `/status`, `shoal upstream list` and the dashboard show them;
+    /// `nodes`: the serving members (a backend at its share of `max_conns` is not up).
+    pub fn summaries(&self, now_ms: u64, nodes: u32) -> Vec<PoolSummary<'_>> {
+        self.upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let pool = u.pool.snapshot();
+                let sum = |f: &dyn Fn(&crate::pool::Backend) -> u64| pool.backends.iter().map(f).sum();
+                PoolSummary {
+                    upstream: u,
+                    backends: pool.backends.len(),
+                    up: pool.backends.iter().filter(|b| b.accepts(now_ms, nodes)).count(),
+                    in_flight: sum(&|b| b.state.in_flight.load(Relaxed) as u64),
+                    cluster_in_flight: sum(&|b| b.state.load() as u64),
+                    requests: sum(&|b| b.state.requests.load(Relaxed)),
+                    routes: self
+                        .route_list
+                        .iter()
+                        .filter(|r| {
+                            r.entry.target as usize == i && matches!(r.entry.spec.action, RouteAction::Pool { .. })
+                        })
+                        .count(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A pool's counts at one moment ([`Runtime::summaries`]).
+pub struct PoolSummary<'a> {
+    pub upstream: &'a Upstream,
+    pub backends: usize,
+    /// Backends that take new requests now.
+    pub up: usize,
+    pub in_flight: u64,
+    pub cluster_in_flight: u64,
+    pub requests: u64,
+    /// Routes that lead to the pool.
+    pub routes: usize,
 }
 
 impl Router for Runtime {
