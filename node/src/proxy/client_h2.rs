@@ -344,7 +344,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         let h = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_owned);
         RequestLine::new(
             client.addr.ip(),
-            format!("{} {} {:?}", req.method(), req.uri(), req.version()),
+            // The request line as nginx logs it: the path and query, not the :authority.
+            format!("{} {target} {:?}", req.method(), req.version()),
             h(header::REFERER),
             h(header::USER_AGENT),
         )
