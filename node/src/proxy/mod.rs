@@ -266,7 +266,9 @@ pub struct PoolSummary<'a> {
 impl Router for Runtime {
     #[inline]
     fn route(&self, host: &[u8], target: &str) -> Routed<'_> {
-        let (route, upstream) = match self.routes.find(host, target) {
+        // One pool and no routes (most sites): nothing to look up.
+        let found = if self.route_list.is_empty() { None } else { self.routes.find(host, target) };
+        let (route, upstream) = match found {
             Some(e) => (e.target, self.upstream(e.target)),
             None => (NO_ROUTE, &self.upstreams[0]),
         };
