@@ -3,6 +3,7 @@
 //! 0 success, 1 refused or failed, 2 node unreachable, 3 unknown backend.
 
 mod import_nginx;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +68,16 @@ enum Command {
     Cert(CertCmd),
     /// Print the Shoal config equivalent to an nginx config (upstreams, servers, locations).
     ImportNginx { file: PathBuf },
+    /// A live terminal view: members, pools and backends with req/s, in-flight, p99, failures
+    /// (`q` or Ctrl-C quits). Not on a terminal, or with --once: one frame, then exit.
+    Top {
+        /// Print one frame (two samples one interval apart, for the rates) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Time between refreshes.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -632,6 +643,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
+        Command::Top { once, interval } => top::run(&mut client, &node, *once, *interval).await?,
         Command::ImportNginx { .. } => unreachable!("handled above"),
     }
     Ok(())
