@@ -361,13 +361,10 @@ impl Node {
     /// Sum of this node's in-flight requests over all backends of all pools.
     pub fn in_flight(&self) -> u64 {
         let runtime = self.proxy.runtime.load();
-        runtime
-            .upstreams
-            .iter()
-            .flat_map(|u| {
-                u.pool.snapshot().backends.iter().map(|b| b.state.in_flight.load(Relaxed) as u64).collect::<Vec<_>>()
-            })
-            .sum()
+        let pool_sum = |u: &Arc<Upstream>| -> u64 {
+            u.pool.snapshot().backends.iter().map(|b| b.state.in_flight.load(Relaxed) as u64).sum()
+        };
+        runtime.upstreams.iter().map(pool_sum).sum()
     }
 }
 

@@ -103,11 +103,7 @@ impl Collector for NodeCollector {
             }
         }
         let runtime = node.runtime();
-        let pairs: Vec<(&str, crate::pool::Backend)> = runtime
-            .upstreams
-            .iter()
-            .flat_map(|u| u.pool.snapshot().backends.iter().map(|b| (u.name(), b.clone())).collect::<Vec<_>>())
-            .collect();
+        let pairs = runtime.backends();
         let pool_nodes = node.proxy.serving_nodes();
         let now = now_ms();
         macro_rules! per_backend {

@@ -127,12 +127,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "upstream": upstream, "strip_prefix": strip, "redirect": redirect })
         })
         .collect();
-    let pairs: Vec<(&str, crate::pool::Backend)> = runtime
-        .upstreams
-        .iter()
-        .flat_map(|u| u.pool.snapshot().backends.iter().map(|b| (u.name(), b.clone())).collect::<Vec<_>>())
-        .collect();
-    let backends: Vec<_> = pairs
+    let backends: Vec<_> = runtime
+        .backends()
         .iter()
         .map(|(pool, b)| {
             let st = &b.state;

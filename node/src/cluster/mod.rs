@@ -486,30 +486,24 @@ async fn view_loop(cluster: Arc<Cluster>) {
         let serving = members.iter().filter(|m| matches!(m.state, MemberState::Alive | MemberState::Draining)).count();
         node.proxy.set_serving_nodes(serving as u32);
         let runtime = node.runtime();
-        let mut key: BackendKey = (String::new(), SocketAddr::from(([0, 0, 0, 0], 0)));
         let mut present: std::collections::HashSet<BackendKey> = std::collections::HashSet::new();
-        for u in &runtime.upstreams {
-            key.0.clear();
-            key.0.push_str(u.name());
-            for b in &u.pool.snapshot().backends {
-                key.1 = b.spec.addr;
-                present.insert(key.clone());
-                b.state.remote_in_flight.store(remote.get(&key).copied().unwrap_or(0), Relaxed);
-                // Shared health: a new "down" report from any peer takes the backend out here
-                // too; it stays out until the peers take it back or our own checks see `rise`
-                // good ones.
-                let now_down = down_on.contains_key(&key);
-                let before = peers_said_down.insert(key.clone(), now_down).unwrap_or(false);
-                if now_down && !before {
-                    b.state.health.cluster_down.store(true, Relaxed);
-                    if !b.state.own_verdict_down(now_ms()) {
-                        tracing::warn!(pool = u.name(), backend = %key.1, reported_by = ?down_on[&key], "peer reports backend down; out of rotation here too");
-                    }
-                } else if !now_down && before {
-                    b.state.health.cluster_down.store(false, Relaxed);
-                    tracing::info!(pool = u.name(), backend = %key.1, "no peer reports backend down any more");
+        for (pool, b) in runtime.backends() {
+            let key: BackendKey = (pool.to_string(), b.spec.addr);
+            b.state.remote_in_flight.store(remote.get(&key).copied().unwrap_or(0), Relaxed);
+            // Shared health: a new "down" report from any peer takes the backend out here too;
+            // it stays out until the peers take it back or our own checks see `rise` good ones.
+            let now_down = down_on.contains_key(&key);
+            let before = peers_said_down.insert(key.clone(), now_down).unwrap_or(false);
+            if now_down && !before {
+                b.state.health.cluster_down.store(true, Relaxed);
+                if !b.state.own_verdict_down(now_ms()) {
+                    tracing::warn!(pool, backend = %key.1, reported_by = ?down_on[&key], "peer reports backend down; out of rotation here too");
                 }
+            } else if !now_down && before {
+                b.state.health.cluster_down.store(false, Relaxed);
+                tracing::info!(pool, backend = %key.1, "no peer reports backend down any more");
             }
+            present.insert(key);
         }
         peers_said_down.retain(|k, _| present.contains(k));
 

@@ -222,6 +222,15 @@ impl Runtime {
         self.upstreams.iter().find(|u| u.name() == pool)
     }
 
+    /// Every backend of every pool, pool by pool, with its pool's name (for status, metrics and
+    /// the view task; not for the request path).
+    pub fn backends(&self) -> Vec<(&str, crate::pool::Backend)> {
+        self.upstreams
+            .iter()
+            .flat_map(|u| u.pool.snapshot().backends.iter().map(|b| (u.name(), b.clone())).collect::<Vec<_>>())
+            .collect()
+    }
+
     /// One line per pool, as `/status`, `shoal upstream list` and the dashboard show them;
     /// `nodes`: the serving members (a backend at its share of `max_conns` is not up).
     pub fn summaries(&self, now_ms: u64, nodes: u32) -> Vec<PoolSummary<'_>> {
