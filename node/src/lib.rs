@@ -17,6 +17,7 @@
 //! - [`dns`]: the health-aware DNS responder (alive members only).
 //! - [`tls`]: HTTPS termination: certificates (files and the cluster's), SNI, session tickets.
 //! - [`lifecycle`]: this node's member state and the leave sequence.
+//! - [`events`]: recent events (members, backends, reloads) for the dashboard.
 //!
 //! ## Data paths
 //! - request: listener -> client_h1 | client_h2 (through http1, which asks the route table for
@@ -39,6 +40,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod dns;
+pub mod events;
 pub mod health;
 pub mod http1;
 pub mod lifecycle;
@@ -140,6 +142,8 @@ pub struct Node {
     pub cluster: OnceLock<Arc<cluster::Cluster>>,
     /// Admits control-plane calls (per-call tokens, replay check) and counts refusals.
     pub control_gate: Arc<control::auth::Gate>,
+    /// Recent events for the dashboard (the admin sampler and reloads write them).
+    pub events: events::Events,
     /// Every pool by name, kept across rebuilds of the runtime so counters and warm
     /// connections survive; the lock also serializes [`Node::apply`].
     pools: Mutex<BTreeMap<String, Arc<Pool>>>,
@@ -178,6 +182,7 @@ impl Node {
             leave: CancellationToken::new(),
             cluster: OnceLock::new(),
             control_gate,
+            events: events::Events::default(),
             pools: Mutex::new(BTreeMap::new()),
             config_generation: AtomicU64::new(0),
             health: Mutex::new(HashMap::new()),
@@ -309,8 +314,21 @@ impl Node {
         }
     }
 
-    /// Re-reads the config file (SIGHUP). A bad file keeps the running config.
+    /// Re-reads the config file (SIGHUP). A bad file keeps the running config. Either way the
+    /// outcome is an event on the dashboard.
     pub fn reload(&self) -> Result<(), config::ConfigError> {
+        use events::{Kind, Tone};
+        let path = self.config.load().path.as_ref().map_or_else(String::new, |p| p.display().to_string());
+        let r = self.reload_file();
+        match &r {
+            Ok(()) if path.is_empty() => {}
+            Ok(()) => self.events.push(Kind::Reload, Tone::Info, path, "configuration reloaded"),
+            Err(e) => self.events.push(Kind::Reload, Tone::Bad, path, format!("reload refused: {e}")),
+        }
+        r
+    }
+
+    fn reload_file(&self) -> Result<(), config::ConfigError> {
         let current = self.config.load_full();
         let Some(path) = current.path.clone() else {
             tracing::info!("reload requested but the node runs without a config file; nothing to do");

@@ -1,13 +1,16 @@
 //! The admin listener: `/live` (process up), `/ready` (alive and accepting: fails at once when
 //! the node starts to leave), `/metrics` (Prometheus text), `/status` (JSON view of this node,
-//! its members and backends) and the dashboard at `/`.
+//! its members and backends), `/history` (this node's last 15 minutes, one sample a second),
+//! `/cluster` (every member's history, fetched from their admin ports) and the dashboard at `/`.
 
 mod dashboard;
+mod history;
 mod metrics;
+mod peers;
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -25,6 +28,8 @@ use crate::pool::now_ms;
 /// Serves the admin endpoints until `stop` fires.
 pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationToken) {
     let registry = Arc::new(metrics::registry(node.clone()));
+    let history = Arc::new(Mutex::new(history::History::default()));
+    tokio::spawn(history::run(node.clone(), history.clone(), stop.clone()));
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -37,12 +42,12 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, stop: CancellationTok
                 }
             },
         };
-        let (node, registry) = (node.clone(), registry.clone());
+        let (node, registry, history) = (node.clone(), registry.clone(), history.clone());
         // A request head (and an idle keep-alive) gets client_header_timeout, as on the proxy
         // port: a half-sent request must not hold a connection forever.
         let header_timeout = node.config.load().node.client_header_timeout;
         tokio::spawn(async move {
-            let svc = service_fn(move |req| route(node.clone(), registry.clone(), req));
+            let svc = service_fn(move |req| route(node.clone(), registry.clone(), history.clone(), req));
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
@@ -61,9 +66,19 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
 async fn route(
     node: Arc<Node>,
     registry: Arc<prometheus_client::registry::Registry>,
+    history: Arc<Mutex<history::History>>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     const TEXT: &str = "text/plain; charset=utf-8";
+    const JSON: &str = "application/json";
+    // `?last=N`: how many of the newest one-second samples (all 15 minutes by default).
+    let last = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("last=")))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(history::KEEP)
+        .min(history::KEEP);
     Ok(match req.uri().path() {
         "/live" => reply(StatusCode::OK, TEXT, "live\n"),
         "/ready" => match node.lifecycle.get() {
@@ -77,9 +92,18 @@ async fn route(
                 Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, TEXT, "metrics encoding failed\n"),
             }
         }
-        "/status" => reply(StatusCode::OK, "application/json", status_json(&node).to_string()),
+        "/status" => reply(StatusCode::OK, JSON, status_json(&node).to_string()),
+        "/history" => {
+            let body = history.lock().unwrap_or_else(|e| e.into_inner()).to_json(&node, last).to_string();
+            reply(StatusCode::OK, JSON, body)
+        }
+        "/cluster" => reply(StatusCode::OK, JSON, peers::cluster_json(&node, &history, last).await.to_string()),
         "/" | "/index.html" => reply(StatusCode::OK, "text/html; charset=utf-8", dashboard::PAGE),
-        _ => reply(StatusCode::NOT_FOUND, TEXT, "not found: try /, /status, /metrics, /live, /ready\n"),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "not found: try /, /status, /history, /cluster, /metrics, /live, /ready\n",
+        ),
     })
 }
 
