@@ -773,3 +773,44 @@ async fn request_bodies_stream_through_both_framings() -> R {
     assert_eq!((echo["method"].as_str(), echo["body_len"].as_u64()), (Some("PUT"), Some(12)), "{echo}");
     Ok(())
 }
+
+/// A backend that writes the head and the body separately with Nagle on (as Python's
+/// http.server does): the body waits for the ACK of the head, which a socket that has just
+/// sent a request delays by up to 40 ms. Shoal acknowledges a head that came alone at once, so
+/// 20 requests one after the other take a few milliseconds each, not 40.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_writing_head_and_body_apart_is_not_delayed_by_acks() -> R {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // Nagle stays on (tokio's default): the second write waits for the first's ACK.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.clear();
+                    let head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\r\n";
+                    if s.write_all(head).await.is_err() || s.write_all(b"two-write").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let node = Node::builder("acks").backend_spec(&addr.to_string()).start().await?;
+    sample(node.proxy, 3).await; // a warm upstream connection
+    let s = sample(node.proxy, 20).await;
+    server.abort();
+    assert_eq!(s.ok, 20, "{s}");
+    // With delayed ACKs each request takes ~40 ms (p50 >= 38 ms); prompt ones take ~1 ms.
+    let p50 = s.percentile(50.0);
+    assert!(p50 < Duration::from_millis(15), "p50 {p50:?} through Shoal: the body waited for a delayed ACK ({s})");
+    Ok(())
+}
