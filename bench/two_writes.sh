@@ -23,9 +23,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-pin "$BACKEND_CPUS" python3 "$BENCH_DIR/two_writes_backend.py" "$BPORT" 2>"$dir/backend.log" & pids+=($!)
+$(pin_prefix "$BACKEND_CPUS") python3 "$BENCH_DIR/two_writes_backend.py" "$BPORT" 2>"$dir/backend.log" & pids+=($!)
 start_shoal() { # binary port control admin gossip
-  pin "$LB_CPUS" "$1" run --node-id "tw-$2" --listen "127.0.0.1:$2" --control "127.0.0.1:$3" \
+  $(pin_prefix "$LB_CPUS") "$1" run --node-id "tw-$2" --listen "127.0.0.1:$2" --control "127.0.0.1:$3" \
     --admin "127.0.0.1:$4" --gossip "127.0.0.1:$5" --backend "127.0.0.1:$BPORT" >"$dir/shoal-$2.log" 2>&1 &
   pids+=($!)
 }

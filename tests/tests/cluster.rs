@@ -1066,3 +1066,92 @@ fn junk_byte(seed: u8) -> u8 {
     STATE.store(x, Ordering::Relaxed);
     (x >> 24) as u8
 }
+
+// ---------------------------------------------------------------------------------------------
+// Balancing on response times
+// ---------------------------------------------------------------------------------------------
+
+/// One client per node, each sending a request, waiting for it, pausing 30 ms, for `secs`;
+/// returns how many requests each backend answered (by body name) and the failures.
+async fn paced_clients(c: &Cluster, secs: f64) -> anyhow::Result<(BTreeMap<String, usize>, usize)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in &c.nodes {
+        let proxy = n.proxy;
+        tasks.spawn(async move {
+            let client = shoal_tests::http::client(1);
+            let start = Instant::now();
+            let (mut by, mut failed) = (BTreeMap::<String, usize>::new(), 0);
+            while start.elapsed().as_secs_f64() < secs {
+                let req = http::Request::get(format!("http://{proxy}/"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .expect("request");
+                match shoal_tests::http::send(&client, req, Duration::from_secs(5)).await {
+                    Ok(r) if r.status == 200 => *by.entry(r.body).or_default() += 1,
+                    _ => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            (by, failed)
+        });
+    }
+    let (mut by, mut failed) = (BTreeMap::new(), 0);
+    while let Some(r) = tasks.join_next().await {
+        let (b, f) = r?;
+        for (k, v) in b {
+            *by.entry(k).or_default() += v;
+        }
+        failed += f;
+    }
+    Ok((by, failed))
+}
+
+/// The light-load scenario on three real nodes: three backends, one answering 25 ms
+/// late, one client per node pausing 30 ms between requests. In-flight counts are all 0 when
+/// a pick is made, so counts alone spread the requests evenly (a third, or 20% measured, to
+/// the slow one); the response-time estimates keep them on the fast ones. Then the fast
+/// `a` turns slow midway: within a second it is avoided too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn light_load_stays_off_a_slow_backend_and_leaves_one_that_turns_slow() -> R {
+    let bs = Backend::start_many(&["a", "b", "slow"]).await?;
+    bs[2].set_delay(Duration::from_millis(25));
+    let c = Cluster::builder("light", 3).backend(&bs[0]).backend(&bs[1]).backend(&bs[2]).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+
+    let (by, failed) = paced_clients(&c, 5.0).await?;
+    let total: usize = by.values().sum();
+    let slow = by.get("slow").copied().unwrap_or(0);
+    eprintln!("light load: {by:?}, {failed} failed");
+    assert_eq!(failed, 0, "{by:?}");
+    assert!(total > 150, "too few requests to judge: {by:?}");
+    assert!(slow * 100 < total * 5, "the slow backend got {slow} of {total} requests (>= 5%): {by:?}");
+    // Both fast backends take part (estimates under a millisecond count as equal; how evenly
+    // they share depends on this machine's scheduling hiccups, which the estimates see).
+    for name in ["a", "b"] {
+        let n = by.get(name).copied().unwrap_or(0);
+        assert!(n * 100 > total * 5, "{name} got {n} of {total}: {by:?}");
+    }
+    // Every node reports its estimates: the slow backend's (fading since its last trial) is
+    // still several times the fast ones'.
+    let st = c[0].status_json().await?;
+    let estimate = |addr: SocketAddr| {
+        st["backends"]
+            .as_array()
+            .and_then(|list| list.iter().find(|b| b["addr"] == addr.to_string()))
+            .and_then(|b| b["latency_estimate_ms"].as_f64())
+            .unwrap_or(0.0)
+    };
+    let (fast, slow_est) = (estimate(bs[0].addr).max(estimate(bs[1].addr)), estimate(bs[2].addr));
+    assert!(fast > 0.0 && slow_est > 4.0 * fast, "estimates: fast {fast} ms, slow {slow_est} ms: {st}");
+
+    // `a` turns slow: its next response raises its estimate; requests move to `b`.
+    bs[0].set_delay(Duration::from_millis(25));
+    let (by, failed) = paced_clients(&c, 1.0).await?; // the change is learnt
+    eprintln!("a turns slow, first second: {by:?}, {failed} failed");
+    let (by, failed) = paced_clients(&c, 3.0).await?;
+    eprintln!("a turns slow, next 3 s: {by:?}, {failed} failed");
+    let total: usize = by.values().sum();
+    let a = by.get("a").copied().unwrap_or(0);
+    assert_eq!(failed, 0);
+    assert!(a * 100 < total * 10, "`a` turned slow and still got {a} of {total}: {by:?}");
+    Ok(())
+}

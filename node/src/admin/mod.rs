@@ -168,6 +168,9 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "down_on": view.as_ref().and_then(|v| v.down_on.get(&key).cloned()).unwrap_or_default(),
                 "in_flight": st.in_flight.load(Relaxed),
                 "cluster_in_flight": st.load(),
+                // The least-conn picker's response-time estimate, and the peers' mean report.
+                "latency_estimate_ms": st.speed.estimate(now) as f64 / 1000.0,
+                "peers_latency_ms": st.speed.remote() as f64 / 1000.0,
                 "requests": st.requests.load(Relaxed),
                 "failures": st.failures.load(Relaxed),
                 "retries": st.retries.load(Relaxed),

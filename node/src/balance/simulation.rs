@@ -3,9 +3,17 @@
 //! count to the gossiped remote counts: picking on a stale snapshot alone herds every balancer
 //! onto the same backend (Mitzenmacher 2000), while the local part removes most of it.
 //!
-//! Model: `BACKENDS` single-server FIFO backends with exponential service times (mean 1),
-//! Poisson arrivals at 90% of capacity, each arrival sent to a uniformly random balancer (DNS
-//! round-robin), gossip every `period` time units (one mean service time = 1).
+//! It also shows what the response-time estimates add: with some backends slower than the
+//! others, least-conn on counts alone spreads light load evenly (every count is 0 when a pick
+//! is made), while scaling by the estimates sends it to the fast ones; with equal backends under
+//! heavy load the estimates change little and herding stays away.
+//!
+//! Model: `BACKENDS` single-server FIFO backends with exponential service times (mean 1, or
+//! `slow_factor` for the first `slow` of them), Poisson arrivals at `utilisation` of the
+//! capacity, each arrival sent to a uniformly random balancer (DNS round-robin), gossip every
+//! `period` time units (one mean service time = 1 = 10 ms of the estimates' clock). With
+//! `latency`, each balancer measures its own response times and hears the others' estimates
+//! with the gossip, as nodes do.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -38,8 +46,33 @@ struct Backend {
     done_at: f64,
 }
 
+/// The simulated cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup {
+    pub balancers: usize,
+    /// Gossip period, in mean service times.
+    pub period: f64,
+    /// Offered load as a share of the backends' capacity.
+    pub utilisation: f64,
+    /// How many backends are slow, and by what factor.
+    pub slow: usize,
+    pub slow_factor: f64,
+    /// Whether balancers measure response times (the estimates the least-conn picker scales by).
+    pub latency: bool,
+}
+
 /// Mean time in system for `requests` requests under `policy`.
 pub fn simulate(policy: Policy, balancers: usize, period: f64, requests: usize, seed: u64) -> f64 {
+    let setup = Setup { balancers, period, utilisation: 0.9, slow: 0, slow_factor: 1.0, latency: false };
+    simulate_with(policy, setup, requests, seed).0
+}
+
+/// Mean time in system, and the share of requests the slow backends got.
+pub fn simulate_with(policy: Policy, setup: Setup, requests: usize, seed: u64) -> (f64, f64) {
+    let Setup { balancers, period, .. } = setup;
+    let mean_service = |b: usize| if b < setup.slow { setup.slow_factor } else { 1.0 };
+    let capacity: f64 = (0..BACKENDS).map(|b| 1.0 / mean_service(b)).sum();
+    let to_ms = |t: f64| (t * 10.0) as u64;
     let mut rng = fastrand::Rng::with_seed(seed);
     fastrand::seed(seed); // the pickers' tie-breaking randomness
     let exp = |rng: &mut fastrand::Rng, mean: f64| -mean * (1.0 - rng.f64()).ln();
@@ -57,12 +90,13 @@ pub fn simulate(policy: Policy, balancers: usize, period: f64, requests: usize, 
     let mut next_view = 0usize;
     let mut backends: Vec<Backend> =
         (0..BACKENDS).map(|_| Backend { queue: VecDeque::new(), done_at: f64::INFINITY }).collect();
-    let arrival_rate = 0.9 * BACKENDS as f64;
+    let arrival_rate = setup.utilisation * capacity;
+    let mut to_slow = 0usize;
     let mut now;
     let mut next_arrival = exp(&mut rng, 1.0 / arrival_rate);
     let mut next_gossip = period / balancers as f64;
     let (mut arrived, mut finished, mut total_time) = (0usize, 0usize, 0.0f64);
-    let req = PickRequest { client_ip: IpAddr::from([127, 0, 0, 1]), sticky: None };
+    let mut req = PickRequest { client_ip: IpAddr::from([127, 0, 0, 1]), sticky: None, now_ms: 0 };
     while finished < requests {
         let (bi, next_done) = backends
             .iter()
@@ -71,6 +105,19 @@ pub fn simulate(policy: Policy, balancers: usize, period: f64, requests: usize, 
             .fold((0, f64::INFINITY), |a, x| if x.1 < a.1 { x } else { a });
         if next_gossip <= next_arrival && next_gossip <= next_done {
             views[next_view].clone_from(&counts);
+            if setup.latency {
+                // Balancer `next_view` hears the others' estimates (their means, as the view task).
+                let at = to_ms(next_gossip);
+                for b in 0..BACKENDS {
+                    let reports: Vec<u64> = (0..balancers)
+                        .filter(|&o| o != next_view)
+                        .map(|o| crate::pool::speed::quantise(pools[o].backends[b].state.speed.own(at)))
+                        .filter(|&us| us > 0)
+                        .collect();
+                    let mean = if reports.is_empty() { 0 } else { reports.iter().sum::<u64>() / reports.len() as u64 };
+                    pools[next_view].backends[b].state.speed.set_remote(mean);
+                }
+            }
             next_view = (next_view + 1) % balancers;
             next_gossip += period / balancers as f64;
         } else if next_arrival <= next_done && arrived < requests {
@@ -92,16 +139,18 @@ pub fn simulate(policy: Policy, balancers: usize, period: f64, requests: usize, 
                 backend.state.in_flight.store(local, Relaxed);
                 backend.state.remote_in_flight.store(remote, Relaxed);
             }
+            req.now_ms = to_ms(now);
             let b = match policy {
                 Policy::Random => rng.usize(..BACKENDS),
                 Policy::P2cLocalPlusRemote => RandomTwo.pick(pool, &|_| true, &req).unwrap_or(0),
                 _ => LeastConn.pick(pool, &|_| true, &req).unwrap_or(0),
             };
             counts[m][b] += 1;
+            to_slow += usize::from(b < setup.slow);
             let backend = &mut backends[b];
             backend.queue.push_back((m, now));
             if backend.queue.len() == 1 {
-                backend.done_at = now + exp(&mut rng, 1.0);
+                backend.done_at = now + exp(&mut rng, mean_service(b));
             }
         } else if next_done.is_finite() {
             now = next_done;
@@ -110,13 +159,18 @@ pub fn simulate(policy: Policy, balancers: usize, period: f64, requests: usize, 
             counts[m][bi] -= 1;
             total_time += now - arrived_at;
             finished += 1;
-            backend.done_at = if backend.queue.is_empty() { f64::INFINITY } else { now + exp(&mut rng, 1.0) };
+            if setup.latency {
+                let took = std::time::Duration::from_micros(((now - arrived_at) * 10_000.0) as u64);
+                pools[m].backends[bi].state.speed.observe(took, to_ms(now));
+            }
+            backend.done_at =
+                if backend.queue.is_empty() { f64::INFINITY } else { now + exp(&mut rng, mean_service(bi)) };
         } else {
             // No request anywhere and no more arrivals: only gossip is left.
             break;
         }
     }
-    total_time / finished.max(1) as f64
+    (total_time / finished.max(1) as f64, to_slow as f64 / arrived.max(1) as f64)
 }
 
 #[cfg(test)]
@@ -153,6 +207,39 @@ mod tests {
             assert!(shoal < random / 2.0);
             // Least-conn on local+remote measured better than P2C on it, so it is the default.
             assert!(shoal < p2c);
+
+            // The same with response-time estimates (the default picker): equal backends, so
+            // they change little; still no herding, and no worse than counts alone.
+            let setup = Setup { balancers, period, utilisation: 0.9, slow: 0, slow_factor: 1.0, latency: true };
+            let timed = simulate_with(Policy::LocalPlusRemote, setup, n, 7).0;
+            println!("  with response-time estimates: local+remote {timed:.2}");
+            assert!(stale > timed, "stale {stale} vs local+remote with estimates {timed}");
+            assert!(timed < 1.1 * shoal, "with estimates {timed} vs counts alone {shoal}");
+            assert!(timed < 1.05 * local_only.max(shoal), "with estimates {timed} vs local-only {local_only}");
+        }
+    }
+
+    #[test]
+    fn estimates_keep_light_load_off_slow_backends() {
+        let n = 40_000;
+        // 2 of 10 backends 5x slower; 3 balancers gossiping every 15 ms (1.5 service times).
+        for utilisation in [0.1, 0.3, 0.6, 0.9] {
+            let setup = |latency| Setup { balancers: 3, period: 1.5, utilisation, slow: 2, slow_factor: 5.0, latency };
+            let (plain, plain_slow) = simulate_with(Policy::LocalPlusRemote, setup(false), n, 11);
+            let (timed, timed_slow) = simulate_with(Policy::LocalPlusRemote, setup(true), n, 11);
+            println!(
+                "utilisation {utilisation}: counts alone {plain:.2} ({:.1}% to slow), with estimates {timed:.2} ({:.1}% to slow)",
+                plain_slow * 100.0,
+                timed_slow * 100.0
+            );
+            // Counts alone spread light load nearly evenly: the slow fifth gets 10-16%.
+            if utilisation <= 0.3 {
+                assert!(plain_slow > 0.08, "{plain_slow}");
+                assert!(timed_slow < 0.05, "slow backends got {timed_slow} of the requests");
+                assert!(timed < 0.75 * plain, "with estimates {timed} vs counts alone {plain}");
+            }
+            // And they never make it worse.
+            assert!(timed < 1.02 * plain, "utilisation {utilisation}: with estimates {timed} vs counts alone {plain}");
         }
     }
 }

@@ -6,6 +6,7 @@
 //! | `addr.proxy`, `addr.control`, `addr.admin` | `IP:PORT` | at start |
 //! | `rps` | requests per second (1 decimal) | each publish tick, when changed |
 //! | `load:<backend>` | this node's in-flight requests to the backend | each tick, when changed |
+//! | `lat:<backend>` | this node's response-time estimate, microseconds, on a ~19% scale | each tick, when its step changes |
 //! | `down:<backend>` | `1` while this node's own verdict is down (absent = up) | on change |
 //! | `reg:<backend>` | registry entry (see [`RegEntry`]) | when the merged registry changes |
 //! | `cert:<name>` | cluster certificate entry (see [`CertEntry`]), sealed | when it changes |
@@ -28,6 +29,7 @@ pub const ADDR_CONTROL: &str = "addr.control";
 pub const ADDR_ADMIN: &str = "addr.admin";
 pub const RPS: &str = "rps";
 pub const LOAD_PREFIX: &str = "load:";
+pub const LAT_PREFIX: &str = "lat:";
 pub const DOWN_PREFIX: &str = "down:";
 pub const REG_PREFIX: &str = "reg:";
 pub const CERT_PREFIX: &str = "cert:";
@@ -90,6 +92,10 @@ pub fn load_key(pool: &str, backend: SocketAddr) -> String {
     backend_text(LOAD_PREFIX, pool, backend)
 }
 
+pub fn lat_key(pool: &str, backend: SocketAddr) -> String {
+    backend_text(LAT_PREFIX, pool, backend)
+}
+
 pub fn down_key(pool: &str, backend: SocketAddr) -> String {
     backend_text(DOWN_PREFIX, pool, backend)
 }
@@ -111,6 +117,11 @@ pub fn backend_of(key: &str, prefix: &str) -> Option<BackendKey> {
 
 pub fn parse_load(value: &str) -> Option<u32> {
     value.parse().ok()
+}
+
+/// A response-time estimate in microseconds (non-zero).
+pub fn parse_lat(value: &str) -> Option<u64> {
+    value.parse().ok().filter(|&us| us > 0)
 }
 
 /// `hlc|op|weight|max_conns|backup|origin`, e.g. `1732470000000123|add|3|0|0|lb-1`.

@@ -336,6 +336,13 @@ async fn publish_loop(cluster: Arc<Cluster>) {
         for (u, pool) in runtime.upstreams.iter().zip(&pools) {
             for b in &pool.backends {
                 me.set(keys::load_key(u.name(), b.spec.addr), b.state.in_flight.load(Relaxed).to_string());
+                let lat = crate::pool::speed::quantise(b.state.speed.own(now));
+                let lat_key = keys::lat_key(u.name(), b.spec.addr);
+                if lat > 0 {
+                    me.set(lat_key, lat.to_string());
+                } else if me.get(&lat_key).is_some() {
+                    me.delete(&lat_key);
+                }
                 let down_key = keys::down_key(u.name(), b.spec.addr);
                 if b.state.own_verdict_down(now) {
                     me.set(down_key, "1");
@@ -351,8 +358,11 @@ async fn publish_loop(cluster: Arc<Cluster>) {
         let stale: Vec<String> = me
             .iter_prefix(keys::LOAD_PREFIX)
             .chain(me.iter_prefix(keys::DOWN_PREFIX))
+            .chain(me.iter_prefix(keys::LAT_PREFIX))
             .filter(|(k, _)| {
-                let key = keys::backend_of(k, keys::LOAD_PREFIX).or_else(|| keys::backend_of(k, keys::DOWN_PREFIX));
+                let key = keys::backend_of(k, keys::LOAD_PREFIX)
+                    .or_else(|| keys::backend_of(k, keys::DOWN_PREFIX))
+                    .or_else(|| keys::backend_of(k, keys::LAT_PREFIX));
                 key.is_none_or(|key| !known(&key))
             })
             .map(|(k, _)| k.to_string())
@@ -375,11 +385,16 @@ async fn publish_loop(cluster: Arc<Cluster>) {
     }
 }
 
+/// One member's in-flight counts and response-time estimates, per backend of a pool.
+type Reports = (Vec<(BackendKey, u32)>, Vec<(BackendKey, u64)>);
+
 /// What the view task reads from one member's gossip state.
 struct MemberReading {
     member: Member,
     /// Its in-flight reports per backend of a pool.
     loads: Vec<(BackendKey, u32)>,
+    /// Its response-time estimates (microseconds) per backend of a pool.
+    latencies: Vec<(BackendKey, u64)>,
     registry: Vec<RegEntry>,
     certs: Vec<CertEntry>,
     routes: Vec<RouteEntry>,
@@ -396,6 +411,10 @@ fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) ->
     let loads: Vec<(BackendKey, u32)> = state
         .iter_prefix(keys::LOAD_PREFIX)
         .filter_map(|(k, v)| Some((keys::backend_of(k, keys::LOAD_PREFIX)?, keys::parse_load(&v.value)?)))
+        .collect();
+    let latencies = state
+        .iter_prefix(keys::LAT_PREFIX)
+        .filter_map(|(k, v)| Some((keys::backend_of(k, keys::LAT_PREFIX)?, keys::parse_lat(&v.value)?)))
         .collect();
     let down =
         state.iter_prefix(keys::DOWN_PREFIX).filter_map(|(k, _)| keys::backend_of(k, keys::DOWN_PREFIX)).collect();
@@ -418,7 +437,7 @@ fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) ->
         is_self,
         down,
     };
-    MemberReading { member, loads, registry, certs, routes }
+    MemberReading { member, loads, latencies, registry, certs, routes }
 }
 
 /// Builds the cluster view from gossip, once per interval.
@@ -445,11 +464,11 @@ async fn view_loop(cluster: Arc<Cluster>) {
         };
         // One entry per node id: a live incarnation wins, then the newest generation.
         let mut members: Vec<Member> = Vec::new();
-        let mut loads_by_node: HashMap<String, Vec<(BackendKey, u32)>> = HashMap::new();
+        let mut loads_by_node: HashMap<String, Reports> = HashMap::new();
         let mut seen_registry = Vec::new();
         let mut seen_certs = Vec::new();
         let mut seen_routes = Vec::new();
-        for MemberReading { member: m, loads, registry, certs, routes } in raw {
+        for MemberReading { member: m, loads, latencies, registry, certs, routes } in raw {
             seen_registry.extend(registry);
             seen_certs.extend(certs);
             seen_routes.extend(routes);
@@ -457,11 +476,11 @@ async fn view_loop(cluster: Arc<Cluster>) {
             match members.iter_mut().find(|o| o.node_id == m.node_id) {
                 Some(o) if rank(o) >= rank(&m) => {}
                 Some(o) => {
-                    loads_by_node.insert(m.node_id.clone(), loads);
+                    loads_by_node.insert(m.node_id.clone(), (loads, latencies));
                     *o = m;
                 }
                 None => {
-                    loads_by_node.insert(m.node_id.clone(), loads);
+                    loads_by_node.insert(m.node_id.clone(), (loads, latencies));
                     members.push(m);
                 }
             }
@@ -470,14 +489,20 @@ async fn view_loop(cluster: Arc<Cluster>) {
 
         // Remote load: only live peers count; a dead or left node's reports stop at once.
         let mut remote: HashMap<BackendKey, u32> = HashMap::new();
+        let mut remote_lat: HashMap<BackendKey, (u64, u64)> = HashMap::new();
         let mut down_on: HashMap<BackendKey, Vec<String>> = HashMap::new();
         for m in &members {
             let counts = matches!(m.state, MemberState::Alive | MemberState::Draining) && !m.is_self;
             if !counts {
                 continue;
             }
-            for (key, n) in loads_by_node.get(&m.node_id).into_iter().flatten() {
+            let Some((loads, latencies)) = loads_by_node.get(&m.node_id) else { continue };
+            for (key, n) in loads {
                 *remote.entry(key.clone()).or_default() += n;
+            }
+            for (key, us) in latencies {
+                let e = remote_lat.entry(key.clone()).or_default();
+                *e = (e.0 + us, e.1 + 1);
             }
             for key in &m.down {
                 down_on.entry(key.clone()).or_default().push(m.node_id.clone());
@@ -490,6 +515,7 @@ async fn view_loop(cluster: Arc<Cluster>) {
         for (pool, b) in runtime.backends() {
             let key: BackendKey = (pool.to_string(), b.spec.addr);
             b.state.remote_in_flight.store(remote.get(&key).copied().unwrap_or(0), Relaxed);
+            b.state.speed.set_remote(remote_lat.get(&key).map_or(0, |(sum, n)| sum / n));
             // Shared health: a new "down" report from any peer takes the backend out here too;
             // it stays out until the peers take it back or our own checks see `rise` good ones.
             let now_down = down_on.contains_key(&key);

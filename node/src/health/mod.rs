@@ -38,10 +38,13 @@ pub enum Failure {
 /// backend cluster-wide.
 pub fn record_failure(spec: &BackendSpec, state: &BackendState, kind: Failure) {
     state.failures.fetch_add(1, Relaxed);
+    let now = now_ms();
+    // A failure is a slow answer to the least-conn picker: one that fails fast (refuses, or
+    // answers 502 at once) must not draw traffic for looking quick.
+    state.speed.penalise(now);
     if spec.max_fails == 0 {
         return;
     }
-    let now = now_ms();
     let window = spec.fail_timeout.as_millis() as u64;
     let h = &state.health;
     let start = h.fail_window_start_ms.load(Relaxed);

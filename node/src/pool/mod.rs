@@ -6,6 +6,7 @@
 //! [`BackendState`] of every backend it keeps, so counters and warm connections survive.
 
 pub mod conn;
+pub mod speed;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -141,6 +142,8 @@ pub struct BackendState {
     pub responses: [AtomicU64; 5],
     pub retries: AtomicU64,
     pub latency: Latency,
+    /// Response-time estimate (own, decaying, and the peers') for the least-conn picker.
+    pub speed: speed::Speed,
     pub health: Health,
     /// Idle keep-alive connections to the backend.
     pub idle: IdleConns,
@@ -159,6 +162,7 @@ impl BackendState {
             responses: Default::default(),
             retries: AtomicU64::new(0),
             latency: Latency::default(),
+            speed: speed::Speed::default(),
             health: Health::default(),
             idle: IdleConns::new(keepalive, idle_budget),
         }

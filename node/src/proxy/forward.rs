@@ -222,7 +222,7 @@ async fn attempts<S: BodySource>(
     proxy.retry_budget.deposit(settings.retry_budget);
     let pool = upstream.pool.snapshot();
     let serving_nodes = proxy.serving_nodes();
-    let pick_req = PickRequest { client_ip: client.addr.ip(), sticky: outgoing.sticky_cookie };
+    let pick_req = PickRequest { client_ip: client.addr.ip(), sticky: outgoing.sticky_cookie, now_ms: now_ms() };
     let mut tried = Tried::default();
     let mut last_error = ProxyError::NoBackend;
     let mut attempt = 0;
@@ -364,7 +364,9 @@ async fn attempts<S: BodySource>(
             }
         };
         let status = head.status;
-        state.latency.record(sent_at.elapsed());
+        let took = sent_at.elapsed();
+        state.latency.record(took);
+        state.speed.observe(took, now_ms());
         if status.is_server_error()
             && settings.retry_on.contains(&status.as_u16())
             && idempotent
