@@ -250,13 +250,39 @@ mod tests {
         let p = pool(&[1, 1, 2]);
         p.backends[0].state.in_flight.store(3, Relaxed);
         p.backends[1].state.in_flight.store(1, Relaxed);
-        p.backends[2].state.in_flight.store(3, Relaxed); // 3/2 = 1.5 > 1
+        p.backends[2].state.in_flight.store(4, Relaxed); // (4 + 1) / 2 = 2.5 > (1 + 1) / 1
         assert_eq!(LeastConn.pick(&p, &|_| true, &req([1, 1, 1, 1])), Some(1));
         // remote reports count too
         p.backends[1].state.remote_in_flight.store(10, Relaxed);
         assert_eq!(LeastConn.pick(&p, &|_| true, &req([1, 1, 1, 1])), Some(2));
         assert_eq!(LeastConn.pick(&p, &|i| i == 0, &req([1, 1, 1, 1])), Some(0));
         assert_eq!(LeastConn.pick(&p, &|_| false, &req([1, 1, 1, 1])), None);
+    }
+
+    #[test]
+    fn least_conn_scales_load_by_response_time() {
+        let p = pool(&[1, 1]);
+        p.backends[0].state.speed.observe(std::time::Duration::from_millis(25), 0);
+        p.backends[1].state.speed.observe(std::time::Duration::from_millis(1), 0);
+        let r = PickRequest { now_ms: 10, ..req([1, 1, 1, 1]) };
+        for _ in 0..20 {
+            assert_eq!(LeastConn.pick(&p, &|_| true, &r), Some(1), "equal load: the fast one");
+        }
+        // 30 in flight on the fast one cost more than one on a 25x slower one.
+        p.backends[1].state.in_flight.store(30, Relaxed);
+        assert_eq!(LeastConn.pick(&p, &|_| true, &r), Some(0));
+        // A backend with no estimate yet counts as fast as the fastest known (and not as 0,
+        // which would send it everything until its first answer).
+        let q = pool(&[1, 1, 1]);
+        q.backends[0].state.speed.observe(std::time::Duration::from_millis(25), 0);
+        q.backends[1].state.speed.observe(std::time::Duration::from_millis(1), 0);
+        q.backends[1].state.in_flight.store(3, Relaxed);
+        for _ in 0..20 {
+            assert_eq!(LeastConn.pick(&q, &|_| true, &r), Some(2));
+        }
+        q.backends[2].state.in_flight.store(3, Relaxed);
+        let picks: std::collections::BTreeSet<_> = (0..50).filter_map(|_| LeastConn.pick(&q, &|_| true, &r)).collect();
+        assert_eq!(picks, [1, 2].into(), "equal load and equal (assumed) speed share");
     }
 
     #[test]
