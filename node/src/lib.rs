@@ -144,6 +144,8 @@ pub struct Node {
     pub control_gate: Arc<control::auth::Gate>,
     /// Recent events for the dashboard (the admin sampler and reloads write them).
     pub events: events::Events,
+    /// Which members actively check which backends (written by the view task).
+    pub roster: Arc<health::Roster>,
     /// Every pool by name, kept across rebuilds of the runtime so counters and warm
     /// connections survive; the lock also serializes [`Node::apply`].
     pools: Mutex<BTreeMap<String, Arc<Pool>>>,
@@ -183,6 +185,7 @@ impl Node {
             cluster: OnceLock::new(),
             control_gate,
             events: events::Events::default(),
+            roster: Arc::default(),
             pools: Mutex::new(BTreeMap::new()),
             config_generation: AtomicU64::new(0),
             health: Mutex::new(HashMap::new()),
@@ -310,7 +313,7 @@ impl Node {
             }
             let token = CancellationToken::new();
             running.insert(u.name().to_string(), (runtime.generation, token.clone()));
-            tokio::spawn(health::run_checks(u.pool.clone(), h, u.tls.clone(), token));
+            tokio::spawn(health::run_checks(u.pool.clone(), h, u.tls.clone(), self.roster.clone(), token));
         }
     }
 

@@ -678,8 +678,9 @@ fall = 2
 timeout = "500ms"
 type = "http"
 path = "/health"
+checkers = 0
 "#;
-    // Only node 1 runs active checks.
+    // Only node 1 runs active checks (and, with `checkers = 0`, of every backend).
     let c = Cluster::builder("eja", 3).node_config(1, checks).backend(&bs[0]).backend(&bs[1]).start().await?;
     c.wait_converged(Duration::from_secs(10)).await?;
     let a = bs[0].addr;
@@ -713,19 +714,97 @@ path = "/health"
     Ok(())
 }
 
+/// Shared active checks: with `checkers = 1` each backend is probed by one node of three
+/// (rendezvous hashing), a third of the probes; the others take its verdict from gossip. Kill
+/// the checker with SIGKILL: another node takes the backend over once the view drops the dead
+/// one, and a check failing after that takes the backend out on both survivors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_checker_per_backend_and_another_takes_over_from_a_killed_one() -> R {
+    let bs = Backend::start_many(&["a"]).await?;
+    let interval_ms = 200;
+    let checks = format!(
+        "[health]\ninterval = \"{interval_ms}ms\"\nrise = 2\nfall = 2\ntimeout = \"500ms\"\ntype = \"http\"\npath = \"/health\"\ncheckers = 1\n"
+    );
+    let mut c = Cluster::builder("chk", 3).config(&checks).backend(&bs[0]).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    let a = bs[0].addr;
+    let checkers = async |c: &Cluster| -> Vec<usize> {
+        let mut out = Vec::new();
+        for (i, n) in c.nodes.iter().enumerate() {
+            if let Ok(e) = n.backend_status(a).await
+                && e["checked_here"] == true
+            {
+                out.push(i);
+            }
+        }
+        out
+    };
+    wait_until(Duration::from_secs(5), "exactly one node checks `a`", async || checkers(&c).await.len() == 1).await?;
+    // Probes over 3 s: one node's worth (15 at 200 ms), not three (45).
+    let before = bs[0].health_checks();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let probes = bs[0].health_checks() - before;
+    println!("probes of `a` in 3 s with checkers = 1 on 3 nodes: {probes} (every node: ~45)");
+    assert!((8..=22).contains(&probes), "{probes} probes in 3 s");
+
+    let checker = checkers(&c).await[0];
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != checker).collect();
+    let killed = Instant::now();
+    c.nodes[checker].kill9();
+    wait_until(Duration::from_secs(5), "a survivor checks `a`", async || {
+        let mut n = 0;
+        for &i in &survivors {
+            if c.nodes[i].backend_status(a).await.is_ok_and(|e| e["checked_here"] == true) {
+                n += 1;
+            }
+        }
+        n == 1
+    })
+    .await?;
+    let took_over = killed.elapsed();
+    println!("a survivor checks `a` {took_over:?} after the checker was killed");
+
+    bs[0].set_health_status(500);
+    let broken = Instant::now();
+    let nodes: Vec<&Node> = survivors.iter().map(|&i| &c.nodes[i]).collect();
+    wait_backend(&nodes, a, "is down on both survivors", Duration::from_secs(3), |e| e["state"] == "down").await?;
+    println!("check failing: down on both survivors {:?} later", broken.elapsed());
+    bs[0].set_health_status(200);
+    wait_backend(&nodes, a, "is up again on both survivors", Duration::from_secs(3), |e| e["state"] == "up").await?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cluster-wide load
 // ---------------------------------------------------------------------------------------------
 
+/// Node 1 sends all its load to `busy` (its config names no other backend); `busy` and `idle`
+/// answer equally slowly, so response times cannot tell them apart and only node 1's in-flight
+/// requests, seen through gossip, make node 2 prefer `idle`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_wide_least_conn_steers_other_nodes_away_from_a_loaded_backend() -> R {
     let bs = Backend::start_many(&["slow", "fast"]).await?;
     let (slow, fast) = (bs[0].addr, bs[1].addr);
-    bs[0].set_delay(Duration::from_millis(300));
-    let c = Cluster::builder("lc", 3).backend(&bs[0]).backend(&bs[1]).start().await?;
+    for b in &bs {
+        b.set_delay(Duration::from_millis(100));
+    }
+    let (busy, idle) = (slow.to_string(), fast.to_string());
+    let c = Cluster::builder("lc", 3)
+        .node_arg(1, "--backend")
+        .node_arg(1, &busy)
+        .node_arg(2, "--backend")
+        .node_arg(2, &busy)
+        .node_arg(2, "--backend")
+        .node_arg(2, &idle)
+        .node_arg(3, "--backend")
+        .node_arg(3, &busy)
+        .node_arg(3, "--backend")
+        .node_arg(3, &idle)
+        .start()
+        .await?;
     c.wait_converged(Duration::from_secs(10)).await?;
 
-    // Steady load through node 1 only: least-conn there keeps many requests on the slow one.
+    // Steady load through node 1 only, all of it on `slow` (its only backend).
     let load = Load::new(c[0].proxy).concurrency(20).until_stopped().spawn();
     let t = wait_backend(&[&c[1]], slow, "carries node 1's load in node 2's view", Duration::from_secs(3), |e| {
         e["in_flight"] == 0 && e["cluster_in_flight"].as_u64() >= Some(5)
@@ -763,7 +842,6 @@ async fn cluster_wide_least_conn_steers_other_nodes_away_from_a_loaded_backend()
 
     // Control: once node 1's load is gone from the reports, node 2 uses both again.
     wait_backend(&[&c[1]], slow, "shows no load", Duration::from_secs(3), |e| e["cluster_in_flight"] == 0).await?;
-    bs[0].set_delay(Duration::ZERO);
     let s = sample(c[1].proxy, 30).await;
     assert_eq!(s.ok, 30, "{s}");
     assert!(s.from("slow") >= 3 && s.from("fast") >= 3, "with no load anywhere node 2 uses both: {s}");
@@ -1130,8 +1208,8 @@ async fn light_load_stays_off_a_slow_backend_and_leaves_one_that_turns_slow() ->
         let n = by.get(name).copied().unwrap_or(0);
         assert!(n * 100 > total * 5, "{name} got {n} of {total}: {by:?}");
     }
-    // Every node reports its estimates: the slow backend's (fading since its last trial) is
-    // still several times the fast ones'.
+    // Every node reports its estimates (the slow backend's fading since its last trial, from
+    // 25 ms) and has its peers' through gossip.
     let st = c[0].status_json().await?;
     let estimate = |addr: SocketAddr| {
         st["backends"]
@@ -1141,7 +1219,10 @@ async fn light_load_stays_off_a_slow_backend_and_leaves_one_that_turns_slow() ->
             .unwrap_or(0.0)
     };
     let (fast, slow_est) = (estimate(bs[0].addr).max(estimate(bs[1].addr)), estimate(bs[2].addr));
-    assert!(fast > 0.0 && slow_est > 4.0 * fast, "estimates: fast {fast} ms, slow {slow_est} ms: {st}");
+    assert!(fast > 0.0 && slow_est >= 5.0, "estimates: fast {fast} ms, slow {slow_est} ms: {st}");
+    let shared =
+        st["backends"].as_array().is_some_and(|l| l.iter().all(|b| b["peers_latency_ms"].as_f64() > Some(0.0)));
+    assert!(shared, "node 1 has the peers' estimates of every backend: {st}");
 
     // `a` turns slow: its next response raises its estimate; requests move to `b`.
     bs[0].set_delay(Duration::from_millis(25));

@@ -180,6 +180,10 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                     "5xx": st.responses[4].load(Relaxed),
                 },
                 "idle_connections": st.idle.len(),
+                // Whether this node probes the backend itself (active checks, `checkers`).
+                "checked_here": runtime.find(pool).and_then(|u| u.settings.health.as_ref())
+                    .map(|h| node.roster.checks_here(pool, b.spec.addr, h.checkers)),
+                "probes": st.health.probes.load(Relaxed),
             })
         })
         .collect();

@@ -509,6 +509,15 @@ async fn view_loop(cluster: Arc<Cluster>) {
             }
         }
         let serving = members.iter().filter(|m| matches!(m.state, MemberState::Alive | MemberState::Draining)).count();
+        // Active checks go to alive members only: a draining node is about to leave.
+        let alive: Vec<String> = members
+            .iter()
+            .filter(
+                |m| if m.is_self { node.lifecycle.get() == MemberState::Alive } else { m.state == MemberState::Alive },
+            )
+            .map(|m| m.node_id.clone())
+            .collect();
+        node.roster.set(&cluster.self_id.node_id, alive);
         node.proxy.set_serving_nodes(serving as u32);
         let runtime = node.runtime();
         let mut present: std::collections::HashSet<BackendKey> = std::collections::HashSet::new();

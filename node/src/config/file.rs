@@ -161,6 +161,8 @@ pub struct HealthFile {
     pub kind: Option<CheckKind>,
     pub path: Option<HttpPath>,
     pub expect: Option<Vec<StatusClass>>,
+    /// How many nodes check each backend (0 = every node).
+    pub checkers: Option<u32>,
 }
 
 /// `[sticky]`.

@@ -134,6 +134,9 @@ pub struct HealthSettings {
     pub kind: CheckKind,
     pub path: String,
     pub expect: Vec<StatusClass>,
+    /// How many live nodes probe each backend, chosen by rendezvous hashing; the others take
+    /// the checkers' verdicts from gossip. 0: every node probes every backend.
+    pub checkers: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -486,6 +489,7 @@ fn pool_settings(
         kind: h.kind.unwrap_or_default(),
         path: h.path.map_or_else(|| "/".to_string(), |p| p.0),
         expect: h.expect.unwrap_or_else(|| vec![StatusClass::Class(2), StatusClass::Class(3)]),
+        checkers: h.checkers.unwrap_or(2),
     });
     let health_table = if name == DEFAULT_POOL { "health".to_string() } else { format!("{table}.health") };
     if let Some(h) = &health {

@@ -9,6 +9,8 @@
 //! A peer's "down" report (shared health, `crate::view`) sets `cluster_down`; only this node's
 //! own `rise` good checks, or the peers taking their report back, clear it.
 
+use std::hash::Hasher;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -148,12 +150,54 @@ pub fn apply_probe(state: &BackendState, settings: &HealthSettings, result: &Pro
     h.active_up.load(Relaxed)
 }
 
+/// Which live members probe which backends: the `k` members with the highest rendezvous
+/// score for a backend check it, the others take their verdicts from gossip (`down:` keys).
+/// When a checker dies or leaves, the next member by score is a checker from the view that
+/// no longer lists it (within one check interval of the view changing). Written by the view
+/// task; read once per check interval by each backend's check task.
+#[derive(Debug, Default)]
+pub struct Roster {
+    /// This node's id and the alive members' ids (this node included); None before the
+    /// first view, when every node checks.
+    members: arc_swap::ArcSwapOption<(String, Vec<String>)>,
+}
+
+impl Roster {
+    pub fn set(&self, self_id: &str, alive: Vec<String>) {
+        self.members.store(Some(Arc::new((self_id.to_string(), alive))));
+    }
+
+    /// Whether this node is one of the `k` checkers of `pool`'s backend `addr` (k = 0: every
+    /// node is).
+    pub fn checks_here(&self, pool: &str, addr: SocketAddr, k: u32) -> bool {
+        let guard = self.members.load();
+        let Some(m) = guard.as_deref() else { return true };
+        let (me, alive) = (&m.0, &m.1);
+        if k == 0 || alive.len() <= k as usize || !alive.contains(me) {
+            return true;
+        }
+        let score = |id: &str| {
+            let mut h = siphasher::sip::SipHasher13::new_with_keys(0x6368_6563_6b73, 0x0073_686f_616c);
+            h.write(id.as_bytes());
+            h.write_u8(0);
+            h.write(pool.as_bytes());
+            h.write_u8(0);
+            h.write(addr.to_string().as_bytes());
+            h.finish()
+        };
+        let mine = (score(me), me.as_str());
+        alive.iter().filter(|id| (score(id), id.as_str()) > mine).count() < k as usize
+    }
+}
+
 /// Runs active checks for every backend of the pool until `stop` fires. Checks start at a
-/// random offset within the interval, so N backends are not probed in one burst.
+/// random offset within the interval, so N backends are not probed in one burst. With
+/// `checkers` set, only the backends this node is a checker of are probed (see [`Roster`]).
 pub async fn run_checks(
     pool: Arc<Pool>,
     settings: HealthSettings,
     tls: Option<Arc<UpstreamTls>>,
+    roster: Arc<Roster>,
     stop: CancellationToken,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
@@ -171,11 +215,12 @@ pub async fn run_checks(
             }
             watched.push(b.state.clone());
             let (state, settings, stop, tls) = (b.state.clone(), settings.clone(), stop.child_token(), tls.clone());
-            let pool_ref = Arc::downgrade(&pool);
+            let (pool_ref, roster, pool_name) = (Arc::downgrade(&pool), roster.clone(), pool.name.to_string());
             tasks.spawn(async move {
                 let jitter = Duration::from_millis(fastrand::u64(..settings.interval.as_millis() as u64 + 1));
                 tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(jitter) => {} }
                 let mut tick = tokio::time::interval(settings.interval);
+                let mut checking = true;
                 loop {
                     tokio::select! { _ = stop.cancelled() => return, _ = tick.tick() => {} }
                     // Stop once the backend left the pool.
@@ -183,6 +228,27 @@ pub async fn run_checks(
                     if pool.snapshot().find(state.addr).is_none_or(|b| !Arc::ptr_eq(&b.state, &state)) {
                         return;
                     }
+                    let h = &state.health;
+                    if !roster.checks_here(&pool_name, state.addr, settings.checkers) {
+                        if checking {
+                            // Hand over: this node's verdict is no longer a checker's, so it
+                            // stops reporting one; the checkers' reports decide here.
+                            tracing::debug!(pool = %pool_name, backend = %state.addr, "checked by other nodes now");
+                            h.active_up.store(true, Relaxed);
+                            h.streak_ok.store(0, Relaxed);
+                            h.streak_bad.store(0, Relaxed);
+                            checking = false;
+                        }
+                        continue;
+                    }
+                    if !checking {
+                        // Take over from the cluster's verdict, then `rise`/`fall` as usual.
+                        let down = h.cluster_down.load(Relaxed);
+                        tracing::info!(pool = %pool_name, backend = %state.addr, down, "checking this backend for the cluster now");
+                        h.active_up.store(!down, Relaxed);
+                        checking = true;
+                    }
+                    h.probes.fetch_add(1, Relaxed);
                     let result = probe(&state, &settings, tls.as_deref()).await;
                     apply_probe(&state, &settings, &result);
                 }
@@ -197,6 +263,48 @@ pub async fn run_checks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn checkers(alive: &[&str], pool: &str, addr: SocketAddr, k: u32) -> Vec<String> {
+        let ids: Vec<String> = alive.iter().map(|s| s.to_string()).collect();
+        ids.iter()
+            .filter(|me| {
+                let r = Roster::default();
+                r.set(me, ids.clone());
+                r.checks_here(pool, addr, k)
+            })
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn rendezvous_picks_k_checkers_and_moves_only_a_dead_ones_share() {
+        let nodes = ["n1", "n2", "n3", "n4", "n5"];
+        let mut per_node = std::collections::BTreeMap::<String, usize>::new();
+        for port in 0..200u16 {
+            let addr = SocketAddr::from(([10, 0, 0, 1], 8000 + port));
+            let two = checkers(&nodes, "default", addr, 2);
+            assert_eq!(two.len(), 2, "{addr}: {two:?}");
+            for n in &two {
+                *per_node.entry(n.clone()).or_default() += 1;
+            }
+            // A checker dies: the other one stays a checker, one more takes its place.
+            let dead = &two[0];
+            let rest: Vec<&str> = nodes.iter().copied().filter(|n| n != dead).collect();
+            let after = checkers(&rest, "default", addr, 2);
+            assert_eq!(after.len(), 2);
+            assert!(after.contains(&two[1]), "{addr}: {two:?} -> {after:?}");
+            // k = 0, or no more members than k: everyone checks.
+            assert_eq!(checkers(&nodes, "default", addr, 0).len(), 5);
+            assert_eq!(checkers(&nodes[..2], "default", addr, 2).len(), 2);
+        }
+        // Spread evenly: 400 checks over 5 nodes, 80 each on average.
+        assert!(per_node.values().all(|&n| (50..=110).contains(&n)), "{per_node:?}");
+        // Before any view, and for a node the view does not list (yet), this node checks.
+        let r = Roster::default();
+        assert!(r.checks_here("default", SocketAddr::from(([10, 0, 0, 1], 80)), 1));
+        r.set("n9", nodes.iter().map(|s| s.to_string()).collect());
+        assert!(r.checks_here("default", SocketAddr::from(([10, 0, 0, 1], 80)), 1));
+    }
     use crate::config::StatusClass;
 
     fn settings() -> HealthSettings {
@@ -208,6 +316,7 @@ mod tests {
             kind: CheckKind::Http,
             path: "/".into(),
             expect: vec![StatusClass::Class(2)],
+            checkers: 0,
         }
     }
 

@@ -85,6 +85,8 @@ pub struct Health {
     /// Consecutive good / bad active checks (owned by the checker task).
     pub streak_ok: AtomicU32,
     pub streak_bad: AtomicU32,
+    /// Active probes this node sent (it may check only some backends: `checkers`).
+    pub probes: AtomicU64,
 }
 
 impl Default for Health {
@@ -99,6 +101,7 @@ impl Default for Health {
             refused: AtomicBool::new(false),
             streak_ok: AtomicU32::new(0),
             streak_bad: AtomicU32::new(0),
+            probes: AtomicU64::new(0),
         }
     }
 }
