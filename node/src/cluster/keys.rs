@@ -6,7 +6,7 @@
 //! | `addr.proxy`, `addr.control`, `addr.admin` | `IP:PORT` | at start |
 //! | `rps` | requests per second (1 decimal) | each publish tick, when changed |
 //! | `load:<backend>` | this node's in-flight requests to the backend | each tick, when changed |
-//! | `lat:<backend>` | this node's response-time estimate, microseconds, on a ~19% scale | each tick, when its step changes |
+//! | `lat:<backend>` | this node's response-time estimate, microseconds, on a ~19% scale | once a second, when its step changes |
 //! | `down:<backend>` | `1` while this node's own verdict is down (absent = up) | on change |
 //! | `reg:<backend>` | registry entry (see [`RegEntry`]) | when the merged registry changes |
 //! | `cert:<name>` | cluster certificate entry (see [`CertEntry`]), sealed | when it changes |

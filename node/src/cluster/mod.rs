@@ -322,7 +322,11 @@ async fn publish_loop(cluster: Arc<Cluster>) {
         let now = now_ms();
         let requests = node.proxy.stats.requests.load(Relaxed);
         let elapsed = last_at.elapsed().as_secs_f64();
-        if elapsed >= 1.0 {
+        // Once a second: the request rate, and the response-time estimates (they move slowly
+        // and matter only to a node that has not sampled a backend itself for a second, so
+        // they are not worth a delta every round).
+        let each_second = elapsed >= 1.0;
+        if each_second {
             rps = (requests - last_requests) as f64 / elapsed;
             last_requests = requests;
             last_at = Instant::now();
@@ -336,12 +340,14 @@ async fn publish_loop(cluster: Arc<Cluster>) {
         for (u, pool) in runtime.upstreams.iter().zip(&pools) {
             for b in &pool.backends {
                 me.set(keys::load_key(u.name(), b.spec.addr), b.state.in_flight.load(Relaxed).to_string());
-                let lat = crate::pool::speed::quantise(b.state.speed.own(now));
-                let lat_key = keys::lat_key(u.name(), b.spec.addr);
-                if lat > 0 {
-                    me.set(lat_key, lat.to_string());
-                } else if me.get(&lat_key).is_some() {
-                    me.delete(&lat_key);
+                if each_second {
+                    let lat = crate::pool::speed::quantise(b.state.speed.own(now));
+                    let lat_key = keys::lat_key(u.name(), b.spec.addr);
+                    if lat > 0 {
+                        me.set(lat_key, lat.to_string());
+                    } else if me.get(&lat_key).is_some() {
+                        me.delete(&lat_key);
+                    }
                 }
                 let down_key = keys::down_key(u.name(), b.spec.addr);
                 if b.state.own_verdict_down(now) {
