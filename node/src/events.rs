@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Events kept.
 pub const KEEP: usize = 200;
@@ -17,6 +18,8 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Member, Kind::Backend, Kind::Reload];
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Member => "member",
@@ -35,6 +38,8 @@ pub enum Tone {
 }
 
 impl Tone {
+    pub const ALL: [Tone; 3] = [Tone::Bad, Tone::Good, Tone::Info];
+
     pub fn name(self) -> &'static str {
         match self {
             Tone::Bad => "bad",
@@ -60,10 +65,13 @@ pub struct Event {
 #[derive(Debug, Default)]
 pub struct Events {
     inner: Mutex<(u64, VecDeque<Event>)>,
+    /// Events ever recorded, by kind and tone (`shoal_events_total`).
+    counts: [[AtomicU64; 3]; 3],
 }
 
 impl Events {
     pub fn push(&self, kind: Kind, tone: Tone, subject: impl Into<String>, text: impl Into<String>) {
+        self.counts[kind as usize][tone as usize].fetch_add(1, Relaxed);
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.0 += 1;
         let event = Event { seq: g.0, at_ms: unix_ms(), kind, tone, subject: subject.into(), text: text.into() };
@@ -71,6 +79,11 @@ impl Events {
             g.1.pop_front();
         }
         g.1.push_back(event);
+    }
+
+    /// How many events of `kind` and `tone` were ever recorded.
+    pub fn count(&self, kind: Kind, tone: Tone) -> u64 {
+        self.counts[kind as usize][tone as usize].load(Relaxed)
     }
 
     /// Events recorded at or after `since_ms` (unix ms), oldest first.
@@ -100,5 +113,7 @@ mod tests {
         assert_eq!(all[0].subject, "b5");
         assert_eq!(all.last().unwrap().seq, (KEEP + 5) as u64);
         assert!(e.since(u64::MAX).is_empty());
+        assert_eq!(e.count(Kind::Backend, Tone::Bad), (KEEP + 5) as u64);
+        assert_eq!(e.count(Kind::Reload, Tone::Bad), 0);
     }
 }

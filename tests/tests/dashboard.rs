@@ -559,6 +559,11 @@ async fn history_keeps_rates_latencies_and_events() -> R {
         })
     })
     .await?;
+    // The same counted in /metrics, beside the node's identity.
+    let refused = node.metric("shoal_events_total", &[("kind", "reload"), ("tone", "bad")]).await;
+    ensure!(refused == Some(1.0), "shoal_events_total for the refused reload: {refused:?}");
+    let info = node.metric("shoal_build_info", &[("node", "hist")]).await;
+    ensure!(info == Some(1.0), "shoal_build_info{{node=\"hist\"}}: {info:?}");
     node.write_config(&config(&[bs[0].addr]))?;
     node.signal(shoal_tests::Signal::Hup)?;
     let removed = format!("default/{}", bs[1].addr);

@@ -42,6 +42,36 @@ impl Collector for NodeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let node = &self.0;
         let s = &node.proxy.stats;
+        {
+            let config = node.config.load();
+            let mut m = enc.encode_descriptor(
+                "build_info",
+                "1, labelled with this node's version, id and cluster",
+                None,
+                MetricType::Gauge,
+            )?;
+            let labels = [
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("node", config.node.id.as_str()),
+                ("cluster", config.cluster.id.as_str()),
+            ];
+            ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
+        }
+        {
+            use crate::events::{Kind, Tone};
+            let mut m = enc.encode_descriptor(
+                "events",
+                "Dashboard events by kind (member, backend, reload) and tone (bad: dead, down, refused reload)",
+                None,
+                MetricType::Counter,
+            )?;
+            for kind in Kind::ALL {
+                for tone in Tone::ALL {
+                    let labels = [("kind", kind.name()), ("tone", tone.name())];
+                    ConstCounter::new(node.events.count(kind, tone)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
         // nginx stub_status totals.
         gauge(&mut enc, "connections_active", "Client connections open now", s.active.load(Relaxed) as i64)?;
         counter(&mut enc, "connections_accepted", "Client connections accepted", s.accepts.load(Relaxed))?;
@@ -150,6 +180,24 @@ impl Collector for NodeCollector {
             MetricType::Gauge,
             |b: &crate::pool::Backend| b.state.load()
         );
+        per_backend!(
+            "backend_health_probes",
+            "Active checks this node sent to the backend (only its checkers send them)",
+            MetricType::Counter,
+            |b: &crate::pool::Backend| b.state.health.probes.load(Relaxed)
+        );
+        {
+            let mut m = enc.encode_descriptor(
+                "backend_latency_estimate_seconds",
+                "The least-conn picker's response-time estimate (0: none yet)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (pool, b) in &pairs {
+                let labels = [("pool", *pool), ("backend", &*b.state.addr_text)];
+                ConstGauge::new(b.state.speed.estimate(now) as f64 / 1e6).encode(m.encode_family(&labels)?)?;
+            }
+        }
         per_backend!(
             "backend_up",
             "1 when the backend takes new requests",
