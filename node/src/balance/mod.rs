@@ -64,25 +64,35 @@ impl Picker for LeastConn {
             return None;
         }
         let now = req.now_ms;
-        // Estimates in microseconds; 0 (unknown) becomes the fastest known.
+        // Each backend's estimate once (microseconds; 0 = unknown), then the fastest known.
+        const STACK: usize = 16;
+        let mut on_stack = [0u64; STACK];
+        let mut on_heap = Vec::new();
+        let est: &mut [u64] = if n <= STACK {
+            &mut on_stack[..n]
+        } else {
+            on_heap.resize(n, 0);
+            &mut on_heap
+        };
         let mut fastest = u64::MAX;
         for (i, b) in pool.backends.iter().enumerate() {
             let e = b.state.speed.estimate(now);
+            est[i] = e;
             if e > 0 && e < fastest && eligible(i) {
                 fastest = e;
             }
         }
         // Estimates within a step of each other count as equal, and so do all under a
         // millisecond, so equally fast backends share light load instead of the one a few
-        // microseconds faster (or luckier with scheduling) taking it all.
-        let speed = |b: &Backend| match b.state.speed.estimate(now) {
-            0 if fastest == u64::MAX => 1,
-            0 => coarse(fastest.max(EQUAL_BELOW_US)),
-            e => coarse(e.max(EQUAL_BELOW_US)),
-        };
+        // microseconds faster (or luckier with scheduling) taking it all. Unknown counts as
+        // the fastest known.
+        let unknown = if fastest == u64::MAX { 1 } else { coarse(fastest.max(EQUAL_BELOW_US)) };
+        for e in est.iter_mut() {
+            *e = if *e == 0 { unknown } else { coarse((*e).max(EQUAL_BELOW_US)) };
+        }
         // cost_a < cost_b  <=>  (load_a + 1) * t_a * w_b < (load_b + 1) * t_b * w_a
-        let cost = |b: &Backend, other_weight: u32| {
-            (b.state.load() as u128 + 1) * speed(b) as u128 * other_weight.max(1) as u128
+        let cost = |i: usize, other_weight: u32| {
+            (pool.backends[i].state.load() as u128 + 1) * est[i] as u128 * other_weight.max(1) as u128
         };
         let start = fastrand::usize(..n);
         let mut best: Option<usize> = None;
@@ -93,8 +103,7 @@ impl Picker for LeastConn {
             }
             match best {
                 Some(b) => {
-                    let (x, y) = (&pool.backends[i], &pool.backends[b]);
-                    if cost(x, y.spec.weight) < cost(y, x.spec.weight) {
+                    if cost(i, pool.backends[b].spec.weight) < cost(b, pool.backends[i].spec.weight) {
                         best = Some(i);
                     }
                 }
