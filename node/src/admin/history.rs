@@ -66,10 +66,18 @@ struct Previous {
     at: Option<Instant>,
     requests: u64,
     errors: [u64; ERROR_CLASSES.len()],
-    /// Per backend key: requests, failures, latency buckets.
-    backends: HashMap<Arc<str>, (u64, u64, [u64; BUCKETS])>,
+    /// Per backend key (`pool/addr`, shared by every sample that names it).
+    backends: HashMap<Arc<str>, BackendReading>,
     member_states: HashMap<Arc<str>, &'static str>,
-    backend_states: HashMap<Arc<str>, &'static str>,
+}
+
+/// One backend's totals and state at the previous sample.
+#[derive(Clone, Copy)]
+struct BackendReading {
+    requests: u64,
+    failures: u64,
+    buckets: [u64; BUCKETS],
+    state: &'static str,
 }
 
 /// The samples of the last 15 minutes.
@@ -156,58 +164,61 @@ impl History {
         // Backends of every pool.
         let runtime = node.runtime();
         let mut backends = Vec::new();
-        let mut counters = HashMap::new();
-        let mut backend_states = HashMap::new();
+        let mut readings = HashMap::new();
         let mut backend_5xx = 0u64;
         for (pool, b) in runtime.backends() {
             let st = &b.state;
-            let key: Arc<str> = format!("{pool}/{}", st.addr_text).into();
-            let (requests, failures) = (st.requests.load(Relaxed), st.failures.load(Relaxed));
-            let (_, _, buckets) = st.latency.snapshot();
-            let mut now_buckets = [0u64; BUCKETS];
-            for (slot, (_, n)) in now_buckets.iter_mut().zip(buckets) {
+            let name = format!("{pool}/{}", st.addr_text);
+            // The key allocated when the backend first appeared, so samples share it.
+            let (key, before) = match self.previous.backends.get_key_value(name.as_str()) {
+                Some((k, r)) => (k.clone(), Some(*r)),
+                None => (Arc::<str>::from(name), None),
+            };
+            let mut buckets = [0u64; BUCKETS];
+            for (slot, (_, n)) in buckets.iter_mut().zip(st.latency.snapshot().2) {
                 *slot = n;
             }
-            let (prev_requests, prev_failures, prev_buckets) =
-                self.previous.backends.get(&key).copied().unwrap_or((requests, failures, now_buckets));
+            let now_reading = BackendReading {
+                requests: st.requests.load(Relaxed),
+                failures: st.failures.load(Relaxed),
+                buckets,
+                state: st.state_name(now),
+            };
+            let prev = before.unwrap_or(now_reading);
             let mut latency = [0u32; BUCKETS];
             for (i, slot) in latency.iter_mut().enumerate() {
-                *slot = now_buckets[i].saturating_sub(prev_buckets[i]).min(u32::MAX as u64) as u32;
+                *slot = buckets[i].saturating_sub(prev.buckets[i]).min(u32::MAX as u64) as u32;
             }
             backend_5xx += st.responses[4].load(Relaxed);
-            let state = st.state_name(now);
-            match self.previous.backend_states.get(&key) {
+            let state = now_reading.state;
+            match before {
                 None if !first => node.events.push(Kind::Backend, Tone::Info, &*key, format!("added ({state})")),
-                Some(old) if *old != state => {
-                    let tone = if state == "down" {
-                        Tone::Bad
-                    } else if state == "up" {
-                        Tone::Good
-                    } else {
-                        Tone::Info
+                Some(old) if old.state != state => {
+                    let tone = match state {
+                        "down" => Tone::Bad,
+                        "up" => Tone::Good,
+                        _ => Tone::Info,
                     };
-                    node.events.push(Kind::Backend, tone, &*key, format!("{old} -> {state}"));
+                    node.events.push(Kind::Backend, tone, &*key, format!("{} -> {state}", old.state));
                 }
                 _ => {}
             }
-            backend_states.insert(key.clone(), state);
             backends.push(BackendSample {
                 key: key.clone(),
                 state,
-                rps: rate(requests, prev_requests) as f32,
+                rps: rate(now_reading.requests, prev.requests) as f32,
                 cluster_in_flight: st.load(),
-                failures: rate(failures, prev_failures) as f32,
+                failures: rate(now_reading.failures, prev.failures) as f32,
                 latency: latency.iter().any(|&n| n > 0).then(|| Box::new(latency)),
             });
-            counters.insert(key, (requests, failures, now_buckets));
+            readings.insert(key, now_reading);
         }
         if !first {
-            for key in self.previous.backend_states.keys().filter(|k| !backend_states.contains_key(*k)) {
+            for key in self.previous.backends.keys().filter(|k| !readings.contains_key(*k)) {
                 node.events.push(Kind::Backend, Tone::Info, &**key, "removed");
             }
         }
-        self.previous.backends = counters;
-        self.previous.backend_states = backend_states;
+        self.previous.backends = readings;
 
         let totals = [
             backend_5xx,

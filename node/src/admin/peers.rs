@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::history::History;
 use crate::Node;
+use crate::lifecycle::MemberState;
 
 /// The longest a peer's answer is waited for (connect, request and body).
 pub const TIMEOUT: Duration = Duration::from_millis(1500);
@@ -28,8 +29,8 @@ pub async fn cluster_json(node: &Arc<Node>, history: &Mutex<History>, last: usiz
     let members = view.as_ref().map(|v| v.members.clone()).unwrap_or_default();
     let fetches = members.iter().filter(|m| !m.is_self).map(|m| {
         let (id, state, admin) = (m.node_id.clone(), m.state.name(), m.admin_addr);
+        let serving = matches!(m.state, MemberState::Alive | MemberState::Draining);
         async move {
-            let serving = matches!(state, "alive" | "draining");
             let result = match admin {
                 _ if !serving => Err(format!("not asked: {state}")),
                 None => Err("no admin address in gossip".to_string()),
@@ -66,9 +67,12 @@ where
         n += 1;
         set.spawn(async move { (i, f.await) });
     }
+    // A fetch that panicked leaves its slot null; the others still count.
     let mut out = vec![Value::Null; n];
-    while let Some(Ok((i, v))) = set.join_next().await {
-        out[i] = v;
+    while let Some(joined) = set.join_next().await {
+        if let Ok((i, v)) = joined {
+            out[i] = v;
+        }
     }
     out
 }

@@ -31,6 +31,8 @@ pub const RPS: &str = "rps";
 pub const LOAD_PREFIX: &str = "load:";
 pub const LAT_PREFIX: &str = "lat:";
 pub const DOWN_PREFIX: &str = "down:";
+/// The keys this node writes per backend of its pools (removed when the backend leaves).
+pub const PER_BACKEND_PREFIXES: [&str; 3] = [LOAD_PREFIX, LAT_PREFIX, DOWN_PREFIX];
 pub const REG_PREFIX: &str = "reg:";
 pub const CERT_PREFIX: &str = "cert:";
 pub const ROUTE_PREFIX: &str = "route:";

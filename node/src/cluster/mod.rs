@@ -361,17 +361,13 @@ async fn publish_loop(cluster: Arc<Cluster>) {
         let known = |(pool, addr): &BackendKey| {
             runtime.upstreams.iter().zip(&pools).any(|(u, p)| u.name() == pool && p.find(*addr).is_some())
         };
-        let stale: Vec<String> = me
-            .iter_prefix(keys::LOAD_PREFIX)
-            .chain(me.iter_prefix(keys::DOWN_PREFIX))
-            .chain(me.iter_prefix(keys::LAT_PREFIX))
-            .filter(|(k, _)| {
-                let key = keys::backend_of(k, keys::LOAD_PREFIX)
-                    .or_else(|| keys::backend_of(k, keys::DOWN_PREFIX))
-                    .or_else(|| keys::backend_of(k, keys::LAT_PREFIX));
-                key.is_none_or(|key| !known(&key))
+        let stale: Vec<String> = keys::PER_BACKEND_PREFIXES
+            .iter()
+            .flat_map(|&prefix| {
+                me.iter_prefix(prefix)
+                    .filter(move |(k, _)| keys::backend_of(k, prefix).is_none_or(|key| !known(&key)))
+                    .map(|(k, _)| k.to_string())
             })
-            .map(|(k, _)| k.to_string())
             .collect();
         for k in stale {
             me.delete(&k);
@@ -470,7 +466,7 @@ async fn view_loop(cluster: Arc<Cluster>) {
         };
         // One entry per node id: a live incarnation wins, then the newest generation.
         let mut members: Vec<Member> = Vec::new();
-        let mut loads_by_node: HashMap<String, Reports> = HashMap::new();
+        let mut reports_by_node: HashMap<String, Reports> = HashMap::new();
         let mut seen_registry = Vec::new();
         let mut seen_certs = Vec::new();
         let mut seen_routes = Vec::new();
@@ -482,11 +478,11 @@ async fn view_loop(cluster: Arc<Cluster>) {
             match members.iter_mut().find(|o| o.node_id == m.node_id) {
                 Some(o) if rank(o) >= rank(&m) => {}
                 Some(o) => {
-                    loads_by_node.insert(m.node_id.clone(), (loads, latencies));
+                    reports_by_node.insert(m.node_id.clone(), (loads, latencies));
                     *o = m;
                 }
                 None => {
-                    loads_by_node.insert(m.node_id.clone(), (loads, latencies));
+                    reports_by_node.insert(m.node_id.clone(), (loads, latencies));
                     members.push(m);
                 }
             }
@@ -502,7 +498,7 @@ async fn view_loop(cluster: Arc<Cluster>) {
             if !counts {
                 continue;
             }
-            let Some((loads, latencies)) = loads_by_node.get(&m.node_id) else { continue };
+            let Some((loads, latencies)) = reports_by_node.get(&m.node_id) else { continue };
             for (key, n) in loads {
                 *remote.entry(key.clone()).or_default() += n;
             }

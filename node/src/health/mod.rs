@@ -168,7 +168,9 @@ impl Roster {
     }
 
     /// Whether this node is one of the `k` checkers of `pool`'s backend `addr` (k = 0: every
-    /// node is).
+    /// node is). A node the view does not list as alive (not seen yet, or draining) checks
+    /// everything: the alive members do not count on it, so its probes are extra, never
+    /// missing.
     pub fn checks_here(&self, pool: &str, addr: SocketAddr, k: u32) -> bool {
         let guard = self.members.load();
         let Some(m) = guard.as_deref() else { return true };

@@ -66,8 +66,8 @@ impl Speed {
     /// least [`FAILURE_FLOOR_US`]), so repeated failures push the backend away quickly and an
     /// occasional one is forgotten within a few seconds of good answers.
     pub fn penalise(&self, now_ms: u64) {
-        let now = self.estimate(now_ms).max(FAILURE_FLOOR_US);
-        self.own_us.store(now.saturating_mul(2).min(FAILURE_CAP_US), Relaxed);
+        let base = self.estimate(now_ms).max(FAILURE_FLOOR_US);
+        self.own_us.store(base.saturating_mul(2).min(FAILURE_CAP_US), Relaxed);
         self.own_at_ms.store(now_ms, Relaxed);
     }
 

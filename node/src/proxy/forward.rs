@@ -222,7 +222,8 @@ async fn attempts<S: BodySource>(
     proxy.retry_budget.deposit(settings.retry_budget);
     let pool = upstream.pool.snapshot();
     let serving_nodes = proxy.serving_nodes();
-    let pick_req = PickRequest { client_ip: client.addr.ip(), sticky: outgoing.sticky_cookie, now_ms: now_ms() };
+    // `now_ms` is read once per attempt, for both eligibility and the picker.
+    let mut pick_req = PickRequest { client_ip: client.addr.ip(), sticky: outgoing.sticky_cookie, now_ms: 0 };
     let mut tried = Tried::default();
     let mut last_error = ProxyError::NoBackend;
     let mut attempt = 0;
@@ -253,9 +254,10 @@ async fn attempts<S: BodySource>(
                     proxy.stats.retries.fetch_add(1, Relaxed);
                 }
                 attempt += 1;
+                pick_req.now_ms = now_ms();
                 let Some(index) = pick(&pool, serving_nodes, &tried, &pick_req, upstream) else {
                     if attempt == 1 {
-                        last_error = none_usable(&pool, now_ms());
+                        last_error = none_usable(&pool, pick_req.now_ms);
                     }
                     break;
                 };
@@ -403,10 +405,11 @@ async fn attempts<S: BodySource>(
     Err(last_error)
 }
 
-/// Picks among primaries, then backups; with `when_all_down = "open"`, then any untried one.
+/// Picks among primaries, then backups; with `when_all_down = "open"`, then any untried one
+/// (health and `max_conns` as of `req.now_ms`).
 fn pick(snapshot: &PoolSnapshot, nodes: u32, tried: &Tried, req: &PickRequest, upstream: &Upstream) -> Option<usize> {
     let all_down = upstream.settings.when_all_down;
-    let now = now_ms();
+    let now = req.now_ms;
     let backends = &snapshot.backends;
     let usable = |i: usize, backup: bool| {
         let b = &backends[i];

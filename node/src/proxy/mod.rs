@@ -6,8 +6,9 @@
 //! idle (`crate::buffers`); kept-alive connections wait for their next request in a per-worker
 //! registry with one coarse timer (`idle`). The HTTP/1.1 rules are the pure `crate::http1`'s.
 //! Here: the [`Runtime`] every request reads once (its pools as [`Upstream`]s and the route
-//! table that picks one by host and path), built by `Node::apply`. Imports run one way: `listener -> client_h1 | client_h2 -> forward -> upstream -> http1`;
-//! `error`, `access_log`, `idle` and `stream` (plain or TLS client streams) are leaves.
+//! table that picks one by host and path), built by `Node::apply`. Imports run one way:
+//! `listener -> client_h1 | client_h2 -> forward -> upstream -> http1`; `error`,
+//! `access_log`, `idle` and `stream` (plain or TLS client streams) are leaves.
 
 pub mod access_log;
 pub mod client_h1;
