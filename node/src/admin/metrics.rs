@@ -258,6 +258,12 @@ impl Collector for NodeCollector {
                 "Gossip datagrams dropped: wrong key, forged or stale",
                 g.rejected.load(Relaxed),
             )?;
+            counter(
+                &mut enc,
+                "gossip_paced_syns",
+                "Gossip exchanges not opened to stay under cluster.gossip_budget",
+                c.pace.held_back.load(Relaxed),
+            )?;
         }
         counter(
             &mut enc,

@@ -13,6 +13,9 @@
 //! handed to the codec socket over loopback. Only datagrams between the two private loopback
 //! sockets are accepted there. The cost is two loopback syscalls per gossip message (tens per
 //! second), which is negligible.
+//!
+//! SYNs, which open exchanges, go only when the member's [`Pace`] allows (replies always go);
+//! everything sent counts against it.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -22,10 +25,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use chitchat::ChitchatEnvelope;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket as CodecSocket};
+use chitchat::{ChitchatEnvelope, ChitchatMessage};
 use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
+
+use super::pace::Pace;
 
 const MAGIC: &[u8; 4] = b"SHL1";
 /// The unauthenticated framing (no secret configured).
@@ -127,17 +132,18 @@ fn unframe_plain(datagram: &[u8]) -> Option<Vec<u8>> {
 pub struct SealedTransport {
     pub cipher: Option<XChaCha20Poly1305>,
     pub counters: Arc<GossipCounters>,
+    pub pace: Arc<Pace>,
 }
 
 impl SealedTransport {
-    pub fn new(secret: &[u8], counters: Arc<GossipCounters>) -> Self {
+    pub fn new(secret: &[u8], counters: Arc<GossipCounters>, pace: Arc<Pace>) -> Self {
         let key = derive_key32(secret, "gossip");
-        SealedTransport { cipher: Some(XChaCha20Poly1305::new((&key).into())), counters }
+        SealedTransport { cipher: Some(XChaCha20Poly1305::new((&key).into())), counters, pace }
     }
 
     /// Without a secret: framed, not sealed.
-    pub fn plain(counters: Arc<GossipCounters>) -> Self {
-        SealedTransport { cipher: None, counters }
+    pub fn plain(counters: Arc<GossipCounters>, pace: Arc<Pace>) -> Self {
+        SealedTransport { cipher: None, counters, pace }
     }
 }
 
@@ -160,6 +166,7 @@ impl Transport for SealedTransport {
             capture_addr,
             cipher: self.cipher.clone(),
             counters: self.counters.clone(),
+            pace: self.pace.clone(),
             buf: vec![0u8; MAX_DATAGRAM],
         }))
     }
@@ -173,6 +180,7 @@ struct SealedSocket {
     capture_addr: SocketAddr,
     cipher: Option<XChaCha20Poly1305>,
     counters: Arc<GossipCounters>,
+    pace: Arc<Pace>,
     buf: Vec<u8>,
 }
 
@@ -183,6 +191,9 @@ impl Socket for SealedSocket {
     }
 
     async fn send(&mut self, to: SocketAddr, envelope: ChitchatEnvelope) -> anyhow::Result<SendOutcome> {
+        if matches!(envelope.message, ChitchatMessage::Syn { .. }) && !self.pace.may_open(to) {
+            return Ok(SendOutcome { num_bytes_sent: 0 });
+        }
         // Encode through the codec socket into the capture socket.
         self.codec.send(self.capture_addr, envelope).await?;
         let payload = loop {
@@ -197,6 +208,7 @@ impl Socket for SealedSocket {
         };
         match self.public.send_to(&sealed, to).await {
             Ok(n) => {
+                self.pace.spent(n);
                 self.counters.sent_datagrams.fetch_add(1, Relaxed);
                 self.counters.sent_bytes.fetch_add(n as u64, Relaxed);
                 Ok(SendOutcome { num_bytes_sent: n })

@@ -81,6 +81,8 @@ pub struct ClusterFile {
     pub secret_file: Option<PathBuf>,
     /// Gossip round period; failure detection scales with it.
     pub gossip_interval: Option<Dur>,
+    /// Bytes per second a member's gossip aims to stay under; 0 = no limit.
+    pub gossip_budget: Option<u64>,
 }
 
 /// `[upstream]` and its `[[upstream.backend]]` entries.

@@ -92,7 +92,13 @@ pub struct ClusterSettings {
     /// The shared secret (file contents, trimmed); `None` = unauthenticated, loopback only.
     pub secret: Option<Vec<u8>>,
     pub gossip_interval: Duration,
+    /// Bytes per second a member's gossip aims to stay under (0 = no limit); see `cluster::pace`.
+    pub gossip_budget: u64,
 }
+
+/// The default `cluster.gossip_budget`, bytes per second: a cluster of a few nodes stays well
+/// under it and gossips every round; at 50 members exchanges are opened about a third as often.
+pub const DEFAULT_GOSSIP_BUDGET: u64 = 8192;
 
 /// One pool: its backends and every setting that applies to them.
 #[derive(Debug, Clone)]
@@ -341,6 +347,13 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
     if gossip_interval < Duration::from_millis(20) || gossip_interval > Duration::from_secs(5) {
         return Err(invalid(None, "cluster.gossip_interval must be between 20ms and 5s".into()));
     }
+    let gossip_budget = c.gossip_budget.unwrap_or(DEFAULT_GOSSIP_BUDGET);
+    if gossip_budget != 0 && gossip_budget < 1024 {
+        return Err(invalid(
+            None,
+            "cluster.gossip_budget must be 0 (no limit) or at least 1024 bytes per second".into(),
+        ));
+    }
     let mut seeds = c.seeds;
     seeds.extend(flags.seeds.iter().cloned());
     let cluster = ClusterSettings {
@@ -348,6 +361,7 @@ pub fn validate(file: FileConfig, src: &str, shown: &str, flags: &flags::RunFlag
         seeds,
         secret,
         gossip_interval,
+        gossip_budget,
     };
 
     let mut u = file.upstream;
@@ -704,6 +718,17 @@ nodelay = true
         assert_eq!(c.upstream.rate_limit.clone().unwrap().per_second, 10.0);
         // no secret: control and gossip default to loopback
         assert!(c.node.control.ip().is_loopback());
+    }
+
+    #[test]
+    fn gossip_budget() {
+        let budget = |toml: &str| check(&format!("[cluster]\n{toml}\n")).map(|c| c.cluster.gossip_budget);
+        assert_eq!(budget(""), Ok(DEFAULT_GOSSIP_BUDGET));
+        assert_eq!(budget("gossip_budget = 0"), Ok(0));
+        assert_eq!(budget("gossip_budget = 65536"), Ok(65536));
+        let e = budget("gossip_budget = 100").unwrap_err();
+        assert!(e.contains("cluster.gossip_budget must be 0 (no limit) or at least 1024"), "{e}");
+        assert!(budget("gossip_budget = -1").is_err());
     }
 
     #[test]
