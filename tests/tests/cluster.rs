@@ -1002,6 +1002,72 @@ async fn max_conns_holds_cluster_wide() -> R {
     Ok(())
 }
 
+/// Each node's claim on `max_conns` for `b`, from its `/status`.
+async fn claims(c: &Cluster, b: SocketAddr) -> Vec<u64> {
+    let mut out = Vec::new();
+    for n in &c.nodes {
+        out.push(backend_entry(n, b).await["claim"].as_u64().unwrap_or(u64::MAX));
+    }
+    out
+}
+
+/// `max_conns` borrowed across the cluster: a node that alone has traffic gets nearly the whole
+/// limit (not `ceil(max_conns / nodes)`), gives it back when the others get busy, and the
+/// backend never sees more than `max_conns` plus the stated bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_conns_is_borrowed_by_a_busy_node_and_the_sum_stays_bounded() -> R {
+    const MAX: u64 = 6;
+    let b = Backend::start("capped").await?;
+    b.set_delay(Duration::from_millis(200));
+    let c = Cluster::builder("borrow", 3).backend_with(&b, &format!("max_conns={MAX}")).start().await?;
+    c.wait_converged(Duration::from_secs(10)).await?;
+    wait_until(Duration::from_secs(3), "every node has a claim", async || {
+        claims(&c, b.addr).await.iter().all(|&n| n <= MAX)
+    })
+    .await?;
+    println!("claims at rest: {:?}", claims(&c, b.addr).await);
+
+    // 1. 12 clients through node 1 only, 4 s: node 1 borrows what nodes 2 and 3 lend.
+    b.reset_max_in_flight();
+    let load = Load::new(c[0].proxy).concurrency(12).duration(Duration::from_secs(4)).spawn();
+    let started = Instant::now();
+    let mut trace = Vec::new();
+    while started.elapsed() < Duration::from_secs(4) {
+        trace.push((started.elapsed().as_millis(), b.in_flight(), claims(&c, b.addr).await));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = load.finish().await;
+    let peak = b.max_in_flight();
+    println!("node 1 alone: backend peak {peak}; {s}");
+    println!("(ms, backend in flight, claims): {trace:?}");
+    let late: Vec<u64> = trace.iter().filter(|t| t.0 >= 2000).map(|t| t.1).collect();
+    let late_max = late.iter().copied().max().unwrap_or(0);
+    // Without borrowing node 1 admits ceil(6 / 3) = 2.
+    assert!(late_max >= MAX - 2, "node 1 never had more than {late_max} in flight after 2 s: {trace:?}");
+    assert!(peak <= MAX + 1, "the backend saw {peak} at once (max_conns {MAX})");
+    assert_eq!(s.errors, 0, "{s}");
+    assert_eq!(s.ok + s.status(503), s.sent, "{s}");
+
+    // 2. The others get busy too: node 1 gives back, every node is served, the cap holds.
+    b.reset_max_in_flight();
+    let loads: Vec<_> =
+        c.nodes.iter().map(|n| Load::new(n.proxy).concurrency(6).duration(Duration::from_secs(4)).spawn()).collect();
+    let (sums, samples, peak) = watch_concurrency(&b, loads, usize::MAX, Duration::from_secs(4)).await;
+    let settled = claims(&c, b.addr).await;
+    println!("all three busy: backend peak {peak}, claims at the end {settled:?}");
+    for (i, s) in sums.iter().enumerate() {
+        println!("node {}: {s}", i + 1);
+        assert_eq!(s.errors, 0, "{s}");
+        assert!(s.ok > 0, "node {} got no slot: {s}", i + 1);
+    }
+    assert!(peak <= MAX + 1, "the backend saw {peak} at once (max_conns {MAX})");
+    let over = samples.iter().filter(|&&n| n > MAX).count();
+    assert!(over * 20 <= samples.len(), "over {MAX} in {over} of {} samples", samples.len());
+    assert!(settled.iter().sum::<u64>() <= MAX, "claims {settled:?} add up to more than {MAX}");
+    assert!(settled.iter().all(|&n| n >= 1), "every busy node keeps a claim: {settled:?}");
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Security
 // ---------------------------------------------------------------------------------------------

@@ -162,6 +162,11 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "addr": st.addr_text.as_ref(),
                 "weight": b.spec.weight,
                 "max_conns": b.spec.max_conns,
+                // This node's claim on max_conns (null when unlimited or before its first round).
+                "claim": match st.claim.load(Relaxed) {
+                    crate::pool::CLAIM_UNSET => None,
+                    c => Some(c),
+                },
                 "backup": b.spec.backup,
                 "state": st.state_name(now),
                 "own_verdict": if st.own_verdict_down(now) { "down" } else { "up" },

@@ -8,6 +8,7 @@
 //! | `load:<backend>` | this node's in-flight requests to the backend | each tick, when changed |
 //! | `lat:<backend>` | this node's response-time estimate, microseconds, on a ~19% scale | once a second, when its step changes |
 //! | `down:<backend>` | `1` while this node's own verdict is down (absent = up) | on change |
+//! | `claim:<backend>` | `slots|wants (0/1)`: this node's claim on `max_conns` (limited backends only) | each tick, when changed |
 //! | `reg:<backend>` | registry entry (see [`RegEntry`]) | when the merged registry changes |
 //! | `cert:<name>` | cluster certificate entry (see [`CertEntry`]), sealed | when it changes |
 //! | `route:<host><path>` | route entry (see [`RouteEntry`]) | when it changes |
@@ -22,6 +23,7 @@ use base64::engine::general_purpose::STANDARD_NO_PAD as BASE64;
 
 use super::registry::{CertEntry, CertOp, RegEntry, RegOp, RouteEntry};
 use crate::config::DEFAULT_POOL;
+use crate::pool::claim::Claim;
 
 pub const STATE: &str = "state";
 pub const ADDR_PROXY: &str = "addr.proxy";
@@ -31,8 +33,9 @@ pub const RPS: &str = "rps";
 pub const LOAD_PREFIX: &str = "load:";
 pub const LAT_PREFIX: &str = "lat:";
 pub const DOWN_PREFIX: &str = "down:";
+pub const CLAIM_PREFIX: &str = "claim:";
 /// The keys this node writes per backend of its pools (removed when the backend leaves).
-pub const PER_BACKEND_PREFIXES: [&str; 3] = [LOAD_PREFIX, LAT_PREFIX, DOWN_PREFIX];
+pub const PER_BACKEND_PREFIXES: [&str; 4] = [LOAD_PREFIX, LAT_PREFIX, DOWN_PREFIX, CLAIM_PREFIX];
 pub const REG_PREFIX: &str = "reg:";
 pub const CERT_PREFIX: &str = "cert:";
 pub const ROUTE_PREFIX: &str = "route:";
@@ -102,6 +105,25 @@ pub fn down_key(pool: &str, backend: SocketAddr) -> String {
     backend_text(DOWN_PREFIX, pool, backend)
 }
 
+pub fn claim_key(pool: &str, backend: SocketAddr) -> String {
+    backend_text(CLAIM_PREFIX, pool, backend)
+}
+
+/// `slots|wants`, e.g. `5|1`.
+pub fn format_claim(c: Claim) -> String {
+    format!("{}|{}", c.slots, u8::from(c.wants))
+}
+
+pub fn parse_claim(value: &str) -> Option<Claim> {
+    let (slots, wants) = value.split_once('|')?;
+    let wants = match wants {
+        "0" => false,
+        "1" => true,
+        _ => return None,
+    };
+    Some(Claim { slots: slots.parse().ok()?, wants })
+}
+
 pub fn reg_key(pool: &str, backend: SocketAddr) -> String {
     backend_text(REG_PREFIX, pool, backend)
 }
@@ -148,6 +170,16 @@ pub fn parse_reg((pool, addr): BackendKey, value: &str) -> Option<RegEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claim_round_trip_and_garbage() {
+        let c = Claim { slots: 7, wants: true };
+        assert_eq!(parse_claim(&format_claim(c)), Some(c));
+        assert_eq!(parse_claim("0|0"), Some(Claim { slots: 0, wants: false }));
+        for bad in ["", "7", "7|", "|1", "7|2", "-1|0", "x|1", "7|1|0"] {
+            assert_eq!(parse_claim(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn reg_round_trip_and_garbage() {

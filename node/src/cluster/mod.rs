@@ -41,7 +41,8 @@ use tokio::task::JoinSet;
 
 use crate::Node;
 use crate::lifecycle::MemberState;
-use crate::pool::now_ms;
+use crate::pool::claim::{self, Claim};
+use crate::pool::{CLAIM_UNSET, now_ms};
 use keys::BackendKey;
 use pace::Pace;
 use registry::{CertEntry, RegEntry, Registry, RouteEntry};
@@ -392,6 +393,20 @@ async fn publish_loop(cluster: Arc<Cluster>) {
                         me.delete(&lat_key);
                     }
                 }
+                let claim_key = keys::claim_key(u.name(), b.spec.addr);
+                match b.state.claim.load(Relaxed) {
+                    CLAIM_UNSET => {
+                        if me.get(&claim_key).is_some() {
+                            me.delete(&claim_key);
+                        }
+                    }
+                    claim => {
+                        // The slots held: requests above a claim that shrank hold theirs until they end.
+                        let slots = claim.max(b.state.in_flight.load(Relaxed));
+                        let wants = b.state.wants_more.load(Relaxed);
+                        me.set(claim_key, keys::format_claim(Claim { slots, wants }));
+                    }
+                }
                 let down_key = keys::down_key(u.name(), b.spec.addr);
                 if b.state.own_verdict_down(now) {
                     me.set(down_key, "1");
@@ -430,16 +445,21 @@ async fn publish_loop(cluster: Arc<Cluster>) {
     }
 }
 
-/// One member's in-flight counts and response-time estimates, per backend of a pool.
-type Reports = (Vec<(BackendKey, u32)>, Vec<(BackendKey, u64)>);
+/// One member's reports per backend of a pool.
+#[derive(Debug, Default)]
+struct Reports {
+    /// In-flight requests.
+    loads: Vec<(BackendKey, u32)>,
+    /// Response-time estimates, microseconds.
+    latencies: Vec<(BackendKey, u64)>,
+    /// Claims on `max_conns` (limited backends only).
+    claims: Vec<(BackendKey, Claim)>,
+}
 
 /// What the view task reads from one member's gossip state.
 struct MemberReading {
     member: Member,
-    /// Its in-flight reports per backend of a pool.
-    loads: Vec<(BackendKey, u32)>,
-    /// Its response-time estimates (microseconds) per backend of a pool.
-    latencies: Vec<(BackendKey, u64)>,
+    reports: Reports,
     registry: Vec<RegEntry>,
     certs: Vec<CertEntry>,
     routes: Vec<RouteEntry>,
@@ -460,6 +480,10 @@ fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) ->
     let latencies = state
         .iter_prefix(keys::LAT_PREFIX)
         .filter_map(|(k, v)| Some((keys::backend_of(k, keys::LAT_PREFIX)?, keys::parse_lat(&v.value)?)))
+        .collect();
+    let claims = state
+        .iter_prefix(keys::CLAIM_PREFIX)
+        .filter_map(|(k, v)| Some((keys::backend_of(k, keys::CLAIM_PREFIX)?, keys::parse_claim(&v.value)?)))
         .collect();
     let down =
         state.iter_prefix(keys::DOWN_PREFIX).filter_map(|(k, _)| keys::backend_of(k, keys::DOWN_PREFIX)).collect();
@@ -482,7 +506,57 @@ fn read_member(id: &ChitchatId, state: &NodeState, live: bool, is_self: bool) ->
         is_self,
         down,
     };
-    MemberReading { member, loads, latencies, registry, certs, routes }
+    MemberReading { member, reports: Reports { loads, latencies, claims }, registry, certs, routes }
+}
+
+/// This node's next claim on a limited backend's `max_conns` (`pool::claim`), from the
+/// serving members' gossiped claims; a member that has reported none counts its fair share.
+fn update_claim(
+    b: &crate::pool::Backend,
+    key: &BackendKey,
+    serving: &[&Member],
+    my_rank: Option<usize>,
+    reports: &HashMap<String, Reports>,
+    last_grew: &mut HashMap<BackendKey, u64>,
+) {
+    let max = b.spec.max_conns;
+    let Some(rank) = my_rank.filter(|_| max > 0) else {
+        b.state.claim.store(CLAIM_UNSET, Relaxed);
+        b.state.wants_more.store(false, Relaxed);
+        return;
+    };
+    let n = serving.len() as u32;
+    let others: Vec<Claim> = serving
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| !m.is_self)
+        .map(|(r, m)| {
+            let reported = reports.get(&m.node_id).and_then(|r| r.claims.iter().find(|(k, _)| k == key));
+            reported.map_or(Claim { slots: claim::fair(max, n, r as u32), wants: false }, |(_, c)| *c)
+        })
+        .collect();
+    let mine = match b.state.claim.load(Relaxed) {
+        CLAIM_UNSET => claim::fair(max, n, rank as u32),
+        c => c,
+    };
+    let now = now_ms();
+    let wants = b.state.at_claim.swap(false, Relaxed);
+    let next = claim::next(&claim::Round {
+        max,
+        members: n,
+        rank: rank as u32,
+        mine,
+        in_flight: b.state.in_flight.load(Relaxed),
+        wants,
+        others: &others,
+        may_grow: last_grew.get(key).is_none_or(|&t| now.saturating_sub(t) >= claim::GROW_EVERY_MS),
+        turn: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64) / claim::GROW_EVERY_MS,
+    });
+    if next > mine {
+        last_grew.insert(key.clone(), now);
+    }
+    b.state.claim.store(next, Relaxed);
+    b.state.wants_more.store(wants, Relaxed);
 }
 
 /// Builds the cluster view from gossip, once per interval.
@@ -491,6 +565,8 @@ async fn view_loop(cluster: Arc<Cluster>) {
     let mut peers_said_down: HashMap<BackendKey, bool> = HashMap::new();
     let mut first_seen: HashMap<String, Instant> = HashMap::new();
     let mut built = Instant::now();
+    // When this node last grew its claim on each limited backend (`pool::claim`).
+    let mut last_grew: HashMap<BackendKey, u64> = HashMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -522,7 +598,7 @@ async fn view_loop(cluster: Arc<Cluster>) {
         let mut seen_registry = Vec::new();
         let mut seen_certs = Vec::new();
         let mut seen_routes = Vec::new();
-        for MemberReading { member: m, loads, latencies, registry, certs, routes } in raw {
+        for MemberReading { member: m, reports, registry, certs, routes } in raw {
             seen_registry.extend(registry);
             seen_certs.extend(certs);
             seen_routes.extend(routes);
@@ -530,11 +606,11 @@ async fn view_loop(cluster: Arc<Cluster>) {
             match members.iter_mut().find(|o| o.node_id == m.node_id) {
                 Some(o) if rank(o) >= rank(&m) => {}
                 Some(o) => {
-                    reports_by_node.insert(m.node_id.clone(), (loads, latencies));
+                    reports_by_node.insert(m.node_id.clone(), reports);
                     *o = m;
                 }
                 None => {
-                    reports_by_node.insert(m.node_id.clone(), (loads, latencies));
+                    reports_by_node.insert(m.node_id.clone(), reports);
                     members.push(m);
                 }
             }
@@ -550,11 +626,11 @@ async fn view_loop(cluster: Arc<Cluster>) {
             if !counts {
                 continue;
             }
-            let Some((loads, latencies)) = reports_by_node.get(&m.node_id) else { continue };
-            for (key, n) in loads {
+            let Some(reports) = reports_by_node.get(&m.node_id) else { continue };
+            for (key, n) in &reports.loads {
                 *remote.entry(key.clone()).or_default() += n;
             }
-            for (key, us) in latencies {
+            for (key, us) in &reports.latencies {
                 let e = remote_lat.entry(key.clone()).or_default();
                 *e = (e.0 + us, e.1 + 1);
             }
@@ -562,7 +638,9 @@ async fn view_loop(cluster: Arc<Cluster>) {
                 down_on.entry(key.clone()).or_default().push(m.node_id.clone());
             }
         }
-        let serving = members.iter().filter(|m| matches!(m.state, MemberState::Alive | MemberState::Draining)).count();
+        let serving: Vec<&Member> =
+            members.iter().filter(|m| matches!(m.state, MemberState::Alive | MemberState::Draining)).collect();
+        let my_rank = serving.iter().position(|m| m.is_self);
         // Active checks go to alive members only: a draining node is about to leave.
         let alive: Vec<String> = members
             .iter()
@@ -572,13 +650,14 @@ async fn view_loop(cluster: Arc<Cluster>) {
             .map(|m| m.node_id.clone())
             .collect();
         node.roster.set(&cluster.self_id.node_id, alive);
-        node.proxy.set_serving_nodes(serving as u32);
+        node.proxy.set_serving_nodes(serving.len() as u32);
         let runtime = node.runtime();
         let mut present: std::collections::HashSet<BackendKey> = std::collections::HashSet::new();
         for (pool, b) in runtime.backends() {
             let key: BackendKey = (pool.to_string(), b.spec.addr);
             b.state.remote_in_flight.store(remote.get(&key).copied().unwrap_or(0), Relaxed);
             b.state.speed.set_remote(remote_lat.get(&key).map_or(0, |(sum, n)| sum / n));
+            update_claim(&b, &key, &serving, my_rank, &reports_by_node, &mut last_grew);
             // Shared health: a new "down" report from any peer takes the backend out here too;
             // it stays out until the peers take it back or our own checks see `rise` good ones.
             let now_down = down_on.contains_key(&key);

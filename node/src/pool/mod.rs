@@ -5,6 +5,7 @@
 //! backend set (config reload, run-time registry) builds a new snapshot that reuses the
 //! [`BackendState`] of every backend it keeps, so counters and warm connections survive.
 
+pub mod claim;
 pub mod conn;
 pub mod speed;
 
@@ -138,6 +139,13 @@ pub struct BackendState {
     pub in_flight: AtomicU32,
     /// Sum of the latest in-flight reports of the other live nodes (written by the view task).
     pub remote_in_flight: AtomicU32,
+    /// This node's claim on `max_conns` (see [`claim`]; written by the view task);
+    /// [`CLAIM_UNSET`] until its first round.
+    pub claim: AtomicU32,
+    /// A request found this node at its claim since the view task last looked.
+    pub at_claim: AtomicBool,
+    /// The view task's last verdict that this node wants more of the claim (gossiped).
+    pub wants_more: AtomicBool,
     pub requests: AtomicU64,
     /// Connect errors, timeouts and retryable statuses.
     pub failures: AtomicU64,
@@ -160,6 +168,9 @@ impl BackendState {
             addr_text: addr.to_string().into(),
             in_flight: AtomicU32::new(0),
             remote_in_flight: AtomicU32::new(0),
+            claim: AtomicU32::new(CLAIM_UNSET),
+            at_claim: AtomicBool::new(false),
+            wants_more: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             responses: Default::default(),
@@ -217,12 +228,13 @@ pub struct Backend {
 impl Backend {
     /// Whether a new request may go here: healthy and under its cluster-wide `max_conns`.
     ///
-    /// `max_conns` holds for the cluster without per-request coordination: each of the `nodes`
-    /// serving members admits at most `ceil(max_conns / nodes)` requests of its own, so the sum
-    /// never exceeds `max_conns + nodes - 1`; and the cluster-wide estimate (local + peers'
-    /// reports) must also be under `max_conns`. Peers' reports alone are 150-450 ms old, which
-    /// let every node take all slots at once under a spike (measured: peak 8 for max_conns 4
-    /// on 2 nodes); the per-node share is what bounds it.
+    /// `max_conns` holds for the cluster without per-request coordination: this node admits
+    /// at most its claim (see [`claim`]: the claims of all nodes add up to `max_conns`, and a
+    /// busy node borrows what idle ones lend); before its first round, `ceil(max_conns /
+    /// nodes)`. The cluster-wide estimate (local + peers' reports) must also be under
+    /// `max_conns`. Peers' reports alone are 150-450 ms old, which let every node take all
+    /// slots at once under a spike (measured: peak 8 for max_conns 4 on 2 nodes); the claims
+    /// are what bound it.
     #[inline]
     pub fn accepts(&self, now: u64, nodes: u32) -> bool {
         if !self.state.is_healthy(now) {
@@ -232,10 +244,20 @@ impl Backend {
         if max == 0 {
             return true;
         }
-        let share = max.div_ceil(nodes.max(1));
-        self.state.in_flight.load(Relaxed) < share && self.state.load() < max
+        let claim = match self.state.claim.load(Relaxed) {
+            CLAIM_UNSET => max.div_ceil(nodes.max(1)),
+            claim => claim,
+        };
+        if self.state.in_flight.load(Relaxed) >= claim {
+            self.state.at_claim.store(true, Relaxed);
+            return false;
+        }
+        self.state.load() < max
     }
 }
+
+/// [`BackendState::claim`] before the view task's first round.
+pub const CLAIM_UNSET: u32 = u32::MAX;
 
 /// An immutable view of the backend set, as the request path sees it.
 #[derive(Debug, Default)]
