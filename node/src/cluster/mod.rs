@@ -674,6 +674,7 @@ async fn view_loop(cluster: Arc<Cluster>) {
             present.insert(key);
         }
         peers_said_down.retain(|k, _| present.contains(k));
+        last_grew.retain(|k, _| present.contains(k));
 
         let backends_changed = cluster.registry.merge(seen_registry);
         let routes_changed = cluster.registry.merge_routes(seen_routes);
