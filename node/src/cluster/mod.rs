@@ -518,10 +518,17 @@ fn update_claim(
     my_rank: Option<usize>,
     reports: &HashMap<String, Reports>,
     last_grew: &mut HashMap<BackendKey, u64>,
+    grow_every_ms: u64,
 ) {
     let max = b.spec.max_conns;
-    let Some(rank) = my_rank.filter(|_| max > 0) else {
+    if max == 0 {
         b.state.claim.store(CLAIM_UNSET, Relaxed);
+        b.state.wants_more.store(false, Relaxed);
+        return;
+    }
+    // Not serving (left): no slots, so the others may share them.
+    let Some(rank) = my_rank else {
+        b.state.claim.store(0, Relaxed);
         b.state.wants_more.store(false, Relaxed);
         return;
     };
@@ -549,8 +556,8 @@ fn update_claim(
         in_flight: b.state.in_flight.load(Relaxed),
         wants,
         others: &others,
-        may_grow: last_grew.get(key).is_none_or(|&t| now.saturating_sub(t) >= claim::GROW_EVERY_MS),
-        turn: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64) / claim::GROW_EVERY_MS,
+        may_grow: last_grew.get(key).is_none_or(|&t| now.saturating_sub(t) >= grow_every_ms),
+        turn: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64) / grow_every_ms,
     });
     if next > mine {
         last_grew.insert(key.clone(), now);
@@ -567,16 +574,20 @@ async fn view_loop(cluster: Arc<Cluster>) {
     let mut built = Instant::now();
     // When this node last grew its claim on each limited backend (`pool::claim`).
     let mut last_grew: HashMap<BackendKey, u64> = HashMap::new();
+    let grow_every_ms = claim::grow_every_ms(cluster.interval.as_millis() as u64);
     loop {
-        tokio::select! {
+        // Claims move on ticks only: their rules count in rounds, not in hot changes.
+        let ticked = tokio::select! {
             _ = tick.tick() => {
                 cluster.rounds.fetch_add(1, Relaxed);
+                true
             }
             _ = cluster.view_now.notified() => {
                 // A burst of hot changes builds a view per `SPACING`, not one per change.
                 tokio::time::sleep(rumor::SPACING.saturating_sub(built.elapsed())).await;
+                false
             }
-        }
+        };
         built = Instant::now();
         let Some(node) = cluster.node.upgrade() else { return };
         // Read everything under the lock, process after releasing it.
@@ -641,6 +652,7 @@ async fn view_loop(cluster: Arc<Cluster>) {
         let serving: Vec<&Member> =
             members.iter().filter(|m| matches!(m.state, MemberState::Alive | MemberState::Draining)).collect();
         let my_rank = serving.iter().position(|m| m.is_self);
+        cluster.pace.set_live(serving.iter().filter(|m| !m.is_self).map(|m| m.gossip_addr).collect());
         // Active checks go to alive members only: a draining node is about to leave.
         let alive: Vec<String> = members
             .iter()
@@ -657,7 +669,9 @@ async fn view_loop(cluster: Arc<Cluster>) {
             let key: BackendKey = (pool.to_string(), b.spec.addr);
             b.state.remote_in_flight.store(remote.get(&key).copied().unwrap_or(0), Relaxed);
             b.state.speed.set_remote(remote_lat.get(&key).map_or(0, |(sum, n)| sum / n));
-            update_claim(&b, &key, &serving, my_rank, &reports_by_node, &mut last_grew);
+            if ticked {
+                update_claim(&b, &key, &serving, my_rank, &reports_by_node, &mut last_grew, grow_every_ms);
+            }
             // Shared health: a new "down" report from any peer takes the backend out here too;
             // it stays out until the peers take it back or our own checks see `rise` good ones.
             let now_down = down_on.contains_key(&key);

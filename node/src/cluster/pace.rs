@@ -14,12 +14,18 @@
 //!   allowance of its own ([`URGENT_PER_SECOND`], a burst as large): a few changes a second
 //!   spread at once, a script making thousands is not a flood;
 //! - at least one SYN goes per second whatever the bucket says, so a member is never silent
-//!   (its peers would take it for dead).
+//!   (its peers would take it for dead);
+//! - a SYN to an address that is not a live member (chitchat's probes of dead members and
+//!   seeds, which come last in its rounds and would otherwise lose to live peers every time)
+//!   goes at least once per second too, so two halves of a healed partition find each other;
+//! - the debt is bounded ([`MAX_DEBT_SECONDS`] of budget): a burst of replies (a joiner's full
+//!   state) slows the member's own rounds for seconds, not minutes.
 //!
 //! A small cluster stays under its budget and gossips every round, as before; a large one
 //! opens fewer exchanges, each carrying the newest heartbeats and loads of every member it
 //! knows, so failure detection and load reports slow down gently instead of the bytes growing.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -29,6 +35,8 @@ use std::time::Instant;
 const BURST: f64 = 0.5;
 /// A member opens at least one exchange this often, budget or not.
 pub const FLOOR_MS: u64 = 1000;
+/// The bucket's debt is bounded at this many seconds of budget.
+pub const MAX_DEBT_SECONDS: f64 = 5.0;
 /// An urgent mark is used by a SYN sent within this time, or forgotten.
 const URGENT_MS: u64 = 500;
 /// Urgent SYNs allowed per second (and in a burst): three changes passed on to three peers.
@@ -47,6 +55,10 @@ struct Bucket {
     opened_ms: Option<u64>,
     /// Peers whose next SYN is urgent, with when they were marked.
     urgent: Vec<(SocketAddr, u64)>,
+    /// The live members' gossip addresses (`None` until told: every address counts as live).
+    live: Option<HashSet<SocketAddr>>,
+    /// When the last SYN to an address outside `live` went.
+    probed_ms: Option<u64>,
 }
 
 impl Bucket {
@@ -59,6 +71,8 @@ impl Bucket {
             at_ms: 0,
             opened_ms: None,
             urgent: Vec::new(),
+            live: None,
+            probed_ms: None,
         }
     }
 
@@ -83,14 +97,19 @@ impl Bucket {
             None => false,
         };
         let overdue = self.opened_ms.is_none_or(|at| now_ms.saturating_sub(at) >= FLOOR_MS);
+        let probe = self.live.as_ref().is_some_and(|live| !live.contains(&to));
+        let probe_due = probe && self.probed_ms.is_none_or(|at| now_ms.saturating_sub(at) >= FLOOR_MS);
         let open = if urgent && self.urgent_tokens >= 1.0 {
             self.urgent_tokens -= 1.0;
             true
         } else {
-            self.tokens >= 0.0 || overdue
+            self.tokens >= 0.0 || overdue || probe_due
         };
         if open {
             self.opened_ms = Some(now_ms);
+            if probe {
+                self.probed_ms = Some(now_ms);
+            }
         }
         open
     }
@@ -98,7 +117,7 @@ impl Bucket {
     fn spent(&mut self, bytes: usize, now_ms: u64) {
         if self.budget > 0.0 {
             self.refill(now_ms);
-            self.tokens -= bytes as f64;
+            self.tokens = (self.tokens - bytes as f64).max(-self.budget * MAX_DEBT_SECONDS);
         }
     }
 
@@ -148,6 +167,12 @@ impl Pace {
     pub fn spent(&self, bytes: usize) {
         let now = self.now_ms();
         self.bucket().spent(bytes, now);
+    }
+
+    /// The live members' gossip addresses (from the view task); a SYN to any other address is
+    /// a probe of a dead member or a seed.
+    pub fn set_live(&self, live: HashSet<SocketAddr>) {
+        self.bucket().live = Some(live);
     }
 
     /// The next SYN to `to` (within half a second) passes a hot change on: it goes whatever the
@@ -235,6 +260,29 @@ mod tests {
         b.mark_urgent(peer(2), 0);
         // At 600 ms the bucket is still in debt (-300) and the member spoke 600 ms ago.
         assert!(!b.may_open(peer(2), URGENT_MS + 100));
+    }
+
+    #[test]
+    fn probes_of_dead_members_and_seeds_go_once_a_second() {
+        let mut b = Bucket::new(1000);
+        b.live = Some([peer(1)].into());
+        assert!(b.may_open(peer(1), 0));
+        b.spent(20_000, 0);
+        // A live peer waits for the floor; a probe (peer 9 is not live) goes once a second.
+        assert!(!b.may_open(peer(1), 100));
+        assert!(b.may_open(peer(9), 100));
+        assert!(!b.may_open(peer(9), 600));
+        assert!(b.may_open(peer(9), 1100));
+    }
+
+    #[test]
+    fn debt_is_bounded() {
+        let mut b = Bucket::new(1000);
+        b.spent(1_000_000, 0);
+        assert_eq!(b.tokens, -1000.0 * MAX_DEBT_SECONDS);
+        // Five and a half seconds later the bucket is out of debt (the floor kept away).
+        b.opened_ms = Some(5_400);
+        assert!(b.may_open(peer(1), 5_500) && b.tokens >= 0.0);
     }
 
     #[test]

@@ -9,22 +9,32 @@
 //!   [`GROW_EVERY_MS`]; the remainder goes to members in turn (the turn is the wall clock in
 //!   [`GROW_EVERY_MS`] steps, so members agree on it as far as their clocks do). Members
 //!   growing on the same view take at most `free` between them.
-//! - A member that does not want keeps what it uses plus one slot, and lends the rest as soon
-//!   as another member wants; with nobody wanting, every claim drifts back to the fair share
-//!   (`max / members`, by rank for the remainder: the shares sum to `max_conns`).
+//! - A member that does not want keeps what it uses plus one slot (none when there are fewer
+//!   slots than members), and lends the rest as soon as another member wants; with nobody
+//!   wanting, every claim drifts back to the fair share (`max / members`, by rank for the
+//!   remainder: the shares sum to `max_conns`).
 //! - Two members that both want converge on their fair shares.
+//! - A member whose claim and the others' add up to more than `max_conns` (one joined at its
+//!   fair share, or the limit was lowered) gives back down to what the others leave, never
+//!   below its fair share.
 //!
 //! The bound: claims add up to at most `max_conns` while every member sees the others'
-//! claims within [`GROW_EVERY_MS`] (a claim travels in one to three gossip rounds, 150-450 ms
-//! at the default interval, and at once by `cluster::rumor` only for hot keys, which claims
-//! are not). Slower gossip can let two members grow on views that miss each other's growth,
-//! by at most their grants. A member joining starts at its fair share for the new count, so
-//! the sum may exceed `max_conns` by that share until the others' next round. Within a
-//! member, admission checks `in flight < claim` before the request counts, so concurrent
-//! workers may overshoot by one each (as before).
+//! claims within the growth period (a claim travels in one to three gossip rounds, 150-450 ms
+//! at the default interval; claims are not hot keys, `cluster::rumor`). Slower gossip (a
+//! paced large cluster) can let two members grow on views that miss each other's growth, by
+//! at most their grants. A member joining starts at its fair share for the new count, so the
+//! sum may exceed `max_conns` by that share until the others see it (then they give back).
+//! Within a member, admission checks `in flight < claim` before the request counts, so
+//! concurrent workers may overshoot by one each (as before).
 
-/// A member grows its claim at most this often (longer than gossip takes to spread a claim).
+/// A member grows its claim at most this often, or every three gossip intervals if longer
+/// ([`grow_every_ms`]): longer than gossip takes to spread a claim.
 pub const GROW_EVERY_MS: u64 = 500;
+
+/// The growth period for a gossip interval.
+pub fn grow_every_ms(gossip_interval_ms: u64) -> u64 {
+    GROW_EVERY_MS.max(3 * gossip_interval_ms)
+}
 
 /// One member's claim on a limited backend, as gossiped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -50,9 +60,9 @@ pub struct Round<'a> {
     pub wants: bool,
     /// The other serving members' claims (a member that reported none counts its fair share).
     pub others: &'a [Claim],
-    /// [`GROW_EVERY_MS`] has passed since this member last grew.
+    /// The growth period ([`grow_every_ms`]) has passed since this member last grew.
     pub may_grow: bool,
-    /// Whose turn the remainder of `free / members` is (wall-clock ms / [`GROW_EVERY_MS`]).
+    /// Whose turn the remainder of `free / members` is (wall-clock ms / the growth period).
     pub turn: u64,
 }
 
@@ -73,21 +83,33 @@ pub fn next(r: &Round) -> u32 {
     let free = r.max.saturating_sub(others.saturating_add(mine.max(r.in_flight)));
     let my_turn = (r.turn + u64::from(r.rank)) % u64::from(n) < u64::from(free % n);
     let grant = if r.may_grow { free / n + u32::from(my_turn) } else { 0 };
-    if r.wants {
+    let claim = if r.wants {
         if others_want && mine > fair {
             // Both busy: halve the distance to the fair share.
-            return mine - (mine - fair).div_ceil(2);
+            mine - (mine - fair).div_ceil(2)
+        } else {
+            mine + grant
         }
-        return mine + grant;
+    } else {
+        // What is used, plus one slot when there are enough for every member to keep one
+        // (with fewer slots than members, a kept slot could starve a member whose fair share
+        // is 0).
+        let spare = u32::from(r.max > n);
+        let keep = r.in_flight.saturating_add(spare).min(r.max);
+        if others_want {
+            mine.min(keep)
+        } else if mine > fair {
+            fair.max(keep).min(mine)
+        } else {
+            mine + grant.min(fair - mine)
+        }
+    };
+    // Over-committed (a member joined at its fair share, or `max_conns` was lowered): give
+    // back down to what the others leave, never below the fair share. Always safe.
+    if others.saturating_add(claim) > r.max && claim > fair {
+        return fair.max(r.max.saturating_sub(others));
     }
-    let keep = (r.in_flight + 1).min(r.max);
-    if others_want {
-        return mine.min(keep);
-    }
-    if mine > fair {
-        return fair.max(keep).min(mine);
-    }
-    mine + grant.min(fair - mine)
+    claim
 }
 
 #[cfg(test)]
@@ -192,6 +214,25 @@ mod tests {
             let (_, peak) = run_phases(max, &phases, &start);
             assert!(peak <= max, "max {max}, loads {phases:?}: {peak} requests in flight at once");
         }
+    }
+
+    #[test]
+    fn fewer_slots_than_members_still_reach_the_busy_one() {
+        // max 2 over 5 members: fair shares [1, 1, 0, 0, 0]; only the last has traffic.
+        let (claims, peak) = run(2, &[0, 0, 0, 0, 50], &[1, 1, 0, 0, 0], 40);
+        assert_eq!(claims[4], 2, "{claims:?}");
+        assert!(peak <= 2);
+    }
+
+    #[test]
+    fn a_borrower_gives_back_to_a_member_that_joins() {
+        // Member 0 borrowed 10 of 12 from two idle members; a fourth joins at its fair share.
+        let (claims, peak) = run(12, &[100, 0, 0, 0], &[10, 1, 1, 3], 40);
+        assert!(claims.iter().sum::<u32>() <= 12, "{claims:?}");
+        assert!(peak <= 13, "{peak}");
+        // ...and the limit lowered at run time.
+        let (claims, _) = run(6, &[100, 0, 0, 0], &claims, 40);
+        assert!(claims.iter().sum::<u32>() <= 6, "{claims:?}");
     }
 
     #[test]

@@ -237,23 +237,52 @@ impl Backend {
     /// are what bound it.
     #[inline]
     pub fn accepts(&self, now: u64, nodes: u32) -> bool {
+        self.admission(now, nodes) == Admission::Yes
+    }
+
+    /// [`Self::accepts`] for a request being placed: a request turned away by this node's
+    /// claim is recorded, so the view task asks the cluster for more (`pool::claim`). Status
+    /// pages and metrics use [`Self::accepts`], which records nothing.
+    #[inline]
+    pub fn admits(&self, now: u64, nodes: u32) -> bool {
+        match self.admission(now, nodes) {
+            Admission::Yes => true,
+            Admission::No => false,
+            Admission::AtClaim => {
+                if !self.state.at_claim.load(Relaxed) {
+                    self.state.at_claim.store(true, Relaxed);
+                }
+                false
+            }
+        }
+    }
+
+    #[inline]
+    fn admission(&self, now: u64, nodes: u32) -> Admission {
         if !self.state.is_healthy(now) {
-            return false;
+            return Admission::No;
         }
         let max = self.spec.max_conns;
         if max == 0 {
-            return true;
+            return Admission::Yes;
         }
         let claim = match self.state.claim.load(Relaxed) {
             CLAIM_UNSET => max.div_ceil(nodes.max(1)),
             claim => claim,
         };
         if self.state.in_flight.load(Relaxed) >= claim {
-            self.state.at_claim.store(true, Relaxed);
-            return false;
+            return Admission::AtClaim;
         }
-        self.state.load() < max
+        if self.state.load() < max { Admission::Yes } else { Admission::No }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Yes,
+    No,
+    /// Healthy, but this node has its whole claim on `max_conns` in flight.
+    AtClaim,
 }
 
 /// [`BackendState::claim`] before the view task's first round.

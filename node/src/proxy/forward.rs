@@ -413,7 +413,7 @@ fn pick(snapshot: &PoolSnapshot, nodes: u32, tried: &Tried, req: &PickRequest, u
     let backends = &snapshot.backends;
     let usable = |i: usize, backup: bool| {
         let b = &backends[i];
-        b.spec.backup == backup && !tried.has(i) && b.accepts(now, nodes)
+        b.spec.backup == backup && !tried.has(i) && b.admits(now, nodes)
     };
     let picker = &upstream.picker;
     picker
