@@ -20,6 +20,11 @@ pub enum MemberState {
 }
 
 impl MemberState {
+    /// Alive or draining: takes requests, counts in the cluster's load and `max_conns` shares.
+    pub fn serves(self) -> bool {
+        matches!(self, MemberState::Alive | MemberState::Draining)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             MemberState::Alive => "alive",

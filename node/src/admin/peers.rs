@@ -14,7 +14,6 @@ use serde_json::{Value, json};
 
 use super::history::History;
 use crate::Node;
-use crate::lifecycle::MemberState;
 
 /// The longest a peer's answer is waited for (connect, request and body).
 pub const TIMEOUT: Duration = Duration::from_millis(1500);
@@ -29,7 +28,7 @@ pub async fn cluster_json(node: &Arc<Node>, history: &Mutex<History>, last: usiz
     let members = view.as_ref().map(|v| v.members.clone()).unwrap_or_default();
     let fetches = members.iter().filter(|m| !m.is_self).map(|m| {
         let (id, state, admin) = (m.node_id.clone(), m.state.name(), m.admin_addr);
-        let serving = matches!(m.state, MemberState::Alive | MemberState::Draining);
+        let serving = m.state.serves();
         async move {
             let result = match admin {
                 _ if !serving => Err(format!("not asked: {state}")),

@@ -386,33 +386,18 @@ async fn publish_loop(cluster: Arc<Cluster>) {
                 me.set(keys::load_key(u.name(), b.spec.addr), b.state.in_flight.load(Relaxed).to_string());
                 if each_second {
                     let lat = crate::pool::speed::quantise(b.state.speed.own(now));
-                    let lat_key = keys::lat_key(u.name(), b.spec.addr);
-                    if lat > 0 {
-                        me.set(lat_key, lat.to_string());
-                    } else if me.get(&lat_key).is_some() {
-                        me.delete(&lat_key);
-                    }
+                    set_or_clear(me, keys::lat_key(u.name(), b.spec.addr), (lat > 0).then_some(lat));
                 }
-                let claim_key = keys::claim_key(u.name(), b.spec.addr);
-                match b.state.claim.load(Relaxed) {
-                    CLAIM_UNSET => {
-                        if me.get(&claim_key).is_some() {
-                            me.delete(&claim_key);
-                        }
-                    }
-                    claim => {
-                        // The slots held: requests above a claim that shrank hold theirs until they end.
-                        let slots = claim.max(b.state.in_flight.load(Relaxed));
-                        let wants = b.state.wants_more.load(Relaxed);
-                        me.set(claim_key, keys::format_claim(Claim { slots, wants }));
-                    }
-                }
-                let down_key = keys::down_key(u.name(), b.spec.addr);
-                if b.state.own_verdict_down(now) {
-                    me.set(down_key, "1");
-                } else if me.get(&down_key).is_some() {
-                    me.delete(&down_key);
-                }
+                // The slots held: requests above a claim that shrank hold theirs until they end.
+                let claim = match b.state.claim.load(Relaxed) {
+                    CLAIM_UNSET => None,
+                    claim => Some(keys::format_claim(Claim {
+                        slots: claim.max(b.state.in_flight.load(Relaxed)),
+                        wants: b.state.wants_more.load(Relaxed),
+                    })),
+                };
+                set_or_clear(me, keys::claim_key(u.name(), b.spec.addr), claim);
+                set_or_clear(me, keys::down_key(u.name(), b.spec.addr), b.state.own_verdict_down(now).then_some("1"));
             }
         }
         // Keys of backends that left their pool.
@@ -442,6 +427,16 @@ async fn publish_loop(cluster: Arc<Cluster>) {
         for e in certs.iter().filter(|e| e.sealed.len() <= keys::MAX_SEALED_CERT) {
             me.set(keys::cert_key(&e.name), keys::format_cert(e));
         }
+    }
+}
+
+/// Sets `key` to `value`, or deletes it when `value` is `None` (only if it is there: a
+/// deletion of an absent key would still be gossiped).
+fn set_or_clear(me: &mut NodeState, key: String, value: Option<impl ToString>) {
+    match value {
+        Some(v) => me.set(key, v),
+        None if me.get(&key).is_some() => me.delete(&key),
+        None => {}
     }
 }
 
@@ -629,14 +624,11 @@ async fn view_loop(cluster: Arc<Cluster>) {
         members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
 
         // Remote load: only live peers count; a dead or left node's reports stop at once.
+        let serving: Vec<&Member> = members.iter().filter(|m| m.state.serves()).collect();
         let mut remote: HashMap<BackendKey, u32> = HashMap::new();
         let mut remote_lat: HashMap<BackendKey, (u64, u64)> = HashMap::new();
         let mut down_on: HashMap<BackendKey, Vec<String>> = HashMap::new();
-        for m in &members {
-            let counts = matches!(m.state, MemberState::Alive | MemberState::Draining) && !m.is_self;
-            if !counts {
-                continue;
-            }
+        for m in serving.iter().filter(|m| !m.is_self) {
             let Some(reports) = reports_by_node.get(&m.node_id) else { continue };
             for (key, n) in &reports.loads {
                 *remote.entry(key.clone()).or_default() += n;
@@ -649,8 +641,6 @@ async fn view_loop(cluster: Arc<Cluster>) {
                 down_on.entry(key.clone()).or_default().push(m.node_id.clone());
             }
         }
-        let serving: Vec<&Member> =
-            members.iter().filter(|m| matches!(m.state, MemberState::Alive | MemberState::Draining)).collect();
         let my_rank = serving.iter().position(|m| m.is_self);
         cluster.pace.set_live(serving.iter().filter(|m| !m.is_self).map(|m| m.gossip_addr).collect());
         // Active checks go to alive members only: a draining node is about to leave.

@@ -401,12 +401,8 @@ impl Control for ControlService {
                 cluster.cluster_id, req.cluster_id
             )));
         }
-        let mut seeds: Vec<String> = cluster
-            .members()
-            .iter()
-            .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Draining))
-            .map(|m| m.gossip_addr.to_string())
-            .collect();
+        let mut seeds: Vec<String> =
+            cluster.members().iter().filter(|m| m.state.serves()).map(|m| m.gossip_addr.to_string()).collect();
         seeds.sort();
         seeds.dedup();
         let registry = cluster

@@ -178,13 +178,14 @@ impl Roster {
         if k == 0 || alive.len() <= k as usize || !alive.contains(me) {
             return true;
         }
+        let addr = addr.to_string();
         let score = |id: &str| {
             let mut h = siphasher::sip::SipHasher13::new_with_keys(0x6368_6563_6b73, 0x0073_686f_616c);
             h.write(id.as_bytes());
             h.write_u8(0);
             h.write(pool.as_bytes());
             h.write_u8(0);
-            h.write(addr.to_string().as_bytes());
+            h.write(addr.as_bytes());
             h.finish()
         };
         let mine = (score(me), me.as_str());
