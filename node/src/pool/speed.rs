@@ -1,9 +1,14 @@
 //! A backend's response-time estimate, for the least-conn picker: how long its response heads
 //! take, as this node measures them and as the peers report them.
 //!
-//! - **Own**: a peak-sensitive, decaying average of this node's own times (Finagle's and
-//!   linkerd's peak-EWMA): a slower response raises it at once, faster ones bring it down with
-//!   the time constant [`DECAY_MS`].
+//! - **Own**: a peak-sensitive, decaying average of this node's own times (after Finagle's and
+//!   linkerd's peak-EWMA): slower responses raise it quickly, with the time constant
+//!   [`RISE_MS`], and faster ones bring it down slowly, with [`DECAY_MS`]. Finagle's estimate
+//!   jumps to any slower sample at once; under load that made one response delayed by
+//!   scheduling (a few milliseconds, on any backend) cut that backend's share for seconds, and
+//!   equal backends took turns at being avoided. A backend that stays slow for [`RISE_MS`] is
+//!   still marked slow within that time, and a sample after a long quiet spell (light load)
+//!   counts almost in full, as before.
 //! - **Forgetting**: while a backend gets no requests its estimate fades toward zero with
 //!   [`FORGET_MS`], so a backend avoided for being slow is tried again now and then (about every
 //!   `FORGET_MS * ln(slow / fast)`), and one that recovered wins its traffic back. A trial
@@ -18,8 +23,10 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-/// Time constant of the average while the backend is answering.
+/// Time constant of the average while the backend answers faster than its estimate.
 pub const DECAY_MS: f64 = 2_000.0;
+/// Time constant of the average while it answers slower.
+pub const RISE_MS: f64 = 50.0;
 /// Time constant of the fading while it gets no requests.
 pub const FORGET_MS: f64 = 5_000.0;
 /// Own samples younger than this make the peers' reports unnecessary.
@@ -52,10 +59,11 @@ impl Speed {
         let sample = (took.as_micros() as u64).max(1);
         let (old, at) = (self.own_us.load(Relaxed), self.own_at_ms.load(Relaxed));
         let age = now_ms.saturating_sub(at);
-        let new = if old == 0 || sample >= old {
+        let new = if old == 0 {
             sample
         } else {
-            let w = (-(age as f64) / DECAY_MS).exp();
+            let tau = if sample >= old { RISE_MS } else { DECAY_MS };
+            let w = (-(age as f64) / tau).exp();
             ((old as f64) * w + (sample as f64) * (1.0 - w)).max(1.0) as u64
         };
         self.own_us.store(new, Relaxed);
@@ -114,18 +122,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn peaks_at_once_and_decays_with_time() {
+    fn rises_quickly_and_decays_slowly() {
         let s = Speed::default();
         s.observe(Duration::from_millis(1), 0);
         assert_eq!(s.estimate(0), 1_000);
-        s.observe(Duration::from_millis(20), 10);
-        assert_eq!(s.estimate(10), 20_000, "a slower response raises the estimate at once");
+        // Under load (a sample every millisecond), one response delayed by scheduling nudges
+        // the estimate; it does not make the backend look slow.
+        s.observe(Duration::from_millis(5), 1);
+        let e = s.estimate(1);
+        assert!((1_000..1_100).contains(&e), "{e}");
+        // A backend that turns slow and stays slow is marked slow within RISE_MS or so.
+        for t in 2..=60 {
+            s.observe(Duration::from_millis(20), t);
+        }
+        let e = s.estimate(60);
+        assert!(e > 12_000, "{e}");
         // Fast answers for a while bring it back near 1 ms.
         for t in 1..=100 {
-            s.observe(Duration::from_millis(1), 10 + t * 100);
+            s.observe(Duration::from_millis(1), 60 + t * 100);
         }
-        let e = s.estimate(10_010);
+        let e = s.estimate(10_060);
         assert!(e < 1_500, "{e}");
+        // At light load (one answer after a quiet spell) a slow answer counts almost in full.
+        s.observe(Duration::from_millis(20), 12_000);
+        let e = s.estimate(12_000);
+        assert!(e > 19_000, "{e}");
     }
 
     #[test]
