@@ -16,6 +16,9 @@
 #                       (see lib.sh wait_quiet); QUIET_TIMEOUT=0 = don't wait
 #        LOAD_CPUS=1    CPU list for wrk (see lib.sh)
 #        COMPARE_TSV=   path of the raw TSV (default $BENCH_TMP/compare-<time>.tsv)
+#        WRK_THINK_MS=  each connection waits this long before each request (report.lua):
+#                       compares at (nearly) equal offered load below saturation, where the
+#                       p99 is the path's own and not the load core's speed (BENCHMARKS.md)
 # Latencies are raw (wrk's coordinated-omission correction undone, see report.lua); wrk's own
 # corrected p99 is kept in the TSV (p99_wrk_co).
 # Prints each run (req/s, p50/p99 ms, and the target server's CPU time per request: on-CPU ns
@@ -41,7 +44,7 @@ resolve() {
   esac
 }
 
-[ $# -eq 2 ] || { sed -n '2,22p' "$0"; exit 2; }
+[ $# -eq 2 ] || { sed -n '2,25p' "$0"; exit 2; }
 A=$1 B=$2 UA=$(resolve "$1") UB=$(resolve "$2")
 REF=${REF-direct}; UR=""; [ -n "$REF" ] && UR=$(resolve "$REF")
 REPEATS=${REPEATS:-5} DURATION=${DURATION:-5} CONNS=${CONNS:-64 256} PAUSE=${PAUSE:-1}
