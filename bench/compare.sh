@@ -44,7 +44,7 @@ resolve() {
   esac
 }
 
-[ $# -eq 2 ] || { sed -n '2,25p' "$0"; exit 2; }
+[ $# -eq 2 ] || { sed -n '2,28p' "$0"; exit 2; }
 A=$1 B=$2 UA=$(resolve "$1") UB=$(resolve "$2")
 REF=${REF-direct}; UR=""; [ -n "$REF" ] && UR=$(resolve "$REF")
 REPEATS=${REPEATS:-5} DURATION=${DURATION:-5} CONNS=${CONNS:-64 256} PAUSE=${PAUSE:-1}

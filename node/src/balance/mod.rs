@@ -82,18 +82,19 @@ impl Picker for LeastConn {
                 fastest = e;
             }
         }
-        // Estimates under a millisecond count as one, so do those within half as much again of
-        // the fastest (equally fast backends differ by that much with scheduling alone), and the
-        // rest, less that half (no jump in cost at the band's edge), in steps: equal backends
-        // then share load as plain least-connections shares it, each keeping the same number of
+        // The floor is the fastest estimate, or a millisecond if that is less. Estimates up to
+        // 1.5x the floor count as the floor (equally fast backends differ by that much with
+        // scheduling alone); above, an estimate counts less half the floor, so the cost rises
+        // steadily from the band's edge, with no step or dip there. Equal backends then
+        // share load as plain least-connections shares it, each keeping the same number of
         // upstream connections busy (measured: before the band, a 64-connection benchmark on
         // four equal backends opened ~1,000 upstream connections in 5 s where nginx keeps 16
         // per backend), and only a backend that is really slower has its share cut. Unknown
         // counts as the fastest known.
         let floor = if fastest == u64::MAX { EQUAL_BELOW_US } else { fastest.max(EQUAL_BELOW_US) };
-        let band = floor + floor / 2;
+        let band = floor.saturating_add(floor / 2);
         for e in est.iter_mut() {
-            *e = if *e <= band { floor } else { coarse(*e - floor / 2) };
+            *e = if *e <= band { floor } else { *e - floor / 2 };
         }
         // cost_a < cost_b  <=>  (load_a + 1) * t_a * w_b < (load_b + 1) * t_b * w_a
         let cost = |i: usize, other_weight: u32| {
@@ -121,17 +122,6 @@ impl Picker for LeastConn {
 
 /// Response-time estimates below this count as equal (microseconds).
 const EQUAL_BELOW_US: u64 = 1_000;
-
-/// `us` with only its three leading significant bits: steps 12.5-25% apart, cheap enough for
-/// every pick.
-#[inline]
-fn coarse(us: u64) -> u64 {
-    if us < 8 {
-        return us;
-    }
-    let shift = 63 - us.leading_zeros() - 2;
-    (us >> shift) << shift
-}
 
 /// Smooth weighted round-robin (nginx's), lock-free: a shared counter walks the precomputed
 /// schedule. An ineligible slot (down, backup, tried) consumes its turn and the picker draws
@@ -301,7 +291,7 @@ mod tests {
 
     #[test]
     fn least_conn_treats_nearly_equal_estimates_as_equal() {
-        // 1.2 ms and 1.7 ms: within half again of each other, so counts alone decide.
+        // 1.2 ms and 1.7 ms: within 1.5x, so counts alone decide.
         let p = pool(&[1, 1]);
         p.backends[0].state.speed.observe(std::time::Duration::from_micros(1_200), 0);
         p.backends[1].state.speed.observe(std::time::Duration::from_micros(1_700), 0);
@@ -311,13 +301,36 @@ mod tests {
         p.backends[0].state.in_flight.store(17, Relaxed);
         p.backends[1].state.in_flight.store(15, Relaxed);
         assert_eq!(LeastConn.pick(&p, &|_| true, &r), Some(1), "the lighter one, though a little slower");
-        // 2.5 ms is really slower: its share is cut (16 x 1.2 < 15 x (2.5 - 0.6)).
-        p.backends[1].state.speed.observe(std::time::Duration::from_micros(2_500), 1_000_000);
-        p.backends[0].state.speed.observe(std::time::Duration::from_micros(1_200), 1_000_000);
-        let r = PickRequest { now_ms: 1_000_000, ..req([1, 1, 1, 1]) };
+    }
+
+    #[test]
+    fn least_conn_never_prefers_the_slower_of_two_and_cuts_a_really_slow_share() {
+        // Backend 0 answers in 1.2 ms; backend 1 in anything from 1.2 to 6 ms. At equal counts
+        // the slower one may tie but never win alone (no dip in cost past the band's edge), and
+        // from 1.6x as slow it loses every pick.
+        let p = pool(&[1, 1]);
+        for (k, us) in (1_200u64..6_000).step_by(10).enumerate() {
+            let now = (k as u64 + 1) * 1_000_000; // far apart: each sample counts in full
+            p.backends[0].state.speed.observe(std::time::Duration::from_micros(1_200), now);
+            p.backends[1].state.speed.observe(std::time::Duration::from_micros(us), now);
+            let r = PickRequest { now_ms: now, ..req([1, 1, 1, 1]) };
+            let picks: std::collections::BTreeSet<_> =
+                (0..30).filter_map(|_| LeastConn.pick(&p, &|_| true, &r)).collect();
+            assert!(picks.contains(&0), "{us} us against 1200 us: only the slower one was picked");
+            if us >= 1_900 {
+                assert_eq!(picks, [0].into(), "{us} us against 1200 us at equal counts");
+            }
+        }
+        // Under load a 2.5 ms backend still takes part, with a smaller share: costs 16 x 1.2 on
+        // the fast one against 14 x (2.5 - 0.6) on the slow one.
+        let r = PickRequest { now_ms: 10_000_000_000, ..req([1, 1, 1, 1]) };
+        p.backends[0].state.speed.observe(std::time::Duration::from_micros(1_200), r.now_ms);
+        p.backends[1].state.speed.observe(std::time::Duration::from_micros(2_500), r.now_ms);
         p.backends[0].state.in_flight.store(15, Relaxed);
-        p.backends[1].state.in_flight.store(14, Relaxed);
+        p.backends[1].state.in_flight.store(13, Relaxed);
         assert_eq!(LeastConn.pick(&p, &|_| true, &r), Some(0));
+        p.backends[0].state.in_flight.store(22, Relaxed);
+        assert_eq!(LeastConn.pick(&p, &|_| true, &r), Some(1));
     }
 
     #[test]

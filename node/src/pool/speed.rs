@@ -7,11 +7,14 @@
 //!   jumps to any slower sample at once; under load that made one response delayed by
 //!   scheduling (a few milliseconds, on any backend) cut that backend's share for seconds, and
 //!   equal backends took turns at being avoided. A backend that stays slow for [`RISE_MS`] is
-//!   still marked slow within that time, and a sample after a long quiet spell (light load)
-//!   counts almost in full, as before.
+//!   still marked slow within that time, and a sample after a quiet spell of 60 ms or more
+//!   (light load) counts almost in full, as before. The weights follow the time between
+//!   samples, so under load the estimate moves with time, not with the number of answers (a
+//!   sample in the same millisecond as the one before counts for nothing).
 //! - **Forgetting**: while a backend gets no requests its estimate fades toward zero with
 //!   [`FORGET_MS`], so a backend avoided for being slow is tried again now and then (about every
-//!   `FORGET_MS * ln(slow / fast)`), and one that recovered wins its traffic back. A trial
+//!   `FRESH_MS + FORGET_MS * ln(slow / (1.5 x fast))`, when it fades into the picker's band of
+//!   equals), and one that recovered wins its traffic back. A trial
 //!   that finds it still slow raises the estimate again at once.
 //! - **Shared**: each node gossips its own estimate (quantised, see [`quantise`]); a node that
 //!   has not sampled a backend for [`FRESH_MS`] uses the larger of its own faded estimate and the
@@ -26,7 +29,7 @@ use std::time::Duration;
 /// Time constant of the average while the backend answers faster than its estimate.
 pub const DECAY_MS: f64 = 2_000.0;
 /// Time constant of the average while it answers slower.
-pub const RISE_MS: f64 = 50.0;
+pub const RISE_MS: f64 = 20.0;
 /// Time constant of the fading while it gets no requests.
 pub const FORGET_MS: f64 = 5_000.0;
 /// Own samples younger than this make the peers' reports unnecessary.
@@ -130,12 +133,12 @@ mod tests {
         // the estimate; it does not make the backend look slow.
         s.observe(Duration::from_millis(5), 1);
         let e = s.estimate(1);
-        assert!((1_000..1_100).contains(&e), "{e}");
+        assert!((1_000..1_250).contains(&e), "{e}");
         // A backend that turns slow and stays slow is marked slow within RISE_MS or so.
-        for t in 2..=60 {
+        for t in 2..=30 {
             s.observe(Duration::from_millis(20), t);
         }
-        let e = s.estimate(60);
+        let e = s.estimate(30);
         assert!(e > 12_000, "{e}");
         // Fast answers for a while bring it back near 1 ms.
         for t in 1..=100 {
