@@ -163,10 +163,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "weight": b.spec.weight,
                 "max_conns": b.spec.max_conns,
                 // This node's claim on max_conns (null when unlimited or before its first round).
-                "claim": match st.claim.load(Relaxed) {
-                    crate::pool::CLAIM_UNSET => None,
-                    c => Some(c),
-                },
+                "claim": st.claimed(),
                 "backup": b.spec.backup,
                 "state": st.state_name(now),
                 "own_verdict": if st.own_verdict_down(now) { "down" } else { "up" },

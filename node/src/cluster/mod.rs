@@ -42,7 +42,7 @@ use tokio::task::JoinSet;
 use crate::Node;
 use crate::lifecycle::MemberState;
 use crate::pool::claim::{self, Claim};
-use crate::pool::{CLAIM_UNSET, now_ms};
+use crate::pool::now_ms;
 use keys::BackendKey;
 use pace::Pace;
 use registry::{CertEntry, RegEntry, Registry, RouteEntry};
@@ -389,13 +389,12 @@ async fn publish_loop(cluster: Arc<Cluster>) {
                     set_or_clear(me, keys::lat_key(u.name(), b.spec.addr), (lat > 0).then_some(lat));
                 }
                 // The slots held: requests above a claim that shrank hold theirs until they end.
-                let claim = match b.state.claim.load(Relaxed) {
-                    CLAIM_UNSET => None,
-                    claim => Some(keys::format_claim(Claim {
+                let claim = b.state.claimed().map(|claim| {
+                    keys::format_claim(Claim {
                         slots: claim.max(b.state.in_flight.load(Relaxed)),
                         wants: b.state.wants_more.load(Relaxed),
-                    })),
-                };
+                    })
+                });
                 set_or_clear(me, keys::claim_key(u.name(), b.spec.addr), claim);
                 set_or_clear(me, keys::down_key(u.name(), b.spec.addr), b.state.own_verdict_down(now).then_some("1"));
             }
@@ -517,14 +516,12 @@ fn update_claim(
 ) {
     let max = b.spec.max_conns;
     if max == 0 {
-        b.state.claim.store(CLAIM_UNSET, Relaxed);
-        b.state.wants_more.store(false, Relaxed);
+        b.state.set_claim(None, false);
         return;
     }
     // Not serving (left): no slots, so the others may share them.
     let Some(rank) = my_rank else {
-        b.state.claim.store(0, Relaxed);
-        b.state.wants_more.store(false, Relaxed);
+        b.state.set_claim(Some(0), false);
         return;
     };
     let n = serving.len() as u32;
@@ -537,10 +534,7 @@ fn update_claim(
             reported.map_or(Claim { slots: claim::fair(max, n, r as u32), wants: false }, |(_, c)| *c)
         })
         .collect();
-    let mine = match b.state.claim.load(Relaxed) {
-        CLAIM_UNSET => claim::fair(max, n, rank as u32),
-        c => c,
-    };
+    let mine = b.state.claimed().unwrap_or_else(|| claim::fair(max, n, rank as u32));
     let now = now_ms();
     let wants = b.state.at_claim.swap(false, Relaxed);
     let next = claim::next(&claim::Round {
@@ -557,8 +551,7 @@ fn update_claim(
     if next > mine {
         last_grew.insert(key.clone(), now);
     }
-    b.state.claim.store(next, Relaxed);
-    b.state.wants_more.store(wants, Relaxed);
+    b.state.set_claim(Some(next), wants);
 }
 
 /// Builds the cluster view from gossip, once per interval.

@@ -139,9 +139,9 @@ pub struct BackendState {
     pub in_flight: AtomicU32,
     /// Sum of the latest in-flight reports of the other live nodes (written by the view task).
     pub remote_in_flight: AtomicU32,
-    /// This node's claim on `max_conns` (see [`claim`]; written by the view task);
-    /// [`CLAIM_UNSET`] until its first round.
-    pub claim: AtomicU32,
+    /// This node's claim on `max_conns` (see [`claim`]; written by the view task), or
+    /// [`CLAIM_UNSET`]: read and written through [`Self::claimed`] and [`Self::set_claim`].
+    claim: AtomicU32,
     /// A request found this node at its claim since the view task last looked.
     pub at_claim: AtomicBool,
     /// The view task's last verdict that this node wants more of the claim (gossiped).
@@ -161,6 +161,22 @@ pub struct BackendState {
 }
 
 impl BackendState {
+    /// This node's claim on `max_conns`: `None` for an unlimited backend and before the view
+    /// task's first round.
+    #[inline]
+    pub fn claimed(&self) -> Option<u32> {
+        match self.claim.load(Relaxed) {
+            CLAIM_UNSET => None,
+            claim => Some(claim),
+        }
+    }
+
+    /// The view task's verdict: the claim (`None`: unlimited) and whether this node wants more.
+    pub fn set_claim(&self, claim: Option<u32>, wants_more: bool) {
+        self.claim.store(claim.unwrap_or(CLAIM_UNSET), Relaxed);
+        self.wants_more.store(wants_more, Relaxed);
+    }
+
     pub fn new(pool: Arc<str>, addr: SocketAddr, keepalive: usize, idle_budget: Arc<IdleBudget>) -> Self {
         BackendState {
             pool,
@@ -266,10 +282,7 @@ impl Backend {
         if max == 0 {
             return Admission::Yes;
         }
-        let claim = match self.state.claim.load(Relaxed) {
-            CLAIM_UNSET => max.div_ceil(nodes.max(1)),
-            claim => claim,
-        };
+        let claim = self.state.claimed().unwrap_or_else(|| max.div_ceil(nodes.max(1)));
         if self.state.in_flight.load(Relaxed) >= claim {
             return Admission::AtClaim;
         }
@@ -285,8 +298,8 @@ enum Admission {
     AtClaim,
 }
 
-/// [`BackendState::claim`] before the view task's first round.
-pub const CLAIM_UNSET: u32 = u32::MAX;
+/// [`BackendState::claimed`] is `None`.
+const CLAIM_UNSET: u32 = u32::MAX;
 
 /// An immutable view of the backend set, as the request path sees it.
 #[derive(Debug, Default)]
