@@ -814,3 +814,60 @@ async fn a_backend_writing_head_and_body_apart_is_not_delayed_by_acks() -> R {
     assert!(p50 < Duration::from_millis(15), "p50 {p50:?} through Shoal: the body waited for a delayed ACK ({s})");
     Ok(())
 }
+
+/// Each request of `burst` at once, on a connection of its own; every answer must be 200.
+async fn burst(proxy: SocketAddr, n: usize, label: &str) -> R {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let path = format!("/{label}/{i}");
+        set.spawn(async move { get(proxy, &path).await });
+    }
+    while let Some(r) = set.join_next().await {
+        let r = r??;
+        anyhow::ensure!(r.status == 200, "{label}: {r:?}");
+    }
+    Ok(())
+}
+
+/// docs/OPERATIONS.md: a burst's extra upstream connections are kept while requests use them
+/// and closed once they went unused for a second or two; `keepalive` of them stay. Witness: a
+/// raw backend that records each connection and when the proxy closed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bursts_extra_upstream_connections_are_reused_then_closed_when_unused() -> R {
+    use shoal_tests::raw::{RawConn, RawServer, default_answer};
+    // 300 ms per answer: 8 requests at once need 8 connections.
+    let server = RawServer::start(|mut c: RawConn| async move {
+        while let Some(req) = c.read_request(Duration::from_secs(30)).await? {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            c.write(&default_answer(&req)).await?;
+        }
+        Ok(())
+    })
+    .await?;
+    // One worker: idle connections are per worker, and the bursts must meet the same ones.
+    let node = Node::builder("burst-pool")
+        .config("[node]\nworkers = 1\n[upstream]\nkeepalive = 2\n")
+        .backend_spec(&format!("{},max_fails=0", server.addr))
+        .start()
+        .await?;
+    let closed = || server.conns().iter().filter(|c| c.closed_at().is_some()).count();
+    for round in 0..3 {
+        burst(node.proxy, 8, &format!("burst{round}")).await?;
+    }
+    assert_eq!(
+        (server.connections(), closed()),
+        (8, 0),
+        "three bursts of 8, one after another, carried by the first burst's 8 connections"
+    );
+    // Unused from now on: the 6 over `keepalive` close within two trims (1 s each).
+    let quiet = Instant::now();
+    wait_until(Duration::from_secs(8), "the 6 connections over keepalive = 2 close", async || closed() >= 6).await?;
+    eprintln!("the surplus closed {:?} after the last burst", quiet.elapsed());
+    assert!(quiet.elapsed() >= Duration::from_millis(900), "closed before a whole trim period: {:?}", quiet.elapsed());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!((server.connections(), closed()), (8, 6), "keepalive = 2 idle connections stay");
+    // The two kept carry the next requests.
+    burst(node.proxy, 2, "after").await?;
+    assert_eq!((server.connections(), closed()), (8, 6), "the kept connections were reused");
+    Ok(())
+}

@@ -91,7 +91,8 @@ pub struct ClusterFile {
 pub struct UpstreamFile {
     pub algorithm: Option<Algorithm>,
     /// Idle upstream connections kept per backend per proxy worker, on average: a worker keeps
-    /// up to `keepalive` x backends, shared (like nginx's per-worker `keepalive`).
+    /// `keepalive` x backends, shared (like nginx's per-worker `keepalive`); a burst's extra
+    /// connections stay until they went unused for a second (`pool::conn`).
     pub keepalive: Option<usize>,
     pub connect_timeout: Option<Dur>,
     pub read_timeout: Option<Dur>,

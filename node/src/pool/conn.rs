@@ -2,6 +2,16 @@
 //! keep-alive connections (`keepalive` in the config). The queue is a lock-free `ArrayQueue`;
 //! a connection goes back only after its response body was read to the end. The HTTP/1.1
 //! exchange on a connection is `proxy::upstream`'s.
+//!
+//! How many stay: each proxy worker keeps `keepalive` x backends idle connections for good
+//! (the pool's idle budget). A burst that needed more leaves its extra connections idle too
+//! (up to [`MAX_SHARE`] x `keepalive` per backend), and the worker closes them once they went
+//! unused for a whole [`TRIM_EVERY`] ([`IdleBudget::unused_surplus`], the fewest idle
+//! connections the worker held since its last trim, less the budget). Closing a burst's
+//! connections at once, as nginx does, only to open them again at the next burst, cost a
+//! connect, an accept and a close for every third request at 256 clients over 64 idle slots
+//! (docs/BENCHMARKS.md); keeping them a second longer does not raise the most connections a
+//! backend sees, which is what the burst itself opened.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -152,18 +162,27 @@ pub fn set_worker_index(index: usize) {
     WORKER.with(|w| w.set(index.min(MAX_WORKER_QUEUES - 1)));
 }
 
-fn worker_index() -> usize {
+/// The proxy worker this thread is (0 for every other thread).
+pub fn worker_index() -> usize {
     WORKER.with(|w| w.get())
 }
 
-/// How many idle connections each proxy worker may keep over all backends of the pool:
+/// How often each proxy worker closes the idle connections it holds over its budget that no
+/// request needed since the last time (a burst's extra connections live 1-2 of these).
+pub const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// How many idle connections each proxy worker keeps for good over all backends of the pool:
 /// `keepalive` per backend on average, so a backend that is momentarily busier than the others
 /// keeps more instead of closing connections it will open again a moment later (nginx's
-/// `keepalive` is likewise one cache per worker for the whole upstream).
+/// `keepalive` is likewise one cache per worker for the whole upstream). A worker may hold
+/// more for a while: [`IdleBudget::unused_surplus`] says how many of them to close.
 #[derive(Debug, Default)]
 pub struct IdleBudget {
     limit: AtomicUsize,
+    /// Idle connections each worker holds.
     used: [AtomicUsize; MAX_WORKER_QUEUES],
+    /// The fewest idle connections each worker held since its last trim.
+    low: [AtomicUsize; MAX_WORKER_QUEUES],
 }
 
 impl IdleBudget {
@@ -172,24 +191,30 @@ impl IdleBudget {
         self.limit.store(limit, Relaxed);
     }
 
-    fn try_reserve(&self, worker: usize) -> bool {
-        let used = &self.used[worker];
-        // Only `worker`'s thread adds to its counter, so load-then-add cannot overshoot.
-        if used.load(Relaxed) >= self.limit.load(Relaxed) {
-            return false;
-        }
-        used.fetch_add(1, Relaxed);
-        true
+    fn add(&self, worker: usize) {
+        self.used[worker].fetch_add(1, Relaxed);
     }
 
     fn release(&self, worker: usize, n: usize) {
-        self.used[worker].fetch_sub(n, Relaxed);
+        let left = self.used[worker].fetch_sub(n, Relaxed).saturating_sub(n);
+        self.low[worker].fetch_min(left, Relaxed);
+    }
+
+    /// How many of `worker`'s idle connections over the limit stayed idle all along since its
+    /// last trim: no request needed them, so they can close.
+    pub fn unused_surplus(&self, worker: usize) -> usize {
+        self.low[worker].load(Relaxed).saturating_sub(self.limit.load(Relaxed))
+    }
+
+    /// Starts `worker`'s next trim period from the connections it holds now.
+    pub fn restart(&self, worker: usize) {
+        self.low[worker].store(self.used[worker].load(Relaxed), Relaxed);
     }
 }
 
-/// One backend may keep up to this many times its `keepalive` share while the pool's budget
-/// allows.
-const MAX_SHARE: usize = 4;
+/// One proxy worker keeps at most this many times `keepalive` idle connections to one backend
+/// (the budget's surplus included).
+pub const MAX_SHARE: usize = 4;
 
 /// Idle keep-alive connections of one backend, one lock-free queue per proxy worker (like
 /// nginx's per-worker `keepalive`): a connection is registered with its worker's runtime, so
@@ -216,19 +241,39 @@ impl IdleConns {
         (self.capacity > 0).then(|| self.queues[worker_index()].get_or_init(|| ArrayQueue::new(self.capacity)))
     }
 
-    /// Returns a connection for reuse; drops it (closing it) if this backend's queue or the
-    /// pool's budget is full.
+    /// Returns a connection for reuse; drops it (closing it) if this backend's queue is full.
+    /// Over the pool's budget it is kept too, until a trim finds it unused
+    /// ([`IdleConns::close_oldest`]).
     pub fn put(&self, mut conn: Upstream) {
         let Some(q) = self.queue() else { return };
         let worker = worker_index();
-        if !conn.read_buf.is_empty() || q.is_full() || !self.budget.try_reserve(worker) {
+        if !conn.read_buf.is_empty() || q.is_full() {
             return;
         }
         conn.reused = true;
         buffers::give_upstream(std::mem::take(&mut conn.read_buf));
+        self.budget.add(worker);
         if q.push(conn).is_err() {
             self.budget.release(worker, 1);
         }
+    }
+
+    /// Closes this worker's longest-idle connection to the backend, if it has one.
+    pub fn close_oldest(&self) -> bool {
+        let Some(q) = self.queue() else { return false };
+        match q.pop() {
+            Some(conn) => {
+                self.budget.release(worker_index(), 1);
+                drop(conn);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// This worker's idle connections to the backend.
+    pub fn len_here(&self) -> usize {
+        self.queue().map_or(0, ArrayQueue::len)
     }
 
     /// Takes an idle connection that is still open, closing the ones the backend closed.
@@ -291,13 +336,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn idle_budget_is_shared_and_given_back() {
+    fn only_surplus_that_stayed_idle_since_the_last_trim_closes() {
         let budget = IdleBudget::default();
         budget.set_limit(2);
-        assert!(budget.try_reserve(0) && budget.try_reserve(0));
-        assert!(!budget.try_reserve(0), "the limit holds over all backends of a worker");
-        assert!(budget.try_reserve(1), "each worker has its own");
+        for _ in 0..5 {
+            budget.add(0);
+        }
+        assert_eq!(budget.unused_surplus(0), 0, "before the first trim nothing counts as unused");
+        budget.restart(0);
+        assert_eq!(budget.unused_surplus(0), 3, "5 idle all along over a budget of 2");
+        // A request takes one and gives it back: one of the surplus was needed.
         budget.release(0, 1);
-        assert!(budget.try_reserve(0));
+        budget.add(0);
+        assert_eq!(budget.unused_surplus(0), 2);
+        // A burst takes every one: none was surplus all along.
+        budget.restart(0);
+        budget.release(0, 5);
+        for _ in 0..5 {
+            budget.add(0);
+        }
+        assert_eq!(budget.unused_surplus(0), 0);
+        budget.restart(0);
+        assert_eq!((budget.unused_surplus(0), budget.unused_surplus(1)), (3, 0), "each worker has its own");
+        budget.set_limit(8);
+        assert_eq!(budget.unused_surplus(0), 0, "under the budget nothing is surplus");
     }
 }

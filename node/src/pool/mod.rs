@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::config::BackendSpec;
-pub use conn::{IdleBudget, IdleConns};
+pub use conn::{IdleBudget, IdleConns, TRIM_EVERY};
 
 /// Milliseconds since this process started: a cheap monotonic clock for atomics.
 pub fn now_ms() -> u64 {
@@ -377,6 +377,25 @@ impl Pool {
 
     pub fn set_keepalive(&self, keepalive: usize) {
         self.keepalive.store(keepalive, Relaxed);
+    }
+
+    /// Closes the idle connections this proxy worker holds over the pool's idle budget that no
+    /// request needed since the last call (the worker calls it every [`TRIM_EVERY`]), from the
+    /// backends with the most idle connections first.
+    pub fn trim_idle(&self) {
+        let worker = conn::worker_index();
+        let mut surplus = self.idle_budget.unused_surplus(worker);
+        if surplus > 0 {
+            let snapshot = self.snapshot();
+            while surplus > 0 {
+                let most = snapshot.backends.iter().max_by_key(|b| b.state.idle.len_here());
+                if !most.is_some_and(|b| b.state.idle.close_oldest()) {
+                    break;
+                }
+                surplus -= 1;
+            }
+        }
+        self.idle_budget.restart(worker);
     }
 
     /// Replaces the backend set, keeping the live state of backends that stay.

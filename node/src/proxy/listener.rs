@@ -4,7 +4,8 @@
 //! `client_h1`; and
 //! drains on shutdown: stop accepting, serve what the kernel already accepted, let in-flight
 //! requests finish within the drain timeout, close idle keep-alives. A connection holds no
-//! buffer until its first bytes arrive.
+//! buffer until its first bytes arrive. Each worker also trims its idle upstream connections
+//! over the pools' idle budgets once a second (`pool::Pool::trim_idle`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,14 +23,31 @@ use super::client_h2;
 use super::forward::ClientConn;
 use super::{Limits, Open, Proxy, Worker};
 use super::{client_h1, idle};
-use crate::buffers;
 use crate::tls::Tls;
+use crate::{buffers, pool};
 
 /// After accepting stops, how long just-accepted connections get to send their first request
 /// before idle connections are closed.
 const LAST_REQUESTS_WINDOW: Duration = Duration::from_millis(250);
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Every [`pool::TRIM_EVERY`] until the node drains: each pool closes the idle upstream
+/// connections this worker holds over its idle budget that no request needed meanwhile.
+async fn trim_idle_upstreams(proxy: Arc<Proxy>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(pool::TRIM_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                for upstream in &proxy.runtime.load().upstreams {
+                    upstream.pool.trim_idle();
+                }
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+}
 
 /// Serves `listener` (and the TLS listener `tls`, when the node terminates HTTPS) until
 /// `stop_accepting` fires, then drains. Returns the number of connections that were still
@@ -45,6 +63,7 @@ pub async fn serve(
     // connections close, busy ones close after their response.
     let close_idle = CancellationToken::new();
     tokio::spawn(idle::sweep(limits.keepalive_timeout, close_idle.clone()));
+    tokio::spawn(trim_idle_upstreams(proxy.clone(), close_idle.clone()));
     let worker = Arc::new(Worker { proxy: proxy.clone(), limits, close_idle: close_idle.clone() });
     let serve_one = |stream: TcpStream, addr: std::net::SocketAddr, secure: bool| {
         proxy.stats.accepts.fetch_add(1, Relaxed);
