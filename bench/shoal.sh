@@ -20,8 +20,9 @@
 #     the taskset mask), i.e. 1. `workers = N` only for N > 1 (or for 1 when $LB_CPUS is not a
 #     single CPU, so that 1 stays 1).
 #   * logging: RUST_LOG is passed through as the caller has it; unset = shoald's default (info).
-#   * upstream keep-alive (what the peers are given, so it is set): Shoal's `keepalive` is a cap
-#     PER BACKEND (shoald's default: 32), while nginx's `keepalive 64` caps the whole upstream
+#   * upstream keep-alive (what the peers are given, so it is set): Shoal's `keepalive` is
+#     PER BACKEND (shoald's default: 32; idle ones over it close once unused for a second),
+#     while nginx's `keepalive 64` caps the whole upstream
 #     (per worker) and lb.sh gives HAProxy pool-max-conn ceil(64/N) per server. For the same
 #     total idle pool, the default is SHOAL_KEEPALIVE=ceil($LB_KEEPALIVE/N) (16 for 4
 #     backends). Set SHOAL_KEEPALIVE=64 to give every backend 64.

@@ -835,10 +835,10 @@ async fn burst(proxy: SocketAddr, n: usize, label: &str) -> R {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bursts_extra_upstream_connections_are_reused_then_closed_when_unused() -> R {
     use shoal_tests::raw::{RawConn, RawServer, default_answer};
-    // 300 ms per answer: 8 requests at once need 8 connections.
+    // 600 ms per answer: 8 requests at once need 8 connections.
     let server = RawServer::start(|mut c: RawConn| async move {
         while let Some(req) = c.read_request(Duration::from_secs(30)).await? {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Duration::from_millis(600)).await;
             c.write(&default_answer(&req)).await?;
         }
         Ok(())

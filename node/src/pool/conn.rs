@@ -16,7 +16,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -171,6 +171,19 @@ pub fn worker_index() -> usize {
 /// request needed since the last time (a burst's extra connections live 1-2 of these).
 pub const TRIM_EVERY: Duration = Duration::from_secs(1);
 
+/// One worker's idle counts, on a cache line of their own: its requests write them.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct WorkerIdle {
+    /// Idle connections the worker holds.
+    used: AtomicUsize,
+    /// The fewest it held since its last trim.
+    low: AtomicUsize,
+    /// When it last trimmed (ms on the caller's clock): workers past the 16th share the last
+    /// slot, and only one of them trims it per period.
+    trimmed_ms: AtomicU64,
+}
+
 /// How many idle connections each proxy worker keeps for good over all backends of the pool:
 /// `keepalive` per backend on average, so a backend that is momentarily busier than the others
 /// keeps more instead of closing connections it will open again a moment later (nginx's
@@ -179,10 +192,7 @@ pub const TRIM_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct IdleBudget {
     limit: AtomicUsize,
-    /// Idle connections each worker holds.
-    used: [AtomicUsize; MAX_WORKER_QUEUES],
-    /// The fewest idle connections each worker held since its last trim.
-    low: [AtomicUsize; MAX_WORKER_QUEUES],
+    workers: [WorkerIdle; MAX_WORKER_QUEUES],
 }
 
 impl IdleBudget {
@@ -192,23 +202,43 @@ impl IdleBudget {
     }
 
     fn add(&self, worker: usize) {
-        self.used[worker].fetch_add(1, Relaxed);
+        self.workers[worker].used.fetch_add(1, Relaxed);
     }
 
     fn release(&self, worker: usize, n: usize) {
-        let left = self.used[worker].fetch_sub(n, Relaxed).saturating_sub(n);
-        self.low[worker].fetch_min(left, Relaxed);
+        let w = &self.workers[worker];
+        let left = w.used.fetch_sub(n, Relaxed).saturating_sub(n);
+        if left < w.low.load(Relaxed) {
+            w.low.fetch_min(left, Relaxed);
+        }
+    }
+
+    /// Whether `worker`'s trim is due at `now_ms`: claims the period, so of several workers
+    /// sharing a slot only one trims it.
+    pub fn trim_due(&self, worker: usize, now_ms: u64) -> bool {
+        let at = &self.workers[worker].trimmed_ms;
+        let last = at.load(Relaxed);
+        let period = TRIM_EVERY.as_millis() as u64;
+        (last == 0 || now_ms >= last + period * 9 / 10)
+            && at.compare_exchange(last, now_ms.max(1), Relaxed, Relaxed).is_ok()
     }
 
     /// How many of `worker`'s idle connections over the limit stayed idle all along since its
     /// last trim: no request needed them, so they can close.
     pub fn unused_surplus(&self, worker: usize) -> usize {
-        self.low[worker].load(Relaxed).saturating_sub(self.limit.load(Relaxed))
+        let w = &self.workers[worker];
+        let low = w.low.load(Relaxed).min(w.used.load(Relaxed));
+        low.saturating_sub(self.limit.load(Relaxed))
     }
 
     /// Starts `worker`'s next trim period from the connections it holds now.
     pub fn restart(&self, worker: usize) {
-        self.low[worker].store(self.used[worker].load(Relaxed), Relaxed);
+        let w = &self.workers[worker];
+        w.low.store(w.used.load(Relaxed), Relaxed);
+    }
+
+    fn keeps_none(&self) -> bool {
+        self.limit.load(Relaxed) == 0
     }
 }
 
@@ -247,7 +277,8 @@ impl IdleConns {
     pub fn put(&self, mut conn: Upstream) {
         let Some(q) = self.queue() else { return };
         let worker = worker_index();
-        if !conn.read_buf.is_empty() || q.is_full() {
+        // `keepalive = 0` set by a reload: the queue was made before, the budget tells.
+        if !conn.read_buf.is_empty() || q.is_full() || self.budget.keeps_none() {
             return;
         }
         conn.reused = true;
@@ -260,10 +291,11 @@ impl IdleConns {
 
     /// Closes this worker's longest-idle connection to the backend, if it has one.
     pub fn close_oldest(&self) -> bool {
-        let Some(q) = self.queue() else { return false };
+        let worker = worker_index();
+        let Some(q) = self.queues[worker].get() else { return false };
         match q.pop() {
             Some(conn) => {
-                self.budget.release(worker_index(), 1);
+                self.budget.release(worker, 1);
                 drop(conn);
                 true
             }
@@ -273,7 +305,7 @@ impl IdleConns {
 
     /// This worker's idle connections to the backend.
     pub fn len_here(&self) -> usize {
-        self.queue().map_or(0, ArrayQueue::len)
+        self.queues[worker_index()].get().map_or(0, ArrayQueue::len)
     }
 
     /// Takes an idle connection that is still open, closing the ones the backend closed.
@@ -360,5 +392,14 @@ mod tests {
         assert_eq!((budget.unused_surplus(0), budget.unused_surplus(1)), (3, 0), "each worker has its own");
         budget.set_limit(8);
         assert_eq!(budget.unused_surplus(0), 0, "under the budget nothing is surplus");
+    }
+
+    #[test]
+    fn one_trim_per_period_for_workers_sharing_a_slot() {
+        let budget = IdleBudget::default();
+        assert!(budget.trim_due(15, 5_000), "the first trim is due at once");
+        assert!(!budget.trim_due(15, 5_300), "another worker on the slot skips this period");
+        assert!(budget.trim_due(15, 6_000) && !budget.trim_due(15, 6_010));
+        assert!(budget.trim_due(3, 6_010), "each slot has its own period");
     }
 }

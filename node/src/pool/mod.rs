@@ -384,15 +384,19 @@ impl Pool {
     /// backends with the most idle connections first.
     pub fn trim_idle(&self) {
         let worker = conn::worker_index();
-        let mut surplus = self.idle_budget.unused_surplus(worker);
+        if !self.idle_budget.trim_due(worker, now_ms()) {
+            return;
+        }
+        let surplus = self.idle_budget.unused_surplus(worker);
         if surplus > 0 {
             let snapshot = self.snapshot();
-            while surplus > 0 {
-                let most = snapshot.backends.iter().max_by_key(|b| b.state.idle.len_here());
-                if !most.is_some_and(|b| b.state.idle.close_oldest()) {
-                    break;
+            let mut idle: Vec<usize> = snapshot.backends.iter().map(|b| b.state.idle.len_here()).collect();
+            for _ in 0..surplus {
+                let Some(i) = (0..idle.len()).max_by_key(|&i| idle[i]).filter(|&i| idle[i] > 0) else { break };
+                idle[i] -= 1;
+                if !snapshot.backends[i].state.idle.close_oldest() {
+                    idle[i] = 0;
                 }
-                surplus -= 1;
             }
         }
         self.idle_budget.restart(worker);
