@@ -23,7 +23,9 @@
 # corrected p99 is kept in the TSV (p99_wrk_co).
 # Prints each run (req/s, p50/p99 ms, and the target server's CPU time per request: on-CPU ns
 # of all threads of the processes listening on the target port, from /proc/PID/task/*/schedstat,
-# divided by requests; far less sensitive to CPU stolen by other jobs than req/s), the A/B ratio
+# divided by requests; far less sensitive to CPU stolen by other jobs than req/s), the TCP
+# connections opened on the machine per 1,000 requests (nstat TcpActiveOpens: wrk's own
+# connections, c per run, plus every backend connection the target opened), the A/B ratio
 # of every round, and min/median/max per target and per ratio.
 # Raw rows: $COMPARE_TSV or $BENCH_TMP/compare-<time>.tsv
 set -euo pipefail
@@ -55,7 +57,7 @@ done
 
 mkdir -p "$BENCH_TMP"
 TSV=${COMPARE_TSV:-$BENCH_TMP/compare-$(date +%Y%m%d-%H%M%S).tsv}
-echo -e "conns\tround\ttarget\trps\tp50\tp90\tp99\tmax\terr\tnon2xx\tcpu_us_per_req\tcpu_pct\tp99_wrk_co\tother_pct" > "$TSV"
+echo -e "conns\tround\ttarget\trps\tp50\tp90\tp99\tmax\terr\tnon2xx\tcpu_us_per_req\tcpu_pct\tp99_wrk_co\tother_pct\topens_per_kreq" > "$TSV"
 
 # Noise check: "other" = CPU time used on the whole machine by anything but the benchmark
 # (target, backends, wrk) during the run, in % of one core: another job steals from the
@@ -65,27 +67,30 @@ children_ns() { # CPU of this shell's waited-for children (wrk & co), ns
   awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.0f", ($14 + $15) * 1e9 / hz }' /proc/$$/stat
 }
 one() { # conns round label url
-  local line pids allp c0 c1 a0 a1 k0 k1 w0 w1 t0 t1 cpu_us=0 cpu_pct=0 other
+  local line pids allp c0 c1 a0 a1 k0 k1 w0 w1 t0 t1 cpu_us=0 cpu_pct=0 other opens=0 kopens=-1
   pids=$(port_pids "$4")
   allp=$(printf '%s\n' $pids $BPIDS | sort -u)
   wait_quiet
+  command -v nstat >/dev/null && nstat -n >/dev/null 2>&1
   c0=$(cpu_ns $pids); a0=$(cpu_ns $allp); k0=$(cpu_busy_ns); w0=$(children_ns); t0=$(date +%s%N)
   line=$(run_wrk "$4" "$1" "$DURATION")
   c1=$(cpu_ns $pids); a1=$(cpu_ns $allp); k1=$(cpu_busy_ns); w1=$(children_ns); t1=$(date +%s%N)
+  command -v nstat >/dev/null && opens=$(nstat -z TcpActiveOpens 2>/dev/null | awk '$1 == "TcpActiveOpens" { print $2 }')
   [ -n "$line" ] || { echo "wrk produced no result for $4" >&2; line="rps=0 p50=0 p90=0 p99=0 max=0 req=0 err=-1 non2xx=0"; }
   local rps p50 p90 p99 max err non2xx req slowpct p99co corrected
   eval "$line"
   if [ "$req" -gt 0 ] && [ -n "$pids" ]; then
     cpu_us=$(awk -v a="$c0" -v b="$c1" -v n="$req" 'BEGIN{printf "%.2f", (b - a) / 1000 / n}')
     cpu_pct=$(awk -v a="$c0" -v b="$c1" -v d="$DURATION" 'BEGIN{printf "%.0f", (b - a) / 1e7 / d}')
+    [ -n "$opens" ] && kopens=$(awk -v o="$opens" -v n="$req" 'BEGIN{printf "%.1f", o * 1000 / n}')
   fi
   other=$(awk -v k="$((k1 - k0))" -v a="$((a1 - a0))" -v w="$((w1 - w0))" -v t="$((t1 - t0))" \
     'BEGIN{o = (k - a - w) * 100 / t; printf "%.0f", (o < 0) ? 0 : o}')
-  printf '  c=%-4s round %-2s %-4s %8s req/s  p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  server cpu %5s us/req (%s%%)%s%s\n' \
-    "$1" "$2" "$3" "$rps" "$p50" "$p99" "$max" "$cpu_us" "$cpu_pct" \
+  printf '  c=%-4s round %-2s %-4s %8s req/s  p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  server cpu %5s us/req (%s%%)  opens %s/1k req%s%s\n' \
+    "$1" "$2" "$3" "$rps" "$p50" "$p99" "$max" "$cpu_us" "$cpu_pct" "$kopens" \
     "$( [ "$other" -gt "${NOISE_PCT:-20}" ] && echo "  NOISE: other jobs used ${other}% of a core")" \
     "$( [ "$err" != 0 ] || [ "$non2xx" != 0 ] && echo "  ERRORS sock=$err non2xx=$non2xx")"
-  echo -e "$1\t$2\t$3\t$rps\t$p50\t$p90\t$p99\t$max\t$err\t$non2xx\t$cpu_us\t$cpu_pct\t$p99co\t$other" >> "$TSV"
+  echo -e "$1\t$2\t$3\t$rps\t$p50\t$p90\t$p99\t$max\t$err\t$non2xx\t$cpu_us\t$cpu_pct\t$p99co\t$other\t$kopens" >> "$TSV"
   sleep "$PAUSE"
 }
 
