@@ -106,7 +106,7 @@ END {
   }
 }' "${files[@]}"
 echo
-echo "Targets: shoal/nginx req/s >= 1.2 with shoal/nginx p99 <= 1.0; shoal/haproxy req/s >= 1.0."
+echo "Targets (issue 11): with its defaults, Shoal req/s >= nginx and >= HAProxy at 64 and 256 connections, p99 <= theirs."
 if [ -s "$R/shoal-vs-ideal.tsv" ]; then
   echo "Floor: the ideal forwarder (bench/ideal/fwd.c) pairs each client connection with its own"
   echo "backend connection and copies bytes (no HTTP, no pool): no balancer can spend less CPU per"
