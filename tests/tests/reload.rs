@@ -233,3 +233,27 @@ async fn a_broken_file_keeps_the_old_config_under_load() -> R {
     assert!(s.from("a") > 0 && s.from("b") > 0 && s.from("c") > 0, "{s}");
     Ok(())
 }
+
+/// `keepalive = 0` set by a reload turns keep-alive to the backends off at once, for backends
+/// that stay (their idle queues were made under the old config): every request after it opens
+/// a connection of its own, and the idle ones close within about two seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_to_keepalive_zero_keeps_no_upstream_connection() -> R {
+    let b = Backend::start("b").await?;
+    let toml = |keepalive: usize| {
+        format!(
+            "[node]\nworkers = 1\n[upstream]\nkeepalive = {keepalive}\n[[upstream.backend]]\naddr = \"{}\"\n",
+            b.addr
+        )
+    };
+    let node = Node::builder("ka-zero").config(toml(4)).start().await?;
+    answers(node.proxy, 5).await?;
+    let kept = b.connections();
+    assert_eq!(kept, 1, "5 sequential requests with keepalive = 4 share one backend connection");
+    reload(&node, &toml(0), "config reloaded").await?;
+    answers(node.proxy, 5).await?;
+    // The kept connection may carry the first request after the reload; none is kept after it.
+    let opened = b.connections() - kept;
+    assert!(opened >= 4, "keepalive = 0: each request gets a new connection, {opened} opened for 5");
+    Ok(())
+}
