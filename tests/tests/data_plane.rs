@@ -815,17 +815,10 @@ async fn a_backend_writing_head_and_body_apart_is_not_delayed_by_acks() -> R {
     Ok(())
 }
 
-/// Each request of `burst` at once, on a connection of its own; every answer must be 200.
-async fn burst(proxy: SocketAddr, n: usize, label: &str) -> R {
-    let mut set = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let path = format!("/{label}/{i}");
-        set.spawn(async move { get(proxy, &path).await });
-    }
-    while let Some(r) = set.join_next().await {
-        let r = r??;
-        anyhow::ensure!(r.status == 200, "{label}: {r:?}");
-    }
+/// `n` requests at once, each on a client connection of its own; every answer must be 200.
+async fn burst(proxy: SocketAddr, n: usize) -> R {
+    let s = Load::new(proxy).concurrency(n).count(n).run().await;
+    anyhow::ensure!(s.status(200) == n, "{s}");
     Ok(())
 }
 
@@ -851,8 +844,8 @@ async fn a_bursts_extra_upstream_connections_are_reused_then_closed_when_unused(
         .start()
         .await?;
     let closed = || server.conns().iter().filter(|c| c.closed_at().is_some()).count();
-    for round in 0..3 {
-        burst(node.proxy, 8, &format!("burst{round}")).await?;
+    for _ in 0..3 {
+        burst(node.proxy, 8).await?;
     }
     assert_eq!(
         (server.connections(), closed()),
@@ -867,7 +860,7 @@ async fn a_bursts_extra_upstream_connections_are_reused_then_closed_when_unused(
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!((server.connections(), closed()), (8, 6), "keepalive = 2 idle connections stay");
     // The two kept carry the next requests.
-    burst(node.proxy, 2, "after").await?;
+    burst(node.proxy, 2).await?;
     assert_eq!((server.connections(), closed()), (8, 6), "the kept connections were reused");
     Ok(())
 }

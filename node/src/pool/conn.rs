@@ -219,8 +219,7 @@ impl IdleBudget {
         let at = &self.workers[worker].trimmed_ms;
         let last = at.load(Relaxed);
         let period = TRIM_EVERY.as_millis() as u64;
-        (last == 0 || now_ms >= last + period * 9 / 10)
-            && at.compare_exchange(last, now_ms.max(1), Relaxed, Relaxed).is_ok()
+        now_ms >= last + period * 9 / 10 && at.compare_exchange(last, now_ms, Relaxed, Relaxed).is_ok()
     }
 
     /// How many of `worker`'s idle connections over the limit stayed idle all along since its
