@@ -236,16 +236,11 @@ async fn a_broken_file_keeps_the_old_config_under_load() -> R {
 
 /// `keepalive = 0` set by a reload turns keep-alive to the backends off at once, for backends
 /// that stay (their idle queues were made under the old config): every request after it opens
-/// a connection of its own, and the idle ones close within about two seconds.
+/// a connection of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_to_keepalive_zero_keeps_no_upstream_connection() -> R {
     let b = Backend::start("b").await?;
-    let toml = |keepalive: usize| {
-        format!(
-            "[node]\nworkers = 1\n[upstream]\nkeepalive = {keepalive}\n[[upstream.backend]]\naddr = \"{}\"\n",
-            b.addr
-        )
-    };
+    let toml = |keepalive: usize| config(&format!("keepalive = {keepalive}"), &[b.addr], "[node]\nworkers = 1\n");
     let node = Node::builder("ka-zero").config(toml(4)).start().await?;
     answers(node.proxy, 5).await?;
     let kept = b.connections();
