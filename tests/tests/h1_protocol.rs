@@ -842,6 +842,39 @@ async fn fifty_requests_on_one_keep_alive_connection() -> R {
     Ok(())
 }
 
+/// An idle kept-alive connection reads the start of the next request and waits for the rest
+/// on the socket's readiness (a read that drained the socket clears it): a head sent in two
+/// pieces a while apart is still read whole, and a request sent together with the client's
+/// FIN is answered, then the connection closes at once: the end of stream read along with the
+/// request is not lost while the connection waits for another (that would take
+/// `keepalive_timeout`, 75 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_reads_split_heads_and_sees_a_fin_sent_with_a_request() -> R {
+    let (node, b) = echo_setup("idle-reads").await?;
+    let mut c = Wire::connect(node.proxy, "keep-alive client").await?;
+    c.send(b"GET /echo?n=1 HTTP/1.1\r\nHost: idle\r\n\r\n").await?;
+    let r = c.read_final("GET").await.context("request 1")?;
+    ensure!(r.status == 200 && !r.says_close(), "request 1: {r:?}");
+    // Idle, then a head in two pieces.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.send(b"GET /echo?n=2 HTTP/1.1\r\nHo").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.send(b"st: idle\r\n\r\n").await?;
+    let r = c.read_final("GET").await.context("request 2, sent in two pieces")?;
+    ensure!(r.status == 200 && r.json()?["uri"] == "/echo?n=2", "request 2: {r:?}");
+    // Idle again, then a request and the client's FIN right behind it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.stream.write_all(b"GET /echo?n=3 HTTP/1.1\r\nHost: idle\r\n\r\n").await?;
+    c.stream.shutdown().await?;
+    let sent = Instant::now();
+    let r = c.read_final("GET").await.context("request 3, sent with the client's FIN")?;
+    ensure!(r.status == 200 && r.json()?["uri"] == "/echo?n=3", "request 3: {r:?}");
+    c.expect_closed("after answering the request that came with the client's FIN").await?;
+    ensure!(sent.elapsed() < Duration::from_secs(3), "closed {:?} after the client's FIN", sent.elapsed());
+    assert_eq!(b.requests(), 3);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_requests_get_connection_close_and_are_closed() -> R {
     let (node, b) = echo_setup("http10").await?;

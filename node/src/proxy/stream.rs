@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::BufMut;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
 use crate::pool::conn::UpstreamStream;
@@ -28,7 +28,9 @@ pub trait ProxyStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The TCP socket underneath (readiness, addresses).
     fn tcp(&self) -> &TcpStream;
 
-    /// Reads what is there now; `WouldBlock` when nothing is.
+    /// Reads what is there now; `WouldBlock` when nothing is. A read that leaves room in `buf`
+    /// took all there was: the socket's readiness is cleared, so the next wait goes to the
+    /// poller instead of costing a read that finds nothing (as tokio's own `poll_read` does).
     fn try_read_buf<B: BufMut>(&mut self, buf: &mut B) -> std::io::Result<usize>;
 
     /// The name the client asked for in its TLS handshake (SNI), if any.
@@ -67,7 +69,7 @@ impl ProxyStream for TcpStream {
     }
 
     fn try_read_buf<B: BufMut>(&mut self, buf: &mut B) -> std::io::Result<usize> {
-        TcpStream::try_read_buf(self, buf)
+        read_draining(self, buf)
     }
 }
 
@@ -100,9 +102,33 @@ impl ProxyStream for UpstreamStream {
 
     fn try_read_buf<B: BufMut>(&mut self, buf: &mut B) -> std::io::Result<usize> {
         match self {
-            UpstreamStream::Plain(s) => s.try_read_buf(buf),
+            UpstreamStream::Plain(s) => read_draining(s, buf),
             UpstreamStream::Tls(_) => poll_once(self, buf),
         }
+    }
+}
+
+/// One read from a plain socket. On epoll a read that does not fill the room it was given has
+/// drained the socket, so it clears the readiness (closed states stay: a FIN read along with
+/// the data is still seen); any bytes arriving later raise it again. Without this, the wait
+/// for a kept-alive client's next request began with a read that found nothing, once per
+/// request.
+fn read_draining<B: BufMut>(tcp: &TcpStream, buf: &mut B) -> std::io::Result<usize> {
+    // The room the read is given (`remaining_mut` of a growable buffer is unbounded).
+    let room = buf.chunk_mut().len();
+    let mut short = 0;
+    // `try_io` clears the readiness when its closure says `WouldBlock`: say it after a short
+    // read, and hand the bytes back here.
+    let read = tcp.try_io(Interest::READABLE, || match tcp.try_read_buf(buf)? {
+        n if n > 0 && n < room => {
+            short = n;
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
+        n => Ok(n),
+    });
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && short > 0 => Ok(short),
+        read => read,
     }
 }
 
