@@ -1651,6 +1651,42 @@ async fn expect_not_blamed(node: &Node, addr: SocketAddr, what: &str) -> anyhow:
     Ok(())
 }
 
+/// A backend that accepts but never reads, with a small receive window: a request head larger
+/// than what the sockets between can hold cannot be written whole. `read_timeout` (nginx's
+/// `proxy_send_timeout` as well) bounds that write: the client gets a 504 in about a second,
+/// not a wait without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_the_backend_does_not_read_times_out() -> R {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let listener = socket.listen(16)?;
+    let addr = listener.local_addr()?;
+    // Accepts and holds every connection, reading nothing.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let node = Node::builder("head-unread")
+        .config("[node]\nmax_header_bytes = 8388608\n\n[upstream]\nread_timeout = \"1s\"\n")
+        .backend_spec(&format!("{addr},max_fails=0"))
+        .start()
+        .await?;
+    let mut c = Wire::connect(node.proxy, "client with a large head").await?;
+    // Over what the kernel buffers on loopback (the sender's buffer grows to a few MB).
+    let big = "v".repeat(5 << 20);
+    c.send(format!("GET /big-head HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes()).await?;
+    let sent = Instant::now();
+    let r = c.read_final("GET").await.context("an answer to a head the backend never reads")?;
+    let took = sent.elapsed();
+    holder.abort();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(took < Duration::from_secs(5), "answered after {took:?}, read_timeout is 1 s");
+    Ok(())
+}
+
 /// A backend that answers 413 from the request head and stops reading (or closes) while the
 /// client is still uploading: the client gets that answer, and the backend is not blamed (the
 /// failed write of the rest of the body is no backend failure).

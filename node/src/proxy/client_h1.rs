@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::access_log::RequestLine;
+use super::deadline::within;
 use super::error::ProxyError;
 use super::forward::{self, ClientConn, Forwarded, Outgoing, forward};
 use super::idle::{self, Woke};
@@ -174,7 +175,7 @@ impl<S: ProxyStream> ClientIo<S> {
             self.stream.write_all_buf(&mut chunk).await?;
             self.stream.flush().await
         };
-        tokio::time::timeout(self.send_timeout, write).await.unwrap_or_else(|_| Err(send_timed_out()))
+        within(self.send_timeout, write).await.unwrap_or_else(|_| Err(send_timed_out()))
     }
 }
 
@@ -185,7 +186,7 @@ async fn send_within<S: ProxyStream>(stream: &mut S, data: &[u8], limit: Duratio
         stream.write_all(data).await?;
         stream.flush().await
     };
-    tokio::time::timeout(limit, write).await.unwrap_or_else(|_| Err(send_timed_out()))
+    within(limit, write).await.unwrap_or_else(|_| Err(send_timed_out()))
 }
 
 fn send_timed_out() -> std::io::Error {

@@ -8,11 +8,13 @@
 //! Here: the [`Runtime`] every request reads once (its pools as [`Upstream`]s and the route
 //! table that picks one by host and path), built by `Node::apply`. Imports run one way:
 //! `listener -> client_h1 | client_h2 -> forward -> upstream -> http1`; `error`,
-//! `access_log`, `idle` and `stream` (plain or TLS client streams) are leaves.
+//! `access_log`, `idle`, `stream` (plain or TLS client streams) and `deadline` (timeouts that
+//! start only when the work waits) are leaves.
 
 pub mod access_log;
 pub mod client_h1;
 pub mod client_h2;
+pub mod deadline;
 pub mod error;
 pub mod forward;
 pub mod idle;

@@ -16,6 +16,7 @@ use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::deadline::within;
 use crate::buffers::UPSTREAM_SIZE;
 use crate::http1::chunked::{self, Chunk, ChunkError, Step};
 use crate::http1::response::{self, Framing, Invalid, ResponseHead};
@@ -70,7 +71,7 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
         up.write_all(data).await?;
         up.flush().await
     };
-    match tokio::time::timeout(timeout, write).await {
+    match within(timeout, write).await {
         Ok(r) => r.map_err(ExchangeError::Io),
         Err(_) => Err(ExchangeError::Timeout),
     }
@@ -97,7 +98,7 @@ async fn send_stream<W: AsyncWrite + Unpin, S: BodySource>(
         chunked::encode_size(data.len(), &mut framed);
         // Size line, data and CRLF in one vectored write, without copying the data.
         let mut chunk = bytes::Buf::chain(bytes::Buf::chain(&framed[..], &data[..]), chunked::CHUNK_END);
-        match tokio::time::timeout(timeout, up.write_all_buf(&mut chunk)).await {
+        match within(timeout, up.write_all_buf(&mut chunk)).await {
             Ok(r) => r?,
             Err(_) => return Err(ExchangeError::Timeout),
         }
@@ -123,13 +124,13 @@ pub async fn exchange<S: BodySource>(
 ) -> Result<ResponseHead, ExchangeError> {
     let may_be_stale = conn.reused;
     match body {
-        RequestBody::None => send_head(&mut conn.stream, head).await?,
+        RequestBody::None => send_head(&mut conn.stream, head, timeout).await?,
         RequestBody::Buffered(data) => {
             // Head and body in one vectored write; nothing written counts as unsent.
             let mut out = bytes::Buf::chain(head, &data[..]);
             let total = head.len() + data.len();
             let stream = &mut conn.stream;
-            let write = tokio::time::timeout(timeout, async {
+            let write = within(timeout, async {
                 stream.write_all_buf(&mut out).await?;
                 stream.flush().await
             });
@@ -145,7 +146,7 @@ pub async fn exchange<S: BodySource>(
             }
         }
         RequestBody::Stream(source) => {
-            send_head(&mut conn.stream, head).await?;
+            send_head(&mut conn.stream, head, timeout).await?;
             let Upstream { stream, read_buf, .. } = conn;
             let (mut rd, mut wr) = tokio::io::split(stream);
             let send = send_stream(&mut wr, source, chunked, timeout);
@@ -202,10 +203,14 @@ fn ack_now(tcp: &tokio::net::TcpStream) {
     let _ = rustix::net::sockopt::set_tcp_quickack(tcp, true);
 }
 
-/// Writes a request head alone (flushed); nothing sent on failure counts as unsent.
-async fn send_head(stream: &mut UpstreamStream, head: &[u8]) -> Result<(), ExchangeError> {
-    stream.write_all(head).await.map_err(ExchangeError::Unsent)?;
-    stream.flush().await.map_err(ExchangeError::Io)
+/// Writes a request head alone (flushed) within `timeout`; nothing sent on failure counts as
+/// unsent.
+async fn send_head(stream: &mut UpstreamStream, head: &[u8], timeout: Duration) -> Result<(), ExchangeError> {
+    let write = async {
+        stream.write_all(head).await.map_err(ExchangeError::Unsent)?;
+        stream.flush().await.map_err(ExchangeError::Io)
+    };
+    within(timeout, write).await.unwrap_or(Err(ExchangeError::Timeout))
 }
 
 /// After writing the body failed: the backend may have answered and closed (a 413 or 401
