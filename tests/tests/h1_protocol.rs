@@ -1669,14 +1669,20 @@ async fn a_request_head_the_backend_does_not_read_times_out() -> R {
             held.push(s);
         }
     });
+    // Over what the kernel can buffer on the way: the node's send buffer grows up to
+    // tcp_wmem's maximum (4 MiB on a stock kernel), the backend's window stays small.
+    let wmem_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse::<usize>().ok())
+        .unwrap_or(4 << 20);
+    let size = wmem_max + (1 << 20);
     let node = Node::builder("head-unread")
-        .config("[node]\nmax_header_bytes = 8388608\n\n[upstream]\nread_timeout = \"1s\"\n")
+        .config(format!("[node]\nmax_header_bytes = {}\n\n[upstream]\nread_timeout = \"1s\"\n", size + 4096))
         .backend_spec(&format!("{addr},max_fails=0"))
         .start()
         .await?;
     let mut c = Wire::connect(node.proxy, "client with a large head").await?;
-    // Over what the kernel buffers on loopback (the sender's buffer grows to a few MB).
-    let big = "v".repeat(5 << 20);
+    let big = "v".repeat(size);
     c.send(format!("GET /big-head HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes()).await?;
     let sent = Instant::now();
     let r = c.read_final("GET").await.context("an answer to a head the backend never reads")?;

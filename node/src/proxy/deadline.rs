@@ -29,7 +29,7 @@ mod tests {
 
     #[tokio::test]
     async fn work_done_at_once_or_in_time_is_returned_and_late_work_is_cut_off() {
-        assert_eq!(within(Duration::ZERO, async { 7 }).await, Ok(7), "ready at once: no limit applies");
+        assert_eq!(within(Duration::ZERO, async { 7 }).await, Ok(7), "done at once");
         let in_time = within(Duration::from_secs(5), async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             8

@@ -8,8 +8,8 @@
 //! Here: the [`Runtime`] every request reads once (its pools as [`Upstream`]s and the route
 //! table that picks one by host and path), built by `Node::apply`. Imports run one way:
 //! `listener -> client_h1 | client_h2 -> forward -> upstream -> http1`; `error`,
-//! `access_log`, `idle`, `stream` (plain or TLS client streams) and `deadline` (timeouts that
-//! start only when the work waits) are leaves.
+//! `access_log`, `idle`, `stream` (the plain or TLS streams of clients and backends) and
+//! `deadline` (timeouts that start only when the work waits) are leaves.
 
 pub mod access_log;
 pub mod client_h1;

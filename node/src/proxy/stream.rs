@@ -28,9 +28,10 @@ pub trait ProxyStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The TCP socket underneath (readiness, addresses).
     fn tcp(&self) -> &TcpStream;
 
-    /// Reads what is there now; `WouldBlock` when nothing is. A read that leaves room in `buf`
-    /// took all there was: the socket's readiness is cleared, so the next wait goes to the
-    /// poller instead of costing a read that finds nothing (as tokio's own `poll_read` does).
+    /// Reads what is there now; `WouldBlock` when nothing is. On a plain socket a read that
+    /// leaves room in `buf` took all there was, and the socket's readiness is cleared, so the
+    /// next wait goes to the poller instead of costing a read that finds nothing (as tokio's
+    /// own `poll_read` does); TLS reads through tokio's `poll_read` already.
     fn try_read_buf<B: BufMut>(&mut self, buf: &mut B) -> std::io::Result<usize>;
 
     /// The name the client asked for in its TLS handshake (SNI), if any.
@@ -108,8 +109,9 @@ impl ProxyStream for UpstreamStream {
     }
 }
 
-/// One read from a plain socket. On epoll a read that does not fill the room it was given has
-/// drained the socket, so it clears the readiness (closed states stay: a FIN read along with
+/// One read from a plain socket. On epoll (Shoal runs on Linux; tokio makes the same
+/// inference there and on kqueue) a read that does not fill the room it was given has drained
+/// the socket, so it clears the readiness (closed states stay: a FIN read along with
 /// the data is still seen); any bytes arriving later raise it again. Without this, the wait
 /// for a kept-alive client's next request began with a read that found nothing, once per
 /// request.
@@ -138,5 +140,60 @@ fn poll_once<S: AsyncRead + Unpin, B: BufMut>(s: &mut S, buf: &mut B) -> std::io
     match tokio_util::io::poll_read_buf(Pin::new(s), &mut cx, buf) {
         Poll::Ready(r) => r,
         Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn read_ready(tcp: &TcpStream) -> bool {
+        tcp.poll_read_ready(&mut Context::from_waker(Waker::noop())).is_ready()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_draining_read_clears_the_readiness_but_not_the_end_of_stream() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, (server, _)) =
+            tokio::try_join!(TcpStream::connect(listener.local_addr().unwrap()), listener.accept()).unwrap();
+        let mut buf = bytes::BytesMut::with_capacity(64);
+
+        // A short read took everything: the next wait goes to the poller, and new bytes wake it.
+        client.write_all(b"hello").await.unwrap();
+        server.readable().await.unwrap();
+        assert_eq!(read_draining(&server, &mut buf).unwrap(), 5);
+        assert!(!read_ready(&server), "a read that left room clears the readiness");
+        client.write_all(b" world").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server.readable())
+            .await
+            .expect("new bytes wake the wait")
+            .unwrap();
+        assert_eq!(read_draining(&server, &mut buf).unwrap(), 6);
+        assert_eq!(&buf[..], b"hello world");
+
+        // A read that fills its room may have left more: the readiness stays.
+        client.write_all(&[b'x'; 100]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut small = Vec::with_capacity(10);
+        let room = small.chunk_mut().len();
+        assert_eq!(read_draining(&server, &mut small).unwrap(), room);
+        assert!(read_ready(&server), "a full read does not clear the readiness");
+        let mut rest = bytes::BytesMut::with_capacity(256);
+        assert_eq!(read_draining(&server, &mut rest).unwrap(), 100 - room);
+
+        // Bytes and the end of stream seen together: the short read keeps the end of stream,
+        // so the next wait ends at once and the next read says 0.
+        client.write_all(b"bye").await.unwrap();
+        client.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        server.readable().await.unwrap();
+        assert_eq!(read_draining(&server, &mut buf).unwrap(), 3);
+        assert!(read_ready(&server), "the end of stream outlives the clear");
+        assert_eq!(read_draining(&server, &mut buf).unwrap(), 0);
     }
 }

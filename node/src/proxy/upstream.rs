@@ -26,7 +26,8 @@ use crate::pool::conn::{Upstream, UpstreamStream};
 /// Why an exchange with a backend failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
-    /// Nothing reached the backend: writing the head failed. Safe to send elsewhere.
+    /// No complete request reached the backend: writing the head failed (part of it may
+    /// have gone, which no backend acts on). Safe to send elsewhere.
     #[error("request not sent: {0}")]
     Unsent(io::Error),
     /// A reused keep-alive connection closed before any byte of a response: the backend most
@@ -203,8 +204,8 @@ fn ack_now(tcp: &tokio::net::TcpStream) {
     let _ = rustix::net::sockopt::set_tcp_quickack(tcp, true);
 }
 
-/// Writes a request head alone (flushed) within `timeout`; nothing sent on failure counts as
-/// unsent.
+/// Writes a request head alone (flushed) within `timeout`; a failed write counts as unsent
+/// (no complete request reached the backend).
 async fn send_head(stream: &mut UpstreamStream, head: &[u8], timeout: Duration) -> Result<(), ExchangeError> {
     let write = async {
         stream.write_all(head).await.map_err(ExchangeError::Unsent)?;
