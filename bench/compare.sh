@@ -31,24 +31,9 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-resolve() {
-  case "$1" in
-    shoal) echo "http://127.0.0.1:18090/" ;;
-    shoal2) echo "http://127.0.0.1:18092/" ;;
-    nginx) echo "http://127.0.0.1:18080/" ;;
-    haproxy) echo "http://127.0.0.1:18081/" ;;
-    nginx2) echo "http://127.0.0.1:18082/" ;;
-    haproxy2) echo "http://127.0.0.1:18083/" ;;
-    ideal) echo "http://127.0.0.1:18600/" ;;
-    direct) echo "http://127.0.0.1:$((BACKEND_BASE_PORT + 1))/" ;;
-    http://127.*) echo "$1" ;;
-    *) die "target must be a preset or a loopback URL http://127.x.x.x:PORT/: $1" ;;
-  esac
-}
-
 [ $# -eq 2 ] || { sed -n '2,28p' "$0"; exit 2; }
-A=$1 B=$2 UA=$(resolve "$1") UB=$(resolve "$2")
-REF=${REF-direct}; UR=""; [ -n "$REF" ] && UR=$(resolve "$REF")
+A=$1 B=$2 UA=$(target_url "$1") UB=$(target_url "$2")
+REF=${REF-direct}; UR=""; [ -n "$REF" ] && UR=$(target_url "$REF")
 REPEATS=${REPEATS:-5} DURATION=${DURATION:-5} CONNS=${CONNS:-64 256} PAUSE=${PAUSE:-1}
 
 for u in "$UA" "$UB" $UR; do

@@ -65,6 +65,23 @@ run_wrk() {
       --timeout 5s -s "$BENCH_DIR/report.lua" "$@" "$url" 2>&1 | grep '^RESULT ' | sed 's/^RESULT //'
 }
 
+# target_url TARGET -> the URL of a preset (shoal=:18090 shoal2=:18092 nginx=:18080 haproxy=:18081
+# nginx2=:18082 haproxy2=:18083 ideal=:18600 direct=the first backend) or a loopback URL as is
+target_url() {
+  case "$1" in
+    shoal) echo "http://127.0.0.1:18090/" ;;
+    shoal2) echo "http://127.0.0.1:18092/" ;;
+    nginx) echo "http://127.0.0.1:18080/" ;;
+    haproxy) echo "http://127.0.0.1:18081/" ;;
+    nginx2) echo "http://127.0.0.1:18082/" ;;
+    haproxy2) echo "http://127.0.0.1:18083/" ;;
+    ideal) echo "http://127.0.0.1:18600/" ;;
+    direct) echo "http://127.0.0.1:$((BACKEND_BASE_PORT + 1))/" ;;
+    http://127.*) echo "$1" ;;
+    *) die "target must be a preset or a loopback URL http://127.x.x.x:PORT/: $1" ;;
+  esac
+}
+
 # port_pids URL -> PIDs of every process holding the listening socket of URL's port (ss -p)
 port_pids() {
   local port=${1#http://}; port=${port#*:}; port=${port%%/*}

@@ -19,20 +19,6 @@ CONNS=${CONNS:-64} DURATION=${DURATION:-5}
 [ $# -ge 1 ] || { sed -n '2,14p' "$0"; exit 2; }
 command -v perf >/dev/null 2>&1 || die "perf missing (WITH_PROFILE=1 $HERE/setup.sh)"
 
-resolve() {
-  case "$1" in
-    shoal) echo "http://127.0.0.1:18090/" ;;
-    shoal2) echo "http://127.0.0.1:18092/" ;;
-    nginx) echo "http://127.0.0.1:18080/" ;;
-    haproxy) echo "http://127.0.0.1:18081/" ;;
-    nginx2) echo "http://127.0.0.1:18082/" ;;
-    haproxy2) echo "http://127.0.0.1:18083/" ;;
-    ideal) echo "http://127.0.0.1:18600/" ;;
-    http://127.*) echo "$1" ;;
-    *) die "target must be a preset or a loopback URL http://127.x.x.x:PORT/: $1" ;;
-  esac
-}
-
 # The worker processes of the bench backends (their masters run from $BENCH_TMP/backends).
 backend_workers() {
   local p parent
@@ -57,7 +43,7 @@ events=$(printf 'syscalls:sys_enter_%s,' recvfrom sendto readv writev read write
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for t in "$@"; do
-  url=$(resolve "$t")
+  url=$(target_url "$t")
   curl -sf -o /dev/null -m 2 "$url" || die "$url does not answer 200"
   pids=$(port_pids "$url" | paste -sd, -)
   [ -n "$pids" ] || die "no process listens for $url"
