@@ -11,7 +11,7 @@
 # context switches (`perf stat -e syscalls:sys_enter_*` on every process holding the target's
 # port; tracepoints, not strace, so the run keeps its speed), then the bench backends'
 # voluntary (slept: no request waiting) and involuntary (preempted) context switches
-# (/proc/PID/status of every nginx worker under $BENCH_TMP/backends).
+# (/proc/PID/status of every process of the backends under $BENCH_TMP/backends).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
@@ -19,14 +19,6 @@ CONNS=${CONNS:-64} DURATION=${DURATION:-5}
 [ $# -ge 1 ] || { sed -n '2,14p' "$0"; exit 2; }
 command -v perf >/dev/null 2>&1 || die "perf missing (WITH_PROFILE=1 $HERE/setup.sh)"
 
-# The worker processes of the bench backends (their masters run from $BENCH_TMP/backends).
-backend_workers() {
-  local p parent
-  for p in $(pgrep -f "nginx: worker process" || true); do
-    parent=$(awk '/^PPid/ { print $2 }' "/proc/$p/status" 2>/dev/null) || continue
-    grep -qs "$BENCH_TMP/backends/" "/proc/$parent/cmdline" && echo "$p"
-  done
-}
 switches() { # pids... -> "voluntary involuntary" summed
   local p v=0 n=0 a b
   for p in "$@"; do
@@ -37,7 +29,8 @@ switches() { # pids... -> "voluntary involuntary" summed
   echo "$v $n"
 }
 
-mapfile -t backends < <(backend_workers)
+# Every process of the bench backends (nginx: master and worker; the master hardly switches).
+mapfile -t backends < <(for p in $(backend_ports); do port_pids "http://127.0.0.1:$p/"; done | sort -u)
 [ "${#backends[@]}" -gt 0 ] || die "no bench backends running (bench/backends.sh start 4)"
 events=$(printf 'syscalls:sys_enter_%s,' recvfrom sendto readv writev read write epoll_wait)context-switches
 out=$(mktemp -d)

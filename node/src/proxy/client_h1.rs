@@ -802,7 +802,7 @@ async fn pass<F: ProxyStream, T: ProxyStream>(
             let _ = to.shutdown().await;
             Ok(true)
         }
-        Ok(n) => match tokio::time::timeout(idle, send_all(to, &buf[..n])).await {
+        Ok(n) => match within(idle, send_all(to, &buf[..n])).await {
             Ok(written) => written.map(|()| true),
             Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "tunnel peer read nothing")),
         },
